@@ -1,0 +1,67 @@
+//! Compute kernels for sbdnet.
+//!
+//! Everything here works on plain `f32` slices in **NHWC** order (batch, height, width,
+//! channels; channels contiguous), so the channel loop of depthwise convolution, batch
+//! normalization and pooling is the vectorized one, and a 1x1 convolution is one GEMM over
+//! `B*H*W` rows.
+//!
+//! Each kernel family has a plain reference implementation (obvious loops, the oracle; see
+//! [`reference`]) and an optimized one (threaded with rayon, vectorized). The optimized bodies
+//! are written once and compiled twice: as portable code and inside
+//! `#[target_feature(enable = "avx2,fma")]` wrappers chosen at run time with
+//! `is_x86_feature_detected!` (see [`dispatch`]). `SBDNET_KERNEL=portable` forces the portable
+//! build, `SBDNET_KERNEL=reference` the reference loops, so tests cover every path.
+//!
+//! Matrix products go through the [`gemm`](https://docs.rs/gemm) crate ([`matmul`]).
+//!
+//! ```
+//! use sbdnet_kernels::matmul::{sgemm, Trans};
+//! // C[2x2] = A[2x3] * B[3x2]
+//! let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+//! let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+//! let mut c = [0.0f32; 4];
+//! sgemm(2, 2, 3, &a, Trans::No, &b, Trans::No, &mut c, false, 1);
+//! assert_eq!(c, [4.0, 5.0, 10.0, 11.0]);
+//! ```
+#![deny(missing_docs)]
+
+pub mod conv;
+pub mod dispatch;
+pub mod elementwise;
+pub mod matmul;
+pub mod pool;
+pub mod reference;
+pub mod rng;
+
+pub use dispatch::{kernel_path, KernelPath};
+
+/// Split `n` items into `parts` contiguous ranges of nearly equal size (the first ones one
+/// larger). The split depends only on `n` and `parts`, which is what makes threaded
+/// reductions reproducible for a given thread count.
+pub fn split_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.max(1).min(n.max(1));
+    let base = n / parts;
+    let extra = n % parts;
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for p in 0..parts {
+        let len = base + usize::from(p < extra);
+        out.push(start..start + len);
+        start += len;
+    }
+    out
+}
+
+/// Range `i` of [`split_ranges`]`(n, parts)`, computed without allocating.
+pub fn chunk_range(n: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    let parts = parts.max(1).min(n.max(1));
+    let base = n / parts;
+    let extra = n % parts;
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+/// Number of worker threads kernels split their work into: the current rayon pool's size.
+pub fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
