@@ -82,7 +82,20 @@ impl ConvGeom {
         }
         let oh = (h + 2 * pad - k) / stride + 1;
         let ow = (w + 2 * pad - k) / stride + 1;
-        Some(ConvGeom { batch, h, w, cin, cout, kh: k, kw: k, stride, pad, groups, oh, ow })
+        Some(ConvGeom {
+            batch,
+            h,
+            w,
+            cin,
+            cout,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+            groups,
+            oh,
+            ow,
+        })
     }
 
     /// Weight count (`cout * kh * kw * cin / groups`).
@@ -124,7 +137,9 @@ impl ConvGeom {
     pub fn scratch_len(&self, threads: usize) -> usize {
         let k = self.kh * self.kw * self.cin;
         match self.algo() {
-            ConvAlgo::Pointwise => split_k_scratch_len(self.cout, self.cin, self.out_rows(), threads),
+            ConvAlgo::Pointwise => {
+                split_k_scratch_len(self.cout, self.cin, self.out_rows(), threads)
+            }
             ConvAlgo::Depthwise => (threads + 1) * self.kh * self.kw * self.cin,
             ConvAlgo::Im2col => {
                 split_k_scratch_len(self.cout, k, self.out_rows(), threads) + self.col_len()
@@ -160,10 +175,18 @@ fn dw_forward_image(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
             let o = &mut out[(oy * g.ow + ox) * c..][..c];
             o.fill(0.0);
             for ky in 0..g.kh {
-                let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else { continue };
+                let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+                    continue;
+                };
                 for kx in 0..g.kw {
-                    let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else { continue };
-                    axpy_mul(o, &wt[(ky * g.kw + kx) * c..][..c], &x[(iy * g.w + ix) * c..][..c]);
+                    let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
+                        continue;
+                    };
+                    axpy_mul(
+                        o,
+                        &wt[(ky * g.kw + kx) * c..][..c],
+                        &x[(iy * g.w + ix) * c..][..c],
+                    );
                 }
             }
         }
@@ -172,15 +195,26 @@ fn dw_forward_image(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
 
 /// Depthwise backward of one image: `dx += W^T dy` and `dwt += dy * x` (tap-major).
 #[inline(always)]
-fn dw_backward_image(g: &ConvGeom, x: &[f32], wt: &[f32], dy: &[f32], dx: &mut [f32], dwt: &mut [f32]) {
+fn dw_backward_image(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dwt: &mut [f32],
+) {
     let c = g.cin;
     for oy in 0..g.oh {
         for ox in 0..g.ow {
             let d = &dy[(oy * g.ow + ox) * c..][..c];
             for ky in 0..g.kh {
-                let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else { continue };
+                let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+                    continue;
+                };
                 for kx in 0..g.kw {
-                    let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else { continue };
+                    let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
+                        continue;
+                    };
                     let t = (ky * g.kw + kx) * c;
                     let xi = (iy * g.w + ix) * c;
                     axpy_mul(&mut dx[xi..xi + c], &wt[t..t + c], d);
@@ -206,8 +240,13 @@ pub fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
                     for ky in 0..g.kh {
                         for kx in 0..g.kw {
                             let dst = &mut r[(ky * g.kw + kx) * g.cin..][..g.cin];
-                            match (in_coord(oy, ky, g.stride, g.pad, g.h), in_coord(ox, kx, g.stride, g.pad, g.w)) {
-                                (Some(iy), Some(ix)) => dst.copy_from_slice(&xb[(iy * g.w + ix) * g.cin..][..g.cin]),
+                            match (
+                                in_coord(oy, ky, g.stride, g.pad, g.h),
+                                in_coord(ox, kx, g.stride, g.pad, g.w),
+                            ) {
+                                (Some(iy), Some(ix)) => {
+                                    dst.copy_from_slice(&xb[(iy * g.w + ix) * g.cin..][..g.cin])
+                                }
                                 _ => dst.fill(0.0),
                             }
                         }
@@ -222,60 +261,99 @@ pub fn col2im_add(g: &ConvGeom, col: &[f32], dx: &mut [f32]) {
     let row = g.kh * g.kw * g.cin;
     let per_image = g.oh * g.ow * row;
     let img = g.h * g.w * g.cin;
-    dx[..g.batch * img].par_chunks_mut(img).enumerate().for_each(|(b, dxb)| {
-        let colb = &col[b * per_image..][..per_image];
-        with_simd(|| {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let r = &colb[(oy * g.ow + ox) * row..][..row];
-                    for ky in 0..g.kh {
-                        let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else { continue };
-                        for kx in 0..g.kw {
-                            let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else { continue };
-                            crate::elementwise::add_assign_inline(
-                                &mut dxb[(iy * g.w + ix) * g.cin..][..g.cin],
-                                &r[(ky * g.kw + kx) * g.cin..][..g.cin],
-                            );
+    dx[..g.batch * img]
+        .par_chunks_mut(img)
+        .enumerate()
+        .for_each(|(b, dxb)| {
+            let colb = &col[b * per_image..][..per_image];
+            with_simd(|| {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let r = &colb[(oy * g.ow + ox) * row..][..row];
+                        for ky in 0..g.kh {
+                            let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+                                continue;
+                            };
+                            for kx in 0..g.kw {
+                                let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
+                                    continue;
+                                };
+                                crate::elementwise::add_assign_inline(
+                                    &mut dxb[(iy * g.w + ix) * g.cin..][..g.cin],
+                                    &r[(ky * g.kw + kx) * g.cin..][..g.cin],
+                                );
+                            }
                         }
                     }
                 }
-            }
-        })
-    });
+            })
+        });
 }
 
 /// Convolution forward `out = conv(x, w)`. `col` must hold [`ConvGeom::col_len`] floats; it
 /// keeps the im2col matrix for the backward pass. `scratch`: [`ConvGeom::scratch_len`].
-pub fn conv2d_forward(g: &ConvGeom, x: &[f32], w: &[f32], out: &mut [f32], col: &mut [f32], scratch: &mut [f32]) {
+pub fn conv2d_forward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    col: &mut [f32],
+    scratch: &mut [f32],
+) {
     assert!(x.len() >= g.in_len() && w.len() >= g.weight_len() && out.len() >= g.out_len());
     if kernel_path() == KernelPath::Reference {
         return reference::conv2d_forward(g, x, w, out);
     }
     let threads = crate::threads();
     match g.algo() {
-        ConvAlgo::Pointwise => {
-            sgemm(g.out_rows(), g.cout, g.cin, x, Trans::No, w, Trans::Yes, out, false, threads)
-        }
+        ConvAlgo::Pointwise => sgemm(
+            g.out_rows(),
+            g.cout,
+            g.cin,
+            x,
+            Trans::No,
+            w,
+            Trans::Yes,
+            out,
+            false,
+            threads,
+        ),
         ConvAlgo::Depthwise => {
             let wt = &mut scratch[..g.kh * g.kw * g.cin];
             taps_major(g, w, wt);
             let wt = &*wt;
             let (inl, outl) = (g.h * g.w * g.cin, g.oh * g.ow * g.cout);
-            out[..g.out_len()].par_chunks_mut(outl).enumerate().for_each(|(b, ob)| {
-                with_simd(|| dw_forward_image(g, &x[b * inl..][..inl], wt, ob))
-            });
+            out[..g.out_len()]
+                .par_chunks_mut(outl)
+                .enumerate()
+                .for_each(|(b, ob)| {
+                    with_simd(|| dw_forward_image(g, &x[b * inl..][..inl], wt, ob))
+                });
         }
         ConvAlgo::Im2col => {
             im2col(g, x, col);
             let k = g.kh * g.kw * g.cin;
-            sgemm(g.out_rows(), g.cout, k, col, Trans::No, w, Trans::Yes, out, false, threads)
+            sgemm(
+                g.out_rows(),
+                g.cout,
+                k,
+                col,
+                Trans::No,
+                w,
+                Trans::Yes,
+                out,
+                false,
+                threads,
+            )
         }
         ConvAlgo::Direct => reference::conv2d_forward(g, x, w, out),
     }
 }
 
 /// Convolution backward: adds `dL/dx` into `dx` and `dL/dw` into `dw`. `col` is the buffer
-/// the forward pass filled; `scratch`: [`ConvGeom::scratch_len`] floats.
+/// the forward pass filled; `scratch`: [`ConvGeom::scratch_len`] floats. With
+/// `need_dx == false` (the network's input needs no gradient) the GEMM paths skip the input
+/// gradient; the others compute it anyway.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     g: &ConvGeom,
@@ -286,6 +364,7 @@ pub fn conv2d_backward(
     dw: &mut [f32],
     col: &[f32],
     scratch: &mut [f32],
+    need_dx: bool,
 ) {
     assert!(dy.len() >= g.out_len() && dx.len() >= g.in_len() && dw.len() >= g.weight_len());
     if kernel_path() == KernelPath::Reference {
@@ -295,7 +374,20 @@ pub fn conv2d_backward(
     let rows = g.out_rows();
     match g.algo() {
         ConvAlgo::Pointwise => {
-            sgemm(rows, g.cin, g.cout, dy, Trans::No, w, Trans::No, dx, true, threads);
+            if need_dx {
+                sgemm(
+                    rows,
+                    g.cin,
+                    g.cout,
+                    dy,
+                    Trans::No,
+                    w,
+                    Trans::No,
+                    dx,
+                    true,
+                    threads,
+                );
+            }
             sgemm_tn_split_k(g.cout, g.cin, rows, dy, x, dw, true, threads, scratch);
         }
         ConvAlgo::Depthwise => depthwise_backward(g, x, w, dy, dx, dw, scratch, threads),
@@ -303,8 +395,21 @@ pub fn conv2d_backward(
             let k = g.kh * g.kw * g.cin;
             let (sk, dcol) = scratch.split_at_mut(split_k_scratch_len(g.cout, k, rows, threads));
             sgemm_tn_split_k(g.cout, k, rows, dy, col, dw, true, threads, sk);
-            sgemm(rows, k, g.cout, dy, Trans::No, w, Trans::No, dcol, false, threads);
-            col2im_add(g, dcol, dx);
+            if need_dx {
+                sgemm(
+                    rows,
+                    k,
+                    g.cout,
+                    dy,
+                    Trans::No,
+                    w,
+                    Trans::No,
+                    dcol,
+                    false,
+                    threads,
+                );
+                col2im_add(g, dcol, dx);
+            }
         }
         ConvAlgo::Direct => reference::conv2d_backward(g, x, w, dy, dx, dw),
     }

@@ -115,7 +115,10 @@ pub fn sgemm_tn_split_k(
         return;
     }
     let mn = m * n;
-    assert!(scratch.len() >= parts * mn, "sgemm_tn_split_k: scratch too small");
+    assert!(
+        scratch.len() >= parts * mn,
+        "sgemm_tn_split_k: scratch too small"
+    );
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= mn);
     scratch[..parts * mn]
         .par_chunks_mut(mn)
@@ -183,7 +186,17 @@ mod tests {
                     let c0 = rand_vec(&mut r, m * n);
                     for acc in [false, true] {
                         let mut want = c0.clone();
-                        refmm(m, n, k, &a, ta == Trans::Yes, &b, tb == Trans::Yes, &mut want, acc);
+                        refmm(
+                            m,
+                            n,
+                            k,
+                            &a,
+                            ta == Trans::Yes,
+                            &b,
+                            tb == Trans::Yes,
+                            &mut want,
+                            acc,
+                        );
                         let mut got = c0.clone();
                         sgemm(m, n, k, &a, ta, &b, tb, &mut got, acc, 2);
                         for (g, w) in got.iter().zip(&want) {
@@ -203,7 +216,10 @@ mod tests {
         let b = rand_vec(&mut r, k * n);
         let mut want = vec![1.0; m * n];
         refmm(m, n, k, &a, true, &b, false, &mut want, true);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let mut got = vec![1.0; m * n];
         let mut scratch = vec![0.0; split_k_scratch_len(m, n, k, 3)];
         pool.install(|| sgemm_tn_split_k(m, n, k, &a, &b, &mut got, true, 3, &mut scratch));

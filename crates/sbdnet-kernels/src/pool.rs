@@ -74,11 +74,14 @@ pub fn max_pool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], arg: &mut [u32])
 pub fn max_pool_backward(g: &PoolGeom, arg: &[u32], dy: &[f32], dx: &mut [f32]) {
     let ol = g.oh() * g.ow() * g.c;
     let il = g.h * g.w * g.c;
-    dx[..g.batch * il].par_chunks_mut(il).enumerate().for_each(|(b, dxb)| {
-        for o in 0..ol {
-            dxb[arg[b * ol + o] as usize] += dy[b * ol + o];
-        }
-    });
+    dx[..g.batch * il]
+        .par_chunks_mut(il)
+        .enumerate()
+        .for_each(|(b, dxb)| {
+            for o in 0..ol {
+                dxb[arg[b * ol + o] as usize] += dy[b * ol + o];
+            }
+        });
 }
 
 /// Average pooling forward.
@@ -86,22 +89,25 @@ pub fn avg_pool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32]) {
     let (oh, ow, c) = (g.oh(), g.ow(), g.c);
     let (il, ol) = (g.h * g.w * c, oh * ow * c);
     let inv = 1.0 / (g.k * g.k) as f32;
-    y[..g.batch * ol].par_chunks_mut(ol).enumerate().for_each(|(b, yb)| {
-        let xb = &x[b * il..][..il];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let o = &mut yb[(oy * ow + ox) * c..][..c];
-                o.fill(0.0);
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let i = ((oy * g.stride + ky) * g.w + ox * g.stride + kx) * c;
-                        crate::elementwise::add_assign_inline(o, &xb[i..i + c]);
+    y[..g.batch * ol]
+        .par_chunks_mut(ol)
+        .enumerate()
+        .for_each(|(b, yb)| {
+            let xb = &x[b * il..][..il];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let o = &mut yb[(oy * ow + ox) * c..][..c];
+                    o.fill(0.0);
+                    for ky in 0..g.k {
+                        for kx in 0..g.k {
+                            let i = ((oy * g.stride + ky) * g.w + ox * g.stride + kx) * c;
+                            crate::elementwise::add_assign_inline(o, &xb[i..i + c]);
+                        }
                     }
+                    o.iter_mut().for_each(|v| *v *= inv);
                 }
-                o.iter_mut().for_each(|v| *v *= inv);
             }
-        }
-    });
+        });
 }
 
 /// Average pooling backward: every input of a window gets `dy / k^2`.
@@ -109,34 +115,40 @@ pub fn avg_pool_backward(g: &PoolGeom, dy: &[f32], dx: &mut [f32]) {
     let (oh, ow, c) = (g.oh(), g.ow(), g.c);
     let (il, ol) = (g.h * g.w * c, oh * ow * c);
     let inv = 1.0 / (g.k * g.k) as f32;
-    dx[..g.batch * il].par_chunks_mut(il).enumerate().for_each(|(b, dxb)| {
-        let dyb = &dy[b * ol..][..ol];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let d = &dyb[(oy * ow + ox) * c..][..c];
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let i = ((oy * g.stride + ky) * g.w + ox * g.stride + kx) * c;
-                        for (t, &dv) in dxb[i..i + c].iter_mut().zip(d) {
-                            *t += dv * inv;
+    dx[..g.batch * il]
+        .par_chunks_mut(il)
+        .enumerate()
+        .for_each(|(b, dxb)| {
+            let dyb = &dy[b * ol..][..ol];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let d = &dyb[(oy * ow + ox) * c..][..c];
+                    for ky in 0..g.k {
+                        for kx in 0..g.k {
+                            let i = ((oy * g.stride + ky) * g.w + ox * g.stride + kx) * c;
+                            for (t, &dv) in dxb[i..i + c].iter_mut().zip(d) {
+                                *t += dv * inv;
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        });
 }
 
 /// Global average pooling forward: `y[b][ch] = mean over pixels of x[b][.][.][ch]`.
 pub fn global_avg_forward(x: &[f32], y: &mut [f32], batch: usize, pixels: usize, c: usize) {
     let inv = 1.0 / pixels as f32;
-    y[..batch * c].par_chunks_mut(c).enumerate().for_each(|(b, yb)| {
-        yb.fill(0.0);
-        for p in 0..pixels {
-            crate::elementwise::add_assign_inline(yb, &x[(b * pixels + p) * c..][..c]);
-        }
-        yb.iter_mut().for_each(|v| *v *= inv);
-    });
+    y[..batch * c]
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(b, yb)| {
+            yb.fill(0.0);
+            for p in 0..pixels {
+                crate::elementwise::add_assign_inline(yb, &x[(b * pixels + p) * c..][..c]);
+            }
+            yb.iter_mut().for_each(|v| *v *= inv);
+        });
 }
 
 /// Global average pooling backward.
@@ -161,7 +173,14 @@ mod tests {
 
     #[test]
     fn max_pool_matches_reference_and_routes_grad() {
-        let g = PoolGeom { batch: 2, h: 4, w: 4, c: 3, k: 2, stride: 2 };
+        let g = PoolGeom {
+            batch: 2,
+            h: 4,
+            w: 4,
+            c: 3,
+            k: 2,
+            stride: 2,
+        };
         let mut r = crate::rng::Rng::new(9);
         let x: Vec<f32> = (0..g.batch * 48).map(|_| r.normal()).collect();
         let mut want = vec![0.0; g.out_len()];
@@ -182,7 +201,14 @@ mod tests {
 
     #[test]
     fn avg_and_global() {
-        let g = PoolGeom { batch: 1, h: 2, w: 2, c: 1, k: 2, stride: 2 };
+        let g = PoolGeom {
+            batch: 1,
+            h: 2,
+            w: 2,
+            c: 1,
+            k: 2,
+            stride: 2,
+        };
         let x = [1.0, 2.0, 3.0, 4.0];
         let mut y = [0.0];
         avg_pool_forward(&g, &x, &mut y);

@@ -51,9 +51,13 @@ pub fn conv2d_forward(g: &ConvGeom, x: &[f32], w: &[f32], out: &mut [f32]) {
                     let grp = co / cog;
                     let mut s = 0.0f32;
                     for ky in 0..g.kh {
-                        let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else { continue };
+                        let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+                            continue;
+                        };
                         for kx in 0..g.kw {
-                            let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else { continue };
+                            let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
+                                continue;
+                            };
                             for ci in 0..cig {
                                 s += w[((co * g.kh + ky) * g.kw + kx) * cig + ci]
                                     * x[((b * g.h + iy) * g.w + ix) * g.cin + grp * cig + ci];
@@ -68,7 +72,14 @@ pub fn conv2d_forward(g: &ConvGeom, x: &[f32], w: &[f32], out: &mut [f32]) {
 }
 
 /// Convolution backward: adds `dL/dx` into `dx` and `dL/dw` into `dw` given `dy = dL/dout`.
-pub fn conv2d_backward(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
+pub fn conv2d_backward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
     let (cig, cog) = (g.cin / g.groups, g.cout / g.groups);
     for b in 0..g.batch {
         for oy in 0..g.oh {
@@ -77,9 +88,13 @@ pub fn conv2d_backward(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32], dx: &mut 
                     let grp = co / cog;
                     let d = dy[((b * g.oh + oy) * g.ow + ox) * g.cout + co];
                     for ky in 0..g.kh {
-                        let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else { continue };
+                        let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+                            continue;
+                        };
                         for kx in 0..g.kw {
-                            let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else { continue };
+                            let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
+                                continue;
+                            };
                             for ci in 0..cig {
                                 let wi = ((co * g.kh + ky) * g.kw + kx) * cig + ci;
                                 let xi = ((b * g.h + iy) * g.w + ix) * g.cin + grp * cig + ci;
@@ -119,7 +134,16 @@ pub fn channel_mean_var(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Max pooling forward (`k x k`, stride, no padding) over NHWC.
-pub fn max_pool(x: &[f32], batch: usize, h: usize, w: usize, c: usize, k: usize, stride: usize, out: &mut [f32]) {
+pub fn max_pool(
+    x: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
     let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
     for b in 0..batch {
         for oy in 0..oh {
@@ -128,7 +152,9 @@ pub fn max_pool(x: &[f32], batch: usize, h: usize, w: usize, c: usize, k: usize,
                     let mut m = f32::NEG_INFINITY;
                     for ky in 0..k {
                         for kx in 0..k {
-                            m = m.max(x[((b * h + oy * stride + ky) * w + ox * stride + kx) * c + ch]);
+                            m = m.max(
+                                x[((b * h + oy * stride + ky) * w + ox * stride + kx) * c + ch],
+                            );
                         }
                     }
                     out[((b * oh + oy) * ow + ox) * c + ch] = m;

@@ -14,7 +14,10 @@ fn rand_vec(r: &mut Rng, n: usize) -> Vec<f32> {
 fn close(got: &[f32], want: &[f32], what: &str, g: &ConvGeom) {
     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!((a - b).abs() <= 1e-4 * scale, "{what} differs at {i}: {a} vs {b} for {g:?}");
+        assert!(
+            (a - b).abs() <= 1e-4 * scale,
+            "{what} differs at {i}: {a} vs {b} for {g:?}"
+        );
     }
 }
 
@@ -39,7 +42,7 @@ fn check(g: ConvGeom, seed: u64) {
     let (mut dx_want, mut dw_want) = (dx0.clone(), dw0.clone());
     reference::conv2d_backward(&g, &x, &w, &dy, &mut dx_want, &mut dw_want);
     let (mut dx, mut dw) = (dx0, dw0);
-    conv2d_backward(&g, &x, &w, &dy, &mut dx, &mut dw, &col, &mut scratch);
+    conv2d_backward(&g, &x, &w, &dy, &mut dx, &mut dw, &col, &mut scratch, true);
     close(&dx, &dx_want, "dx", &g);
     close(&dw, &dw_want, "dw", &g);
 }
@@ -60,7 +63,10 @@ fn named_cases() {
         (5, 2, 2, 3, 3, 1, 1, 0, 3),
     ];
     for (i, &(b, h, w, ci, co, k, s, p, gr)) in cases.iter().enumerate() {
-        check(ConvGeom::new(b, h, w, ci, co, k, s, p, gr).unwrap(), i as u64);
+        check(
+            ConvGeom::new(b, h, w, ci, co, k, s, p, gr).unwrap(),
+            i as u64,
+        );
     }
 }
 

@@ -1,0 +1,654 @@
+//! The model: a graph of layers built from a [`ModelConfig`], with planned buffers.
+//!
+//! Activation `0` is the input; node `i` writes activation `i + 1` and reads activations with
+//! smaller indices. Forward walks the nodes in order; backward walks them in reverse, adding
+//! into the gradients of the activations each node read.
+
+use crate::config::{Act, Block, ModelConfig};
+use crate::error::NnError;
+use crate::layers::{BatchNorm2d, Conv2d, Dropout, Linear, Pool};
+use crate::loss::Loss;
+use crate::params::ParamStore;
+use sbdnet_kernels::elementwise as ew;
+use sbdnet_kernels::pool as kpool;
+use sbdnet_kernels::rng::Rng;
+use std::time::Instant;
+
+/// Per-image shape `(h, w, c)`, NHWC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Channels.
+    pub c: usize,
+}
+
+impl Shape {
+    /// Floats per image.
+    pub fn len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.h, self.w, self.c)
+    }
+}
+
+/// What a node computes.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Convolution.
+    Conv(Conv2d),
+    /// Batch normalization (optionally with a fused ReLU).
+    BatchNorm(BatchNorm2d),
+    /// ReLU.
+    Relu,
+    /// Hardtanh to `[-1, 1]`.
+    Hardtanh,
+    /// Max or average pooling.
+    Pool(Pool),
+    /// Global average pooling.
+    GlobalAvgPool,
+    /// Flatten (a copy; NHWC order).
+    Flatten,
+    /// Dropout.
+    Dropout(Dropout),
+    /// Fully connected.
+    Linear(Linear),
+    /// Sum of the two inputs.
+    Add,
+}
+
+impl Op {
+    /// Short kind name for summaries and profiles.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Conv(c) if c.groups == c.input.c && c.groups > 1 => "conv-dw",
+            Op::Conv(c) if c.k == 1 => "conv-pw",
+            Op::Conv(_) => "conv",
+            Op::BatchNorm(b) if b.relu => "bn+relu",
+            Op::BatchNorm(_) => "bn",
+            Op::Relu => "relu",
+            Op::Hardtanh => "hardtanh",
+            Op::Pool(p) if p.max => "maxpool",
+            Op::Pool(_) => "avgpool",
+            Op::GlobalAvgPool => "gap",
+            Op::Flatten => "flatten",
+            Op::Dropout(_) => "dropout",
+            Op::Linear(_) => "linear",
+            Op::Add => "add",
+        }
+    }
+}
+
+/// One layer in the graph.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Name (`block2.pw`).
+    pub name: String,
+    /// The layer.
+    pub op: Op,
+    /// Activations read (the second only for `Add`).
+    pub inputs: Vec<usize>,
+    /// Per-image input shape (of the first input).
+    pub in_shape: Shape,
+    /// Per-image output shape.
+    pub out_shape: Shape,
+}
+
+/// Loss and accuracy counts of one step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Correct top-1 predictions.
+    pub correct: usize,
+    /// Images.
+    pub n: usize,
+}
+
+/// Accumulated per-node time (forward, backward) when profiling is on.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// Nanoseconds per node: forward.
+    pub forward_ns: Vec<u64>,
+    /// Nanoseconds per node: backward.
+    pub backward_ns: Vec<u64>,
+    /// Steps recorded.
+    pub steps: u64,
+}
+
+/// A network with its parameters and planned activation memory.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// The description it was built from.
+    pub config: ModelConfig,
+    /// Layers in execution order.
+    pub nodes: Vec<Node>,
+    /// Parameters, gradients, running statistics.
+    pub params: ParamStore,
+    /// Seed for parameter initialization and dropout masks.
+    pub seed: u64,
+    /// Incremented every training step (dropout streams derive from it).
+    pub step: u64,
+    /// Per-node timing, when `Some`.
+    pub profile: Option<Profile>,
+    shapes: Vec<Shape>,
+    cap: usize,
+    acts: Vec<f32>,
+    dacts: Vec<f32>,
+}
+
+struct Builder {
+    params: ParamStore,
+    nodes: Vec<Node>,
+    shapes: Vec<Shape>,
+    rng: Rng,
+}
+
+impl Builder {
+    fn push(&mut self, name: String, op: Op, inputs: Vec<usize>, out: Shape) -> usize {
+        let in_shape = self.shapes[inputs[0]];
+        self.nodes.push(Node {
+            name,
+            op,
+            inputs,
+            in_shape,
+            out_shape: out,
+        });
+        self.shapes.push(out);
+        self.shapes.len() - 1
+    }
+
+    fn conv(
+        &mut self,
+        name: &str,
+        x: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+    ) -> Result<usize, NnError> {
+        let s = self.shapes[x];
+        let pad = k / 2;
+        let g = sbdnet_kernels::conv::ConvGeom::new(1, s.h, s.w, s.c, cout, k, stride, pad, groups)
+            .ok_or_else(|| NnError::Config(format!("{name}: a {k}x{k} convolution with {groups} groups does not fit input {s} -> {cout} channels")))?;
+        let fan_in = (k * k * s.c / groups) as f32;
+        let std = (2.0 / fan_in).sqrt();
+        let rng = &mut self.rng;
+        let w = self.params.add(
+            format!("{name}.weight"),
+            vec![cout, k, k, s.c / groups],
+            true,
+            || rng.normal() * std,
+        );
+        let out = Shape {
+            h: g.oh,
+            w: g.ow,
+            c: cout,
+        };
+        Ok(self.push(
+            name.to_string(),
+            Op::Conv(Conv2d::new(s, cout, k, stride, pad, groups, w)),
+            vec![x],
+            out,
+        ))
+    }
+
+    fn bn(&mut self, name: &str, x: usize, act: Act) -> usize {
+        let s = self.shapes[x];
+        let c = s.c;
+        let gamma = self
+            .params
+            .add(format!("{name}.gamma"), vec![c], false, || 1.0);
+        let beta = self
+            .params
+            .add(format!("{name}.beta"), vec![c], false, || 0.0);
+        let rm = self
+            .params
+            .add_buffer(format!("{name}.running_mean"), vec![c], 0.0);
+        let rv = self
+            .params
+            .add_buffer(format!("{name}.running_var"), vec![c], 1.0);
+        let mut bn = BatchNorm2d::new(c, gamma, beta, rm, rv);
+        bn.relu = act == Act::Relu;
+        let y = self.push(name.to_string(), Op::BatchNorm(bn), vec![x], s);
+        if act == Act::Hardtanh {
+            return self.push(format!("{name}.act"), Op::Hardtanh, vec![y], s);
+        }
+        y
+    }
+
+    fn block(
+        &mut self,
+        name: &str,
+        b: &Block,
+        x: usize,
+        classes_hint: usize,
+    ) -> Result<usize, NnError> {
+        let s = self.shapes[x];
+        Ok(match b {
+            Block::Conv {
+                out,
+                kernel,
+                stride,
+                act,
+            } => {
+                let y = self.conv(name, x, *out, *kernel, *stride, 1)?;
+                self.bn(&format!("{name}.bn"), y, *act)
+            }
+            Block::DwSep {
+                out,
+                kernel,
+                stride,
+                act,
+            } => {
+                let y = self.conv(&format!("{name}.dw"), x, s.c, *kernel, *stride, s.c)?;
+                let y = self.bn(&format!("{name}.dw_bn"), y, *act);
+                let y = self.conv(&format!("{name}.pw"), y, *out, 1, 1, 1)?;
+                self.bn(&format!("{name}.pw_bn"), y, *act)
+            }
+            Block::MaxPool { k, stride } | Block::AvgPool { k, stride } => {
+                if *k == 0 || *stride == 0 || *k > s.h || *k > s.w {
+                    return Err(NnError::Config(format!(
+                        "{name}: pool {k}/{stride} does not fit {s}"
+                    )));
+                }
+                let max = matches!(b, Block::MaxPool { .. });
+                let p = Pool::new(s, *k, *stride, max);
+                let out = Shape {
+                    h: (s.h - k) / stride + 1,
+                    w: (s.w - k) / stride + 1,
+                    c: s.c,
+                };
+                self.push(name.to_string(), Op::Pool(p), vec![x], out)
+            }
+            Block::GlobalAvgPool => self.push(
+                name.to_string(),
+                Op::GlobalAvgPool,
+                vec![x],
+                Shape { h: 1, w: 1, c: s.c },
+            ),
+            Block::Flatten => self.push(
+                name.to_string(),
+                Op::Flatten,
+                vec![x],
+                Shape {
+                    h: 1,
+                    w: 1,
+                    c: s.len(),
+                },
+            ),
+            Block::Dropout { p } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(NnError::Config(format!(
+                        "{name}: dropout p must be in [0, 1), got {p}"
+                    )));
+                }
+                self.push(name.to_string(), Op::Dropout(Dropout::new(*p)), vec![x], s)
+            }
+            Block::Linear { out, bias } => {
+                let inp = s.len();
+                let bound = 1.0 / (inp as f32).sqrt();
+                let rng = &mut self.rng;
+                let weight =
+                    self.params
+                        .add(format!("{name}.weight"), vec![*out, inp], true, || {
+                            (rng.uniform() * 2.0 - 1.0) * bound
+                        });
+                let rng = &mut self.rng;
+                let bias = bias.then(|| {
+                    self.params
+                        .add(format!("{name}.bias"), vec![*out], false, || {
+                            (rng.uniform() * 2.0 - 1.0) * bound
+                        })
+                });
+                let _ = classes_hint;
+                self.push(
+                    name.to_string(),
+                    Op::Linear(Linear {
+                        inp,
+                        out: *out,
+                        weight,
+                        bias,
+                    }),
+                    vec![x],
+                    Shape {
+                        h: 1,
+                        w: 1,
+                        c: *out,
+                    },
+                )
+            }
+            Block::Residual { body, act } => {
+                let mut y = x;
+                for (j, b) in body.iter().enumerate() {
+                    y = self.block(&format!("{name}.{j}"), b, y, classes_hint)?;
+                }
+                let ys = self.shapes[y];
+                let short = if ys == s {
+                    x
+                } else {
+                    let stride = s.h.div_ceil(ys.h.max(1)).max(1);
+                    let sc = self.conv(&format!("{name}.shortcut"), x, ys.c, 1, stride, 1)?;
+                    let sc_shape = self.shapes[sc];
+                    if sc_shape != ys {
+                        return Err(NnError::Config(format!(
+                            "{name}: shortcut gives {sc_shape}, body gives {ys}"
+                        )));
+                    }
+                    self.bn(&format!("{name}.shortcut_bn"), sc, Act::None)
+                };
+                let sum = self.push(format!("{name}.add"), Op::Add, vec![y, short], ys);
+                match act {
+                    Act::None => sum,
+                    Act::Relu => self.push(format!("{name}.relu"), Op::Relu, vec![sum], ys),
+                    Act::Hardtanh => self.push(format!("{name}.act"), Op::Hardtanh, vec![sum], ys),
+                }
+            }
+        })
+    }
+}
+
+/// Split a buffer so that activation `out` is mutable and everything before it readable.
+fn split(buf: &mut [f32], off: usize, len: usize) -> (&[f32], &mut [f32]) {
+    let (lo, hi) = buf.split_at_mut(off);
+    (lo, &mut hi[..len])
+}
+
+impl Model {
+    /// Build a model from its description, initialize parameters from `seed`, and plan
+    /// buffers for batches of up to `batch_capacity` images.
+    pub fn new(config: ModelConfig, batch_capacity: usize, seed: u64) -> Result<Self, NnError> {
+        let [h, w, c] = config.input;
+        if h == 0 || w == 0 || c == 0 || config.classes == 0 {
+            return Err(NnError::Config(
+                "input dimensions and classes must be positive".into(),
+            ));
+        }
+        let mut b = Builder {
+            params: ParamStore::default(),
+            nodes: Vec::new(),
+            shapes: vec![Shape { h, w, c }],
+            rng: Rng::new(seed),
+        };
+        let mut x = 0;
+        let mut counts = std::collections::HashMap::<&str, usize>::new();
+        for blk in &config.blocks {
+            let base = match blk {
+                Block::Conv { .. } => "conv",
+                Block::DwSep { .. } => "block",
+                Block::Linear { .. } => "fc",
+                Block::Residual { .. } => "res",
+                Block::MaxPool { .. } | Block::AvgPool { .. } => "pool",
+                Block::GlobalAvgPool => "gap",
+                Block::Flatten => "flatten",
+                Block::Dropout { .. } => "dropout",
+            };
+            let n = counts.entry(base).or_insert(0);
+            *n += 1;
+            let name = format!("{base}{n}");
+            x = b.block(&name, blk, x, config.classes)?;
+        }
+        let last = b.shapes[x];
+        if last.len() != config.classes {
+            return Err(NnError::Config(format!(
+                "the last block gives {last} values per image, not {} classes",
+                config.classes
+            )));
+        }
+        let mut m = Model {
+            config,
+            nodes: b.nodes,
+            params: b.params,
+            seed,
+            step: 0,
+            profile: None,
+            shapes: b.shapes,
+            cap: 0,
+            acts: Vec::new(),
+            dacts: Vec::new(),
+        };
+        m.plan(batch_capacity.max(1));
+        Ok(m)
+    }
+
+    /// Offset of activation `j` in the planned buffers.
+    fn off(&self, j: usize) -> usize {
+        self.cap * self.shapes[..j].iter().map(Shape::len).sum::<usize>()
+    }
+
+    /// (Re-)plan every buffer for batches of up to `cap` images. Allocates; call it outside the
+    /// step loop.
+    pub fn plan(&mut self, cap: usize) {
+        self.cap = cap;
+        let total: usize = self.shapes.iter().map(Shape::len).sum::<usize>() * cap;
+        self.acts = vec![0.0; total];
+        self.dacts = vec![0.0; total];
+        for node in &mut self.nodes {
+            let s = node.in_shape;
+            match &mut node.op {
+                Op::Conv(c) => c.plan(cap),
+                Op::BatchNorm(bn) => bn.plan(cap * s.h * s.w),
+                Op::Pool(p) => p.plan(cap),
+                Op::Dropout(d) => d.plan(cap * s.len()),
+                _ => {}
+            }
+        }
+    }
+
+    /// Batch capacity the buffers are planned for.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Per-image input shape.
+    pub fn input_shape(&self) -> Shape {
+        self.shapes[0]
+    }
+
+    /// Bytes of planned activation memory (values and gradients).
+    pub fn activation_bytes(&self) -> usize {
+        (self.acts.len() + self.dacts.len()) * 4
+    }
+
+    fn check_input(&self, x: &[f32], n: usize) -> Result<(), NnError> {
+        let il = self.shapes[0].len();
+        if n == 0 || n > self.cap {
+            return Err(NnError::Input(format!(
+                "batch of {n} images; this model is planned for 1..={}",
+                self.cap
+            )));
+        }
+        if x.len() != n * il {
+            return Err(NnError::Input(format!(
+                "expected {n} images of {} = {} floats, got {}",
+                self.shapes[0],
+                n * il,
+                x.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run the network on `n` images (`x` holds `n * h * w * c` floats, NHWC) and return the
+    /// logits `[n][classes]`. `train` selects batch statistics and dropout.
+    pub fn forward(&mut self, x: &[f32], n: usize, train: bool) -> Result<&[f32], NnError> {
+        self.check_input(x, n)?;
+        self.acts[..x.len()].copy_from_slice(x);
+        let mut drop_rng = Rng::derive(self.seed, 0xD80, self.step);
+        for i in 0..self.nodes.len() {
+            let t0 = self.profile.is_some().then(Instant::now);
+            let out_off = self.off(i + 1);
+            let out_len = n * self.shapes[i + 1].len();
+            let in0 = self.nodes[i].inputs[0];
+            let (in_off, in_len) = (self.off(in0), n * self.shapes[in0].len());
+            let in1 = self.nodes[i]
+                .inputs
+                .get(1)
+                .map(|&j| (self.off(j), n * self.shapes[j].len()));
+            let (lo, y) = split(&mut self.acts, out_off, out_len);
+            let x = &lo[in_off..in_off + in_len];
+            let node = &mut self.nodes[i];
+            let p = &mut self.params;
+            match &mut node.op {
+                Op::Conv(c) => c.forward(n, x, y, p),
+                Op::BatchNorm(bn) => bn.forward(x, y, p, train),
+                Op::Relu => ew::relu_forward(x, y),
+                Op::Hardtanh => ew::hardtanh_forward(x, y, -1.0, 1.0),
+                Op::Pool(pl) => pl.forward(n, x, y),
+                Op::GlobalAvgPool => {
+                    let s = node.in_shape;
+                    kpool::global_avg_forward(x, y, n, s.h * s.w, s.c)
+                }
+                Op::Flatten => y.copy_from_slice(x),
+                Op::Dropout(d) => d.forward(x, y, train, &mut drop_rng),
+                Op::Linear(l) => l.forward(n, x, y, p),
+                Op::Add => {
+                    let (o1, l1) = in1.expect("add has two inputs");
+                    y.copy_from_slice(x);
+                    ew::add_assign(y, &lo[o1..o1 + l1]);
+                }
+            }
+            if let (Some(t0), Some(prof)) = (t0, self.profile.as_mut()) {
+                prof.forward_ns[i] += t0.elapsed().as_nanos() as u64;
+            }
+        }
+        let last = self.shapes.len() - 1;
+        let off = self.off(last);
+        Ok(&self.acts[off..off + n * self.shapes[last].len()])
+    }
+
+    /// Backward pass for the `n` images of the last training forward, from the logits'
+    /// gradient already in place; adds into parameter gradients.
+    fn backward(&mut self, n: usize) {
+        for i in (0..self.nodes.len()).rev() {
+            let t0 = self.profile.is_some().then(Instant::now);
+            let out_off = self.off(i + 1);
+            let out_len = n * self.shapes[i + 1].len();
+            let in0 = self.nodes[i].inputs[0];
+            let (in_off, in_len) = (self.off(in0), n * self.shapes[in0].len());
+            let need_dx = in0 != 0;
+            let (dlo, dy) = self.dacts.split_at_mut(out_off);
+            let dy = &mut dy[..out_len];
+            let x = &self.acts[in_off..in_off + in_len];
+            let y = &self.acts[out_off..out_off + out_len];
+            let node = &mut self.nodes[i];
+            let p = &mut self.params;
+            if let Op::Add = node.op {
+                let in1 = node.inputs[1];
+                let (o1, l1) = (
+                    self.cap * self.shapes[..in1].iter().map(Shape::len).sum::<usize>(),
+                    n * self.shapes[in1].len(),
+                );
+                ew::add_assign(&mut dlo[in_off..in_off + in_len], dy);
+                ew::add_assign(&mut dlo[o1..o1 + l1], dy);
+            } else {
+                let dx = &mut dlo[in_off..in_off + in_len];
+                match &mut node.op {
+                    Op::Conv(c) => c.backward(n, x, dy, dx, p, need_dx),
+                    Op::BatchNorm(bn) => {
+                        if bn.relu {
+                            mask_by_positive(dy, y);
+                        }
+                        bn.backward(x, dy, dx, p)
+                    }
+                    Op::Relu => ew::relu_backward(y, dy, dx),
+                    Op::Hardtanh => ew::hardtanh_backward(x, dy, dx, -1.0, 1.0),
+                    Op::Pool(pl) => pl.backward(n, dy, dx),
+                    Op::GlobalAvgPool => {
+                        let s = node.in_shape;
+                        kpool::global_avg_backward(dy, dx, n, s.h * s.w, s.c)
+                    }
+                    Op::Flatten => ew::add_assign(dx, dy),
+                    Op::Dropout(d) => d.backward(dy, dx, true),
+                    Op::Linear(l) => l.backward(n, x, dy, dx, p),
+                    Op::Add => unreachable!("handled above"),
+                }
+            }
+            if let (Some(t0), Some(prof)) = (t0, self.profile.as_mut()) {
+                prof.backward_ns[i] += t0.elapsed().as_nanos() as u64;
+            }
+        }
+    }
+
+    /// Turn per-node timing on (resetting it) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| Profile {
+            forward_ns: vec![0; self.nodes.len()],
+            backward_ns: vec![0; self.nodes.len()],
+            steps: 0,
+        });
+    }
+
+    /// Gradient of everything w.r.t. the parameters for one batch: forward (training mode),
+    /// loss, backward. Gradients are zeroed first. Returns loss and correct count; the
+    /// optimizer step is the caller's.
+    pub fn train_step(
+        &mut self,
+        x: &[f32],
+        labels: &[u8],
+        loss: &Loss,
+    ) -> Result<StepStats, NnError> {
+        let n = labels.len();
+        let classes = self.config.classes;
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            return Err(NnError::Input(format!(
+                "label {bad} is out of range for {classes} classes"
+            )));
+        }
+        self.forward(x, n, true)?;
+        self.dacts.fill(0.0);
+        self.params.zero_grad();
+        let last = self.shapes.len() - 1;
+        let off = self.off(last);
+        let len = n * classes;
+        let (loss_v, correct) = loss.forward_backward(
+            &self.acts[off..off + len],
+            labels,
+            classes,
+            &mut self.dacts[off..off + len],
+        );
+        self.backward(n);
+        self.step += 1;
+        if let Some(p) = self.profile.as_mut() {
+            p.steps += 1;
+        }
+        Ok(StepStats {
+            loss: loss_v,
+            correct,
+            n,
+        })
+    }
+
+    /// Evaluate on `n` images: mean loss (no smoothing) and correct count, evaluation mode.
+    pub fn eval_batch(&mut self, x: &[f32], labels: &[u8]) -> Result<StepStats, NnError> {
+        let n = labels.len();
+        let classes = self.config.classes;
+        let logits = self.forward(x, n, false)?;
+        let (loss, correct) = Loss::default().evaluate(logits, labels, classes);
+        Ok(StepStats { loss, correct, n })
+    }
+}
+
+/// `dy *= [y > 0]` (the backward of a fused ReLU, in place).
+fn mask_by_positive(dy: &mut [f32], y: &[f32]) {
+    use rayon::prelude::*;
+    dy.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14))
+        .for_each(|(d, y)| {
+            for (d, &y) in d.iter_mut().zip(y) {
+                if y <= 0.0 {
+                    *d = 0.0;
+                }
+            }
+        });
+}
