@@ -1,0 +1,501 @@
+//! `sbdnet train`, `sbdnet eval`, `sbdnet data`.
+
+use crate::cli::{AugArg, DataCommand, EvalArgs, OptArg, SchedArg, TrainArgs};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use sbdnet_data::{Dataset, DatasetKind};
+use sbdnet_kernels::rng::Rng;
+use sbdnet_nn::checkpoint::{self, Checkpoint};
+use sbdnet_nn::{
+    Loss, Model, ModelConfig, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// RNG stream ids.
+const SHUFFLE: u64 = 1;
+const AUGMENT: u64 = 2;
+
+/// What a run saves besides tensors, enough to resume it exactly.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct RunState {
+    args: TrainArgs,
+    epochs: usize,
+    completed_epochs: usize,
+    model_step: u64,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    test_accuracy: Option<f32>,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Serialize, Debug, Clone)]
+struct EpochMetrics {
+    epoch: usize,
+    train_loss: f32,
+    train_acc: f32,
+    test_loss: f32,
+    test_acc: f32,
+    images_per_s: f32,
+    seconds: f32,
+    lr: f32,
+}
+
+pub fn data_dir(opt: &Option<PathBuf>) -> PathBuf {
+    opt.clone().unwrap_or_else(sbdnet_data::default_data_dir)
+}
+
+fn load_split(name: &str, dir: &Path) -> Result<(DatasetKind, sbdnet_data::Split)> {
+    let kind: DatasetKind = name.parse()?;
+    let split = sbdnet_data::load(kind, dir)?;
+    Ok((kind, split))
+}
+
+/// A data set normalized once into f32 NHWC.
+struct Prepared {
+    x: Vec<f32>,
+    y: Vec<u8>,
+    il: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+fn prepare(d: &Dataset, mean: &[f32], std: &[f32]) -> Prepared {
+    let mut x = vec![0.0; d.images.len()];
+    sbdnet_data::normalize_into(&d.images, &mut x, mean, std);
+    Prepared {
+        x,
+        y: d.labels.clone(),
+        il: d.image_len(),
+        h: d.height,
+        w: d.width,
+        c: d.channels,
+    }
+}
+
+fn augmentation(kind: DatasetKind, a: AugArg) -> (isize, bool) {
+    match a {
+        AugArg::None => (0, false),
+        AugArg::Shift => (2, false),
+        AugArg::ShiftFlip => (2, true),
+        AugArg::Auto => match kind {
+            DatasetKind::Digits => (1, false),
+            DatasetKind::Mnist => (2, false),
+            DatasetKind::FashionMnist => (2, true),
+            DatasetKind::Cifar10 => (4, true),
+        },
+    }
+}
+
+fn optimizer_config(a: &TrainArgs) -> OptimizerConfig {
+    let kind = match a.optimizer {
+        OptArg::Sgd => OptimizerKind::Sgd,
+        OptArg::Adam => OptimizerKind::Adam,
+        OptArg::Adamw => OptimizerKind::AdamW,
+    };
+    OptimizerConfig {
+        kind,
+        weight_decay: a.weight_decay,
+        ..OptimizerConfig::default()
+    }
+}
+
+fn default_lr(a: &TrainArgs) -> f32 {
+    a.lr.unwrap_or(if a.optimizer == OptArg::Sgd {
+        0.1
+    } else {
+        2e-3
+    })
+}
+
+/// Evaluate on a prepared set in batches of the model's capacity.
+fn evaluate(model: &mut Model, data: &Prepared) -> Result<(f32, f32)> {
+    let cap = model.capacity();
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    let n = data.y.len();
+    let mut i = 0;
+    while i < n {
+        let b = cap.min(n - i);
+        let s = model.eval_batch(&data.x[i * data.il..(i + b) * data.il], &data.y[i..i + b])?;
+        loss += s.loss as f64 * b as f64;
+        correct += s.correct;
+        i += b;
+    }
+    Ok((
+        (loss / n.max(1) as f64) as f32,
+        correct as f32 / n.max(1) as f32,
+    ))
+}
+
+pub fn train(mut a: TrainArgs) -> Result<()> {
+    let (json, quiet, threads, stop_after, ddir) =
+        (a.json, a.quiet, a.threads, a.stop_after, a.data_dir.clone());
+    let mut resume: Option<(Checkpoint, RunState, PathBuf)> = None;
+    if let Some(dir) = a.resume.clone() {
+        let ck = Checkpoint::read(&dir)
+            .with_context(|| format!("cannot resume from {}", dir.display()))?;
+        let st: RunState = serde_json::from_value(
+            ck.train_state()
+                .context("checkpoint has no training state")?,
+        )
+        .context("checkpoint's training state is not readable")?;
+        if threads.is_some() && st.args.threads != threads {
+            eprintln!("note: resuming with a different --threads than the original run; weights may differ in the last bits");
+        }
+        a = st.args.clone();
+        a.out = Some(dir.clone());
+        resume = Some((ck, st, dir));
+    }
+    a.json = json;
+    a.quiet = quiet;
+    a.stop_after = stop_after;
+    a.data_dir = ddir;
+    let dir = data_dir(&a.data_dir);
+    let (kind, split) = load_split(&a.dataset, &dir)?;
+    let epochs = a
+        .epochs
+        .unwrap_or(if kind == DatasetKind::Digits { 30 } else { 15 });
+    anyhow::ensure!(epochs >= 1, "--epochs must be at least 1");
+    anyhow::ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&a.label_smoothing),
+        "--label-smoothing must be in [0, 1)"
+    );
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, kind.name())));
+    a.out = Some(out.clone());
+    a.epochs = Some(epochs);
+
+    let (mean, std) = match &resume {
+        Some((_, st, _)) => (st.mean.clone(), st.std.clone()),
+        None => split.train.channel_stats(),
+    };
+    let train = prepare(&split.train, &mean, &std);
+    let test = prepare(&split.test, &mean, &std);
+    let n_train = train.y.len();
+    let batch = a.batch_size.min(n_train);
+    anyhow::ensure!(n_train >= 1, "the training set is empty");
+    let steps_per_epoch = n_train / batch;
+    let cfg = match &resume {
+        Some((ck, _, _)) => ck.config.clone(),
+        None => ModelConfig::preset(&a.model, [train.h, train.w, train.c], kind.classes())?,
+    };
+    let mut model = Model::new(cfg, batch, a.seed)?;
+    let mut opt = Optimizer::new(optimizer_config(&a), model.params.len());
+    let mut start_epoch = 0;
+    if let Some((ck, st, dir)) = &resume {
+        ck.apply(
+            &mut model,
+            Some(&mut opt),
+            &dir.join(checkpoint::WEIGHTS_FILE),
+        )?;
+        model.step = st.model_step;
+        start_epoch = st.completed_epochs;
+        if start_epoch >= epochs {
+            bail!(
+                "the run in {} already completed all {epochs} epochs",
+                dir.display()
+            );
+        }
+    }
+    let schedule = Schedule {
+        kind: match a.schedule {
+            SchedArg::Cosine => ScheduleKind::Cosine,
+            SchedArg::Constant => ScheduleKind::Constant,
+            SchedArg::Step => ScheduleKind::Step {
+                every: epochs.div_ceil(3).max(1),
+                gamma: 0.1,
+            },
+        },
+        base_lr: default_lr(&a),
+        min_lr: 0.0,
+        warmup_steps: (a.warmup_epochs.max(0.0) * steps_per_epoch as f32) as usize,
+        total_steps: epochs * steps_per_epoch,
+        steps_per_epoch,
+    };
+    let loss_fn = Loss {
+        label_smoothing: a.label_smoothing,
+    };
+    let (shift, flip) = augmentation(kind, a.augment);
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    let metrics_path = out.join("metrics.jsonl");
+    if resume.is_none() {
+        std::fs::write(&metrics_path, b"")
+            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    }
+    let prose = !json && !quiet;
+    if prose {
+        eprintln!(
+            "training {} on {} ({} train / {} test images of {}x{}x{}), {} parameters, {epochs} epochs x {steps_per_epoch} steps of {batch}, {} threads, kernels: {}",
+            a.model,
+            kind.name(),
+            n_train,
+            test.y.len(),
+            train.h,
+            train.w,
+            train.c,
+            model.params.len(),
+            rayon::current_num_threads(),
+            sbdnet_kernels::kernel_path().name()
+        );
+    }
+
+    let il = train.il;
+    let mut xb = vec![0.0f32; batch * il];
+    let mut yb = vec![0u8; batch];
+    let mut order: Vec<usize> = (0..n_train).collect();
+    let run_start = Instant::now();
+    let mut last: Option<EpochMetrics> = None;
+    let mut epochs_this_run = 0;
+    for epoch in start_epoch..epochs {
+        let t0 = Instant::now();
+        for (i, o) in order.iter_mut().enumerate() {
+            *o = i;
+        }
+        Rng::derive(a.seed, SHUFFLE, epoch as u64).shuffle(&mut order);
+        let mut aug = Rng::derive(a.seed, AUGMENT, epoch as u64);
+        let bar = if prose {
+            let pb = ProgressBar::new(steps_per_epoch as u64);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+                )
+                .expect("valid template"),
+            );
+            pb.set_prefix(format!("{}/{epochs}", epoch + 1));
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        for s in 0..steps_per_epoch {
+            for j in 0..batch {
+                let idx = order[s * batch + j];
+                yb[j] = train.y[idx];
+                let src = &train.x[idx * il..(idx + 1) * il];
+                let dst = &mut xb[j * il..(j + 1) * il];
+                if shift > 0 || flip {
+                    let dy = aug.below(2 * shift as usize + 1) as isize - shift;
+                    let dx = aug.below(2 * shift as usize + 1) as isize - shift;
+                    let f = flip && aug.below(2) == 1;
+                    sbdnet_data::shift_flip(src, dst, train.h, train.w, train.c, dy, dx, f);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+            let global_step = epoch * steps_per_epoch + s;
+            let lr = schedule.lr(global_step);
+            let st = model.train_step(&xb, &yb, &loss_fn)?;
+            if !st.loss.is_finite() {
+                bar.abandon();
+                let kept = if epoch > 0 {
+                    format!(
+                        "the checkpoint of epoch {epoch} in {} is kept",
+                        out.display()
+                    )
+                } else {
+                    "no checkpoint was written yet".to_string()
+                };
+                bail!(
+                    "training diverged: the loss became {} at epoch {}, step {} (learning rate {lr:.4}); {kept}. Try a lower --lr (now {}) or a longer --warmup-epochs.",
+                    st.loss,
+                    epoch + 1,
+                    s + 1,
+                    schedule.base_lr
+                );
+            }
+            opt.step(&mut model.params, lr);
+            loss_sum += st.loss as f64 * st.n as f64;
+            correct += st.correct;
+            seen += st.n;
+            if s % 4 == 0 || s + 1 == steps_per_epoch {
+                let secs = t0.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.2}% {:.0} img/s",
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / secs
+                ));
+            }
+            bar.inc(1);
+        }
+        let train_secs = t0.elapsed().as_secs_f32();
+        bar.finish_and_clear();
+        let (test_loss, test_acc) = evaluate(&mut model, &test)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: (loss_sum / seen.max(1) as f64) as f32,
+            train_acc: correct as f32 / seen.max(1) as f32,
+            test_loss,
+            test_acc,
+            images_per_s: seen as f32 / train_secs,
+            seconds: t0.elapsed().as_secs_f32(),
+            lr: schedule.lr((epoch + 1) * steps_per_epoch - 1),
+        };
+        let state = RunState {
+            args: a.clone(),
+            epochs,
+            completed_epochs: epoch + 1,
+            model_step: model.step,
+            mean: mean.clone(),
+            std: std.clone(),
+            test_accuracy: Some(test_acc),
+        };
+        checkpoint::save(&out, &model, Some(&opt), &serde_json::to_string(&state)?)?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&metrics_path)?;
+        writeln!(f, "{}", serde_json::to_string(&m)?)?;
+        if prose {
+            eprintln!(
+                "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  {:.0} img/s  {:.1}s",
+                m.epoch,
+                m.train_loss,
+                100.0 * m.train_acc,
+                m.test_loss,
+                100.0 * m.test_acc,
+                m.images_per_s,
+                m.seconds
+            );
+        }
+        last = Some(m);
+        epochs_this_run += 1;
+        if stop_after.is_some_and(|s| epochs_this_run >= s) {
+            break;
+        }
+    }
+    let m = last.context("no epoch was run")?;
+    let secs = run_start.elapsed().as_secs_f32();
+    if json {
+        let v = serde_json::json!({
+            "model": a.model, "dataset": kind.name(), "epochs": m.epoch, "test_accuracy": m.test_acc,
+            "test_loss": m.test_loss, "train_accuracy": m.train_acc, "train_loss": m.train_loss,
+            "images_per_s": m.images_per_s, "seconds": secs, "parameters": model.params.len(),
+            "out": out.display().to_string(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} on {}: test accuracy {:.2}% after {} epochs ({:.1} s); checkpoint in {}",
+            a.model,
+            kind.name(),
+            100.0 * m.test_acc,
+            m.epoch,
+            secs,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let ck = Checkpoint::read(&a.dir)?;
+    let st: Option<RunState> = ck
+        .train_state()
+        .and_then(|v| serde_json::from_value(v).ok());
+    let name = a
+        .dataset
+        .clone()
+        .or_else(|| st.as_ref().map(|s| s.args.dataset.clone()))
+        .context("--dataset is required: this checkpoint does not say what it was trained on")?;
+    let (kind, split) = load_split(&name, &data_dir(&a.data.data_dir))?;
+    let (mean, std) = match &st {
+        Some(s) => (s.mean.clone(), s.std.clone()),
+        None => split.train.channel_stats(),
+    };
+    let test = prepare(&split.test, &mean, &std);
+    let input = [test.h, test.w, test.c];
+    if ck.config.input != input || ck.config.classes != kind.classes() {
+        bail!(
+            "the model in {} takes {:?} inputs with {} classes; {} has {:?} with {} classes",
+            a.dir.display(),
+            ck.config.input,
+            ck.config.classes,
+            kind.name(),
+            input,
+            kind.classes()
+        );
+    }
+    let mut model = Model::new(ck.config.clone(), 256, 0)?;
+    ck.apply(&mut model, None, &a.dir.join(checkpoint::WEIGHTS_FILE))?;
+    let t0 = Instant::now();
+    let (loss, acc) = evaluate(&mut model, &test)?;
+    let secs = t0.elapsed().as_secs_f32();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"accuracy": acc, "loss": loss, "images": test.y.len(), "dataset": kind.name(), "seconds": secs})
+        );
+    } else {
+        println!(
+            "{}: accuracy {:.2}% on {} test images of {} (loss {loss:.4}, {secs:.2} s)",
+            a.dir.display(),
+            100.0 * acc,
+            test.y.len(),
+            kind.name()
+        );
+    }
+    Ok(())
+}
+
+pub fn data(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Fetch { name, data, json } => {
+            let kind: DatasetKind = name.parse()?;
+            let dir = data_dir(&data.data_dir);
+            let mut log = |s: &str| {
+                if !json {
+                    eprintln!("{s}");
+                }
+            };
+            let path = sbdnet_data::fetch(kind, &dir, &mut log)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"dataset": kind.name(), "path": path.display().to_string()})
+                );
+            } else {
+                println!("{} is installed in {}", kind.name(), path.display());
+            }
+        }
+        DataCommand::Info { data, json } => {
+            let dir = data_dir(&data.data_dir);
+            let mut rows = Vec::new();
+            for kind in [
+                DatasetKind::Digits,
+                DatasetKind::Mnist,
+                DatasetKind::FashionMnist,
+                DatasetKind::Cifar10,
+            ] {
+                let status = match sbdnet_data::load(kind, &dir) {
+                    Ok(s) => format!("ready ({} train / {} test)", s.train.len(), s.test.len()),
+                    Err(e) => format!("not available: {e}"),
+                };
+                rows.push((kind.name(), status));
+            }
+            if json {
+                let obj: serde_json::Map<String, serde_json::Value> = rows
+                    .iter()
+                    .map(|(k, s)| (k.to_string(), serde_json::Value::String(s.clone())))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"data_dir": dir.display().to_string(), "datasets": obj})
+                );
+            } else {
+                println!("data directory: {}", dir.display());
+                for (k, s) in rows {
+                    println!("  {k:<14} {s}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
