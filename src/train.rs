@@ -252,7 +252,6 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     let mut order: Vec<usize> = (0..n_train).collect();
     let run_start = Instant::now();
     let mut last: Option<EpochMetrics> = None;
-    let mut epochs_this_run = 0;
     for epoch in start_epoch..epochs {
         let t0 = Instant::now();
         for (i, o) in order.iter_mut().enumerate() {
@@ -366,8 +365,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             );
         }
         last = Some(m);
-        epochs_this_run += 1;
-        if stop_after.is_some_and(|s| epochs_this_run >= s) {
+        if stop_after.is_some_and(|s| epoch + 1 - start_epoch >= s) {
             break;
         }
     }

@@ -74,7 +74,12 @@ impl ConvGeom {
         pad: usize,
         groups: usize,
     ) -> Option<Self> {
-        if k == 0 || stride == 0 || groups == 0 || cin % groups != 0 || cout % groups != 0 {
+        if k == 0
+            || stride == 0
+            || groups == 0
+            || !cin.is_multiple_of(groups)
+            || !cout.is_multiple_of(groups)
+        {
             return None;
         }
         if h + 2 * pad < k || w + 2 * pad < k {

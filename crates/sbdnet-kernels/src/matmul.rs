@@ -7,6 +7,14 @@
 //! result is reproducible for a given thread count.
 
 use gemm::Parallelism;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Calls into the `gemm` crate so far.
+pub static GEMM_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Calls into the `gemm` crate currently running. `gemm` allocates its packing workspace
+/// inside some calls; the `no_alloc` test uses this to tell those allocations from ours.
+pub static GEMM_ACTIVE: AtomicU64 = AtomicU64::new(0);
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +73,8 @@ pub fn sgemm(
     } else {
         Parallelism::None
     };
+    GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    GEMM_ACTIVE.fetch_add(1, Ordering::SeqCst);
     // SAFETY: the asserts above bound every index gemm touches: A is m x k with the strides of
     // its storage, B k x n, C m x n row-major.
     unsafe {
@@ -90,6 +100,7 @@ pub fn sgemm(
             par,
         );
     }
+    GEMM_ACTIVE.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// `C (+)= A^T B` for `A` stored `[k][m]` and `B` stored `[k][n]` with a long `k` (the

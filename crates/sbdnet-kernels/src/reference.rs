@@ -134,6 +134,7 @@ pub fn channel_mean_var(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Max pooling forward (`k x k`, stride, no padding) over NHWC.
+#[allow(clippy::too_many_arguments)]
 pub fn max_pool(
     x: &[f32],
     batch: usize,
