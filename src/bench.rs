@@ -18,10 +18,7 @@ fn parse_input(s: &str) -> Result<[usize; 3]> {
         .map(|p| p.trim().parse::<usize>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("--input {s}: expected HxWxC, e.g. 28x28x1"))?;
-    anyhow::ensure!(
-        v.len() == 3 && v.iter().all(|&d| d > 0),
-        "--input {s}: expected three positive sizes HxWxC"
-    );
+    anyhow::ensure!(v.len() == 3 && v.iter().all(|&d| d > 0), "--input {s}: expected three positive sizes HxWxC");
     Ok([v[0], v[1], v[2]])
 }
 
@@ -40,10 +37,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 }
 
 fn bench_train(a: BenchTrainArgs) -> Result<()> {
-    anyhow::ensure!(
-        a.batch_size >= 1 && a.steps >= 1,
-        "--batch-size and --steps must be at least 1"
-    );
+    anyhow::ensure!(a.batch_size >= 1 && a.steps >= 1, "--batch-size and --steps must be at least 1");
     let input = parse_input(&a.input)?;
     let cfg = ModelConfig::preset(&a.model, input, 10)?;
     let mut model = Model::new(cfg, a.batch_size, 0)?;
@@ -67,9 +61,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         opt.step(&mut model.params, 0.01);
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    let (min, max) = times.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &t| {
-        (lo.min(t), hi.max(t))
-    });
+    let (min, max) = times.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
     let med = median(&mut times);
     let ips = a.batch_size as f64 / med * 1e3;
     let layers: Vec<serde_json::Value> = model
@@ -110,10 +102,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             sbdnet_kernels::kernel_path().name()
         );
         if a.profile {
-            println!(
-                "{:<18} {:<9} {:>10} {:>10} {:>10}",
-                "layer", "kind", "out", "fwd ms", "bwd ms"
-            );
+            println!("{:<18} {:<9} {:>10} {:>10} {:>10}", "layer", "kind", "out", "fwd ms", "bwd ms");
             for l in &layers {
                 println!(
                     "{:<18} {:<9} {:>10} {:>10.3} {:>10.3}",

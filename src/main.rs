@@ -32,14 +32,8 @@ fn main() -> ExitCode {
 
 /// Size rayon's global pool (every kernel's threads) once, before any work.
 fn setup_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    let n = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     anyhow::ensure!(n >= 1, "--threads must be at least 1");
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()?;
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     Ok(())
 }

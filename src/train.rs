@@ -6,9 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sbdnet_data::{Dataset, DatasetKind};
 use sbdnet_kernels::rng::Rng;
 use sbdnet_nn::checkpoint::{self, Checkpoint};
-use sbdnet_nn::{
-    Loss, Model, ModelConfig, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind,
-};
+use sbdnet_nn::{Loss, Model, ModelConfig, Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -66,14 +64,7 @@ struct Prepared {
 fn prepare(d: &Dataset, mean: &[f32], std: &[f32]) -> Prepared {
     let mut x = vec![0.0; d.images.len()];
     sbdnet_data::normalize_into(&d.images, &mut x, mean, std);
-    Prepared {
-        x,
-        y: d.labels.clone(),
-        il: d.image_len(),
-        h: d.height,
-        w: d.width,
-        c: d.channels,
-    }
+    Prepared { x, y: d.labels.clone(), il: d.image_len(), h: d.height, w: d.width, c: d.channels }
 }
 
 fn augmentation(kind: DatasetKind, a: AugArg) -> (isize, bool) {
@@ -96,19 +87,11 @@ fn optimizer_config(a: &TrainArgs) -> OptimizerConfig {
         OptArg::Adam => OptimizerKind::Adam,
         OptArg::Adamw => OptimizerKind::AdamW,
     };
-    OptimizerConfig {
-        kind,
-        weight_decay: a.weight_decay,
-        ..OptimizerConfig::default()
-    }
+    OptimizerConfig { kind, weight_decay: a.weight_decay, ..OptimizerConfig::default() }
 }
 
 fn default_lr(a: &TrainArgs) -> f32 {
-    a.lr.unwrap_or(if a.optimizer == OptArg::Sgd {
-        0.1
-    } else {
-        2e-3
-    })
+    a.lr.unwrap_or(if a.optimizer == OptArg::Sgd { 0.1 } else { 2e-3 })
 }
 
 /// Evaluate on a prepared set in batches of the model's capacity.
@@ -124,26 +107,20 @@ fn evaluate(model: &mut Model, data: &Prepared) -> Result<(f32, f32)> {
         correct += s.correct;
         i += b;
     }
-    Ok((
-        (loss / n.max(1) as f64) as f32,
-        correct as f32 / n.max(1) as f32,
-    ))
+    Ok(((loss / n.max(1) as f64) as f32, correct as f32 / n.max(1) as f32))
 }
 
 pub fn train(mut a: TrainArgs) -> Result<()> {
-    let (json, quiet, threads, stop_after, ddir) =
-        (a.json, a.quiet, a.threads, a.stop_after, a.data_dir.clone());
+    let (json, quiet, threads, stop_after, ddir) = (a.json, a.quiet, a.threads, a.stop_after, a.data_dir.clone());
     let mut resume: Option<(Checkpoint, RunState, PathBuf)> = None;
     if let Some(dir) = a.resume.clone() {
-        let ck = Checkpoint::read(&dir)
-            .with_context(|| format!("cannot resume from {}", dir.display()))?;
-        let st: RunState = serde_json::from_value(
-            ck.train_state()
-                .context("checkpoint has no training state")?,
-        )
-        .context("checkpoint's training state is not readable")?;
+        let ck = Checkpoint::read(&dir).with_context(|| format!("cannot resume from {}", dir.display()))?;
+        let st: RunState = serde_json::from_value(ck.train_state().context("checkpoint has no training state")?)
+            .context("checkpoint's training state is not readable")?;
         if threads.is_some() && st.args.threads != threads {
-            eprintln!("note: resuming with a different --threads than the original run; weights may differ in the last bits");
+            eprintln!(
+                "note: resuming with a different --threads than the original run; weights may differ in the last bits"
+            );
         }
         a = st.args.clone();
         a.out = Some(dir.clone());
@@ -155,19 +132,11 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     a.data_dir = ddir;
     let dir = data_dir(&a.data_dir);
     let (kind, split) = load_split(&a.dataset, &dir)?;
-    let epochs = a
-        .epochs
-        .unwrap_or(if kind == DatasetKind::Digits { 30 } else { 15 });
+    let epochs = a.epochs.unwrap_or(if kind == DatasetKind::Digits { 30 } else { 15 });
     anyhow::ensure!(epochs >= 1, "--epochs must be at least 1");
     anyhow::ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
-    anyhow::ensure!(
-        (0.0..1.0).contains(&a.label_smoothing),
-        "--label-smoothing must be in [0, 1)"
-    );
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, kind.name())));
+    anyhow::ensure!((0.0..1.0).contains(&a.label_smoothing), "--label-smoothing must be in [0, 1)");
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, kind.name())));
     a.out = Some(out.clone());
     a.epochs = Some(epochs);
 
@@ -189,28 +158,18 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     let mut opt = Optimizer::new(optimizer_config(&a), model.params.len());
     let mut start_epoch = 0;
     if let Some((ck, st, dir)) = &resume {
-        ck.apply(
-            &mut model,
-            Some(&mut opt),
-            &dir.join(checkpoint::WEIGHTS_FILE),
-        )?;
+        ck.apply(&mut model, Some(&mut opt), &dir.join(checkpoint::WEIGHTS_FILE))?;
         model.step = st.model_step;
         start_epoch = st.completed_epochs;
         if start_epoch >= epochs {
-            bail!(
-                "the run in {} already completed all {epochs} epochs",
-                dir.display()
-            );
+            bail!("the run in {} already completed all {epochs} epochs", dir.display());
         }
     }
     let schedule = Schedule {
         kind: match a.schedule {
             SchedArg::Cosine => ScheduleKind::Cosine,
             SchedArg::Constant => ScheduleKind::Constant,
-            SchedArg::Step => ScheduleKind::Step {
-                every: epochs.div_ceil(3).max(1),
-                gamma: 0.1,
-            },
+            SchedArg::Step => ScheduleKind::Step { every: epochs.div_ceil(3).max(1), gamma: 0.1 },
         },
         base_lr: default_lr(&a),
         min_lr: 0.0,
@@ -218,16 +177,12 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         total_steps: epochs * steps_per_epoch,
         steps_per_epoch,
     };
-    let loss_fn = Loss {
-        label_smoothing: a.label_smoothing,
-    };
+    let loss_fn = Loss { label_smoothing: a.label_smoothing };
     let (shift, flip) = augmentation(kind, a.augment);
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
     if resume.is_none() {
-        std::fs::write(&metrics_path, b"")
-            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        std::fs::write(&metrics_path, b"").with_context(|| format!("cannot write {}", metrics_path.display()))?;
     }
     let prose = !json && !quiet;
     if prose {
@@ -294,10 +249,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             if !st.loss.is_finite() {
                 bar.abandon();
                 let kept = if epoch > 0 {
-                    format!(
-                        "the checkpoint of epoch {epoch} in {} is kept",
-                        out.display()
-                    )
+                    format!("the checkpoint of epoch {epoch} in {} is kept", out.display())
                 } else {
                     "no checkpoint was written yet".to_string()
                 };
@@ -347,10 +299,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
             test_accuracy: Some(test_acc),
         };
         checkpoint::save(&out, &model, Some(&opt), &serde_json::to_string(&state)?)?;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&metrics_path)?;
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path)?;
         writeln!(f, "{}", serde_json::to_string(&m)?)?;
         if prose {
             eprintln!(
@@ -395,9 +344,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let ck = Checkpoint::read(&a.dir)?;
-    let st: Option<RunState> = ck
-        .train_state()
-        .and_then(|v| serde_json::from_value(v).ok());
+    let st: Option<RunState> = ck.train_state().and_then(|v| serde_json::from_value(v).ok());
     let name = a
         .dataset
         .clone()
@@ -455,10 +402,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
             };
             let path = sbdnet_data::fetch(kind, &dir, &mut log)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"dataset": kind.name(), "path": path.display().to_string()})
-                );
+                println!("{}", serde_json::json!({"dataset": kind.name(), "path": path.display().to_string()}));
             } else {
                 println!("{} is installed in {}", kind.name(), path.display());
             }
@@ -466,12 +410,7 @@ pub fn data(cmd: DataCommand) -> Result<()> {
         DataCommand::Info { data, json } => {
             let dir = data_dir(&data.data_dir);
             let mut rows = Vec::new();
-            for kind in [
-                DatasetKind::Digits,
-                DatasetKind::Mnist,
-                DatasetKind::FashionMnist,
-                DatasetKind::Cifar10,
-            ] {
+            for kind in [DatasetKind::Digits, DatasetKind::Mnist, DatasetKind::FashionMnist, DatasetKind::Cifar10] {
                 let status = match sbdnet_data::load(kind, &dir) {
                     Ok(s) => format!("ready ({} train / {} test)", s.train.len(), s.test.len()),
                     Err(e) => format!("not available: {e}"),
@@ -479,14 +418,9 @@ pub fn data(cmd: DataCommand) -> Result<()> {
                 rows.push((kind.name(), status));
             }
             if json {
-                let obj: serde_json::Map<String, serde_json::Value> = rows
-                    .iter()
-                    .map(|(k, s)| (k.to_string(), serde_json::Value::String(s.clone())))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"data_dir": dir.display().to_string(), "datasets": obj})
-                );
+                let obj: serde_json::Map<String, serde_json::Value> =
+                    rows.iter().map(|(k, s)| (k.to_string(), serde_json::Value::String(s.clone()))).collect();
+                println!("{}", serde_json::json!({"data_dir": dir.display().to_string(), "datasets": obj}));
             } else {
                 println!("data directory: {}", dir.display());
                 for (k, s) in rows {

@@ -9,21 +9,9 @@
 /// # Panics
 /// If `src` or `dst` is shorter than `h * w * c` (a caller bug, not bad data).
 #[allow(clippy::too_many_arguments)]
-pub fn shift_flip(
-    src: &[f32],
-    dst: &mut [f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    dy: isize,
-    dx: isize,
-    flip: bool,
-) {
+pub fn shift_flip(src: &[f32], dst: &mut [f32], h: usize, w: usize, c: usize, dy: isize, dx: isize, flip: bool) {
     let len = h * w * c;
-    assert!(
-        src.len() >= len && dst.len() >= len,
-        "shift_flip: buffers shorter than h*w*c"
-    );
+    assert!(src.len() >= len && dst.len() >= len, "shift_flip: buffers shorter than h*w*c");
     for y in 0..h {
         let sy = y as isize + dy;
         for x in 0..w {
@@ -48,10 +36,7 @@ pub fn shift_flip(
 /// length (caller bugs).
 pub fn normalize_into(src: &[u8], dst: &mut [f32], mean: &[f32], std: &[f32]) {
     assert_eq!(src.len(), dst.len(), "normalize_into: length mismatch");
-    assert!(
-        !mean.is_empty() && mean.len() == std.len(),
-        "normalize_into: mean/std must be non-empty and equally long"
-    );
+    assert!(!mean.is_empty() && mean.len() == std.len(), "normalize_into: mean/std must be non-empty and equally long");
     let c = mean.len();
     let inv: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
     for (i, (d, &p)) in dst.iter_mut().zip(src).enumerate() {

@@ -23,10 +23,7 @@ pub fn parse_cifar_records(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), DataError
     let mut labels = Vec::with_capacity(n);
     for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
         if rec[0] > 9 {
-            return Err(DataError::format(format!(
-                "record {i} has label {}, expected 0..=9",
-                rec[0]
-            )));
+            return Err(DataError::format(format!("record {i} has label {}, expected 0..=9", rec[0])));
         }
         labels.push(rec[0]);
         let planes = &rec[1..];
@@ -47,15 +44,7 @@ fn read_batches(dir: &Path, files: &[String]) -> Result<Dataset, DataError> {
         images.extend_from_slice(&im);
         labels.extend_from_slice(&lb);
     }
-    Ok(Dataset {
-        images,
-        labels,
-        height: SIDE,
-        width: SIDE,
-        channels: 3,
-        classes: 10,
-        name: "cifar10".to_string(),
-    })
+    Ok(Dataset { images, labels, height: SIDE, width: SIDE, channels: 3, classes: 10, name: "cifar10".to_string() })
 }
 
 /// The batch file names: five training batches and the test batch.
@@ -74,20 +63,14 @@ pub(crate) fn batch_dir(dir: &Path) -> Result<std::path::PathBuf, DataError> {
             return Ok(d);
         }
     }
-    Err(DataError::NotInstalled {
-        name: "cifar10".to_string(),
-        dir: dir.to_path_buf(),
-    })
+    Err(DataError::NotInstalled { name: "cifar10".to_string(), dir: dir.to_path_buf() })
 }
 
 /// Load CIFAR-10 from `dir` (or `dir/cifar-10-batches-bin/`).
 pub(crate) fn load_cifar_dir(dir: &Path) -> Result<Split, DataError> {
     let d = batch_dir(dir)?;
     let (train, test) = batch_files();
-    Ok(Split {
-        train: read_batches(&d, &train)?,
-        test: read_batches(&d, &[test])?,
-    })
+    Ok(Split { train: read_batches(&d, &train)?, test: read_batches(&d, &[test])? })
 }
 
 #[cfg(test)]

@@ -27,11 +27,7 @@ impl SplitMix64 {
 fn parse_csv(text: &str) -> Result<(Vec<u8>, Vec<u8>), DataError> {
     let mut images = Vec::new();
     let mut labels = Vec::new();
-    for (row, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    for (row, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |what: String| DataError::format(format!("digits row {}: {what}", row + 1));
         let vals = line
             .split(',')
@@ -66,9 +62,7 @@ pub fn digits() -> Result<Split, DataError> {
     let (images, labels) = parse_csv(&text)?;
     let n = labels.len();
     if n <= TEST_SIZE {
-        return Err(DataError::format(format!(
-            "embedded digits has only {n} rows"
-        )));
+        return Err(DataError::format(format!("embedded digits has only {n} rows")));
     }
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = SplitMix64(SPLIT_SEED);
@@ -77,10 +71,7 @@ pub fn digits() -> Result<Split, DataError> {
         order.swap(i, j);
     }
     let take = |idx: &[usize]| Dataset {
-        images: idx
-            .iter()
-            .flat_map(|&i| images[i * 64..(i + 1) * 64].iter().copied())
-            .collect(),
+        images: idx.iter().flat_map(|&i| images[i * 64..(i + 1) * 64].iter().copied()).collect(),
         labels: idx.iter().map(|&i| labels[i]).collect(),
         height: 8,
         width: 8,
@@ -89,10 +80,7 @@ pub fn digits() -> Result<Split, DataError> {
         name: "digits".to_string(),
     };
     let (tr, te) = order.split_at(n - TEST_SIZE);
-    Ok(Split {
-        train: take(tr),
-        test: take(te),
-    })
+    Ok(Split { train: take(tr), test: take(te) })
 }
 
 #[cfg(test)]

@@ -74,26 +74,17 @@ fn not_installed_message(name: &str, dir: &std::path::Path) -> String {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 
     pub(crate) fn format(reason: impl Into<String>) -> Self {
-        DataError::Format {
-            file: PathBuf::from("<buffer>"),
-            reason: reason.into(),
-        }
+        DataError::Format { file: PathBuf::from("<buffer>"), reason: reason.into() }
     }
 
     /// Attach a file name to a [`DataError::Format`] error.
     pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
         match self {
-            DataError::Format { reason, .. } => DataError::Format {
-                file: path.to_path_buf(),
-                reason,
-            },
+            DataError::Format { reason, .. } => DataError::Format { file: path.to_path_buf(), reason },
             other => other,
         }
     }

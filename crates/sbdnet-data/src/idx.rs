@@ -24,9 +24,7 @@ pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     flate2::read::MultiGzDecoder::new(&raw[..])
         .take(limit)
         .read_to_end(&mut out)
-        .map_err(|e| {
-            DataError::format(format!("cannot decompress gzip data: {e}")).in_file(path)
-        })?;
+        .map_err(|e| DataError::format(format!("cannot decompress gzip data: {e}")).in_file(path))?;
     Ok(out)
 }
 
@@ -42,19 +40,14 @@ fn parse_header(bytes: &[u8], ndims: usize) -> Result<(Vec<usize>, &[u8]), DataE
         )));
     }
     if usize::from(bytes[3]) != ndims {
-        return Err(DataError::format(format!(
-            "IDX file has {} dimensions, expected {ndims}",
-            bytes[3]
-        )));
+        return Err(DataError::format(format!("IDX file has {} dimensions, expected {ndims}", bytes[3])));
     }
     let header_len = 4 + 4 * ndims;
     if bytes.len() < header_len {
         return Err(DataError::format("file truncated inside the IDX header"));
     }
-    let dims: Vec<usize> = bytes[4..header_len]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        bytes[4..header_len].chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
     let payload = &bytes[header_len..];
     let expected = dims
         .iter()
@@ -92,12 +85,8 @@ pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 /// The four IDX files of an MNIST-style directory, without any `.gz` suffix.
-pub(crate) const IDX_FILES: [&str; 4] = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-];
+pub(crate) const IDX_FILES: [&str; 4] =
+    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
 /// Find `dir/name` or `dir/name.gz`.
 pub(crate) fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
@@ -111,10 +100,7 @@ pub(crate) fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
 
 /// Load an MNIST-style directory (10 classes).
 pub(crate) fn load_idx_dir(name: &str, dir: &Path) -> Result<crate::Split, DataError> {
-    let not_installed = || DataError::NotInstalled {
-        name: name.to_string(),
-        dir: dir.to_path_buf(),
-    };
+    let not_installed = || DataError::NotInstalled { name: name.to_string(), dir: dir.to_path_buf() };
     let mut paths = Vec::with_capacity(4);
     for f in IDX_FILES {
         paths.push(find_file(dir, f).ok_or_else(not_installed)?);
@@ -123,25 +109,14 @@ pub(crate) fn load_idx_dir(name: &str, dir: &Path) -> Result<crate::Split, DataE
         let (images, n, height, width) = read_idx_images(img)?;
         let labels = read_idx_labels(lab)?;
         if labels.len() != n {
-            return Err(DataError::format(format!(
-                "{n} images but {} labels in {}",
-                labels.len(),
-                lab.display()
-            ))
-            .in_file(img));
+            return Err(
+                DataError::format(format!("{n} images but {} labels in {}", labels.len(), lab.display())).in_file(img)
+            );
         }
         if let Some(bad) = labels.iter().find(|&&l| l >= 10) {
             return Err(DataError::format(format!("label {bad} is not below 10")).in_file(lab));
         }
-        Ok(crate::Dataset {
-            images,
-            labels,
-            height,
-            width,
-            channels: 1,
-            classes: 10,
-            name: name.to_string(),
-        })
+        Ok(crate::Dataset { images, labels, height, width, channels: 1, classes: 10, name: name.to_string() })
     };
     let train = part(&paths[0], &paths[1])?;
     let test = part(&paths[2], &paths[3])?;
@@ -188,10 +163,7 @@ pub(crate) mod tests {
         assert_eq!((n, h, w), (2, 3, 4));
         assert_eq!(px.len(), 24);
         assert_eq!(px[5], 5);
-        assert_eq!(
-            parse_idx_labels(&idx_labels(&[1, 2, 9])).unwrap(),
-            vec![1, 2, 9]
-        );
+        assert_eq!(parse_idx_labels(&idx_labels(&[1, 2, 9])).unwrap(), vec![1, 2, 9]);
     }
 
     #[test]

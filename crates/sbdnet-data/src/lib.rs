@@ -90,24 +90,14 @@ impl Dataset {
         let (top, left) = ((new_h - self.height) / 2, (new_w - self.width) / 2);
         let row = self.width * c;
         let mut images = vec![0u8; n * new_h * new_w * c];
-        for (i, src) in self
-            .images
-            .chunks_exact(self.image_len().max(1))
-            .take(n)
-            .enumerate()
-        {
+        for (i, src) in self.images.chunks_exact(self.image_len().max(1)).take(n).enumerate() {
             let dst = &mut images[i * new_h * new_w * c..(i + 1) * new_h * new_w * c];
             for (y, src_row) in src.chunks_exact(row.max(1)).enumerate() {
                 let o = ((top + y) * new_w + left) * c;
                 dst[o..o + row].copy_from_slice(src_row);
             }
         }
-        Ok(Dataset {
-            images,
-            height: new_h,
-            width: new_w,
-            ..self.clone_meta()
-        })
+        Ok(Dataset { images, height: new_h, width: new_w, ..self.clone_meta() })
     }
 
     fn clone_meta(&self) -> Dataset {
@@ -229,11 +219,7 @@ pub fn load(kind: DatasetKind, data_dir: &Path) -> Result<Split, DataError> {
 /// The data directory: `$SBDNET_DATA` if set, else `$XDG_CACHE_HOME/sbdnet`,
 /// else `$HOME/.cache/sbdnet`, else `./.sbdnet-data`.
 pub fn default_data_dir() -> PathBuf {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(d) = var("SBDNET_DATA") {
         d
     } else if let Some(d) = var("XDG_CACHE_HOME") {
@@ -306,10 +292,7 @@ pub(crate) mod tests {
             assert_eq!(k.name().parse::<DatasetKind>().unwrap(), k);
         }
         let err = "imagenet".parse::<DatasetKind>().unwrap_err().to_string();
-        assert!(
-            err.contains("imagenet") && err.contains("fashion-mnist"),
-            "{err}"
-        );
+        assert!(err.contains("imagenet") && err.contains("fashion-mnist"), "{err}");
         assert!(DatasetKind::Cifar10.hflip_makes_sense());
         assert!(!DatasetKind::Mnist.hflip_makes_sense());
         assert_eq!(DatasetKind::Digits.classes(), 10);
@@ -337,18 +320,9 @@ pub(crate) mod tests {
         assert_eq!(p.image(0).iter().map(|&v| u32::from(v)).sum::<u32>(), 100);
         assert!(d.pad_to(1, 2).is_err());
 
-        let c = Dataset {
-            images: vec![0, 255, 255, 255],
-            channels: 2,
-            height: 1,
-            width: 1,
-            ..d.clone()
-        };
+        let c = Dataset { images: vec![0, 255, 255, 255], channels: 2, height: 1, width: 1, ..d.clone() };
         let (m, s) = c.channel_stats();
-        assert!(
-            (m[0] - 0.5).abs() < 1e-6 && (m[1] - 1.0).abs() < 1e-6,
-            "{m:?}"
-        );
+        assert!((m[0] - 0.5).abs() < 1e-6 && (m[1] - 1.0).abs() < 1e-6, "{m:?}");
         assert!((s[0] - 0.5).abs() < 1e-6 && s[1] == 1e-6, "{s:?}");
     }
 
@@ -365,10 +339,7 @@ pub(crate) mod tests {
         // One file missing.
         write_mnist(&tmp.0.join("mnist"), false);
         std::fs::remove_file(tmp.0.join("mnist/t10k-labels-idx1-ubyte")).unwrap();
-        assert!(matches!(
-            load(DatasetKind::Mnist, &tmp.0),
-            Err(DataError::NotInstalled { .. })
-        ));
+        assert!(matches!(load(DatasetKind::Mnist, &tmp.0), Err(DataError::NotInstalled { .. })));
     }
 
     #[test]
@@ -388,10 +359,7 @@ pub(crate) mod tests {
         let dir = tmp.0.join("mnist");
         write_mnist(&dir, false);
         std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_labels(&[1, 2])).unwrap();
-        assert!(matches!(
-            load(DatasetKind::Mnist, &tmp.0),
-            Err(DataError::Format { .. })
-        ));
+        assert!(matches!(load(DatasetKind::Mnist, &tmp.0), Err(DataError::Format { .. })));
         std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_labels(&[1, 2, 10])).unwrap();
         let err = load(DatasetKind::Mnist, &tmp.0).unwrap_err().to_string();
         assert!(err.contains("label 10"), "{err}");

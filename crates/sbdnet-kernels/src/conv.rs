@@ -15,6 +15,7 @@
 use crate::dispatch::{kernel_path, with_simd, KernelPath};
 use crate::matmul::{sgemm, sgemm_tn_split_k, split_k_scratch_len, Trans};
 use crate::reference::{self, in_coord};
+use crate::GradMode;
 use rayon::prelude::*;
 
 /// Geometry of one convolution over a batch.
@@ -74,12 +75,7 @@ impl ConvGeom {
         pad: usize,
         groups: usize,
     ) -> Option<Self> {
-        if k == 0
-            || stride == 0
-            || groups == 0
-            || !cin.is_multiple_of(groups)
-            || !cout.is_multiple_of(groups)
-        {
+        if k == 0 || stride == 0 || groups == 0 || !cin.is_multiple_of(groups) || !cout.is_multiple_of(groups) {
             return None;
         }
         if h + 2 * pad < k || w + 2 * pad < k {
@@ -87,20 +83,7 @@ impl ConvGeom {
         }
         let oh = (h + 2 * pad - k) / stride + 1;
         let ow = (w + 2 * pad - k) / stride + 1;
-        Some(ConvGeom {
-            batch,
-            h,
-            w,
-            cin,
-            cout,
-            kh: k,
-            kw: k,
-            stride,
-            pad,
-            groups,
-            oh,
-            ow,
-        })
+        Some(ConvGeom { batch, h, w, cin, cout, kh: k, kw: k, stride, pad, groups, oh, ow })
     }
 
     /// Weight count (`cout * kh * kw * cin / groups`).
@@ -142,13 +125,9 @@ impl ConvGeom {
     pub fn scratch_len(&self, threads: usize) -> usize {
         let k = self.kh * self.kw * self.cin;
         match self.algo() {
-            ConvAlgo::Pointwise => {
-                split_k_scratch_len(self.cout, self.cin, self.out_rows(), threads)
-            }
+            ConvAlgo::Pointwise => split_k_scratch_len(self.cout, self.cin, self.out_rows(), threads),
             ConvAlgo::Depthwise => (threads + 1) * self.kh * self.kw * self.cin,
-            ConvAlgo::Im2col => {
-                split_k_scratch_len(self.cout, k, self.out_rows(), threads) + self.col_len()
-            }
+            ConvAlgo::Im2col => split_k_scratch_len(self.cout, k, self.out_rows(), threads) + self.col_len(),
             ConvAlgo::Direct => 0,
         }
     }
@@ -187,28 +166,21 @@ fn dw_forward_image(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
                     let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
                         continue;
                     };
-                    axpy_mul(
-                        o,
-                        &wt[(ky * g.kw + kx) * c..][..c],
-                        &x[(iy * g.w + ix) * c..][..c],
-                    );
+                    axpy_mul(o, &wt[(ky * g.kw + kx) * c..][..c], &x[(iy * g.w + ix) * c..][..c]);
                 }
             }
         }
     }
 }
 
-/// Depthwise backward of one image: `dx += W^T dy` and `dwt += dy * x` (tap-major).
+/// Depthwise backward of one image: `dx += W^T dy` and `dwt += dy * x` (tap-major); `dx` is
+/// zeroed first unless `add`.
 #[inline(always)]
-fn dw_backward_image(
-    g: &ConvGeom,
-    x: &[f32],
-    wt: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    dwt: &mut [f32],
-) {
+fn dw_backward_image(g: &ConvGeom, x: &[f32], wt: &[f32], dy: &[f32], dx: &mut [f32], dwt: &mut [f32], add: bool) {
     let c = g.cin;
+    if !add {
+        dx.fill(0.0);
+    }
     for oy in 0..g.oh {
         for ox in 0..g.ow {
             let d = &dy[(oy * g.ow + ox) * c..][..c];
@@ -234,95 +206,70 @@ fn dw_backward_image(
 pub fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
     let row = g.kh * g.kw * g.cin;
     let per_image = g.oh * g.ow * row;
-    col[..g.batch * per_image]
-        .par_chunks_mut(per_image)
-        .enumerate()
-        .for_each(|(b, colb)| {
-            let xb = &x[b * g.h * g.w * g.cin..][..g.h * g.w * g.cin];
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let r = &mut colb[(oy * g.ow + ox) * row..][..row];
-                    for ky in 0..g.kh {
-                        for kx in 0..g.kw {
-                            let dst = &mut r[(ky * g.kw + kx) * g.cin..][..g.cin];
-                            match (
-                                in_coord(oy, ky, g.stride, g.pad, g.h),
-                                in_coord(ox, kx, g.stride, g.pad, g.w),
-                            ) {
-                                (Some(iy), Some(ix)) => {
-                                    dst.copy_from_slice(&xb[(iy * g.w + ix) * g.cin..][..g.cin])
-                                }
-                                _ => dst.fill(0.0),
-                            }
+    col[..g.batch * per_image].par_chunks_mut(per_image).enumerate().for_each(|(b, colb)| {
+        let xb = &x[b * g.h * g.w * g.cin..][..g.h * g.w * g.cin];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let r = &mut colb[(oy * g.ow + ox) * row..][..row];
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let dst = &mut r[(ky * g.kw + kx) * g.cin..][..g.cin];
+                        match (in_coord(oy, ky, g.stride, g.pad, g.h), in_coord(ox, kx, g.stride, g.pad, g.w)) {
+                            (Some(iy), Some(ix)) => dst.copy_from_slice(&xb[(iy * g.w + ix) * g.cin..][..g.cin]),
+                            _ => dst.fill(0.0),
                         }
                     }
                 }
             }
-        });
+        }
+    });
 }
 
-/// col2im: the adjoint of [`im2col`]; adds every column entry back into `dx`.
-pub fn col2im_add(g: &ConvGeom, col: &[f32], dx: &mut [f32]) {
+/// col2im: the adjoint of [`im2col`]; adds every column entry back into `dx` (zeroed first
+/// unless `add`).
+pub fn col2im(g: &ConvGeom, col: &[f32], dx: &mut [f32], add: bool) {
     let row = g.kh * g.kw * g.cin;
     let per_image = g.oh * g.ow * row;
     let img = g.h * g.w * g.cin;
-    dx[..g.batch * img]
-        .par_chunks_mut(img)
-        .enumerate()
-        .for_each(|(b, dxb)| {
-            let colb = &col[b * per_image..][..per_image];
-            with_simd(|| {
-                for oy in 0..g.oh {
-                    for ox in 0..g.ow {
-                        let r = &colb[(oy * g.ow + ox) * row..][..row];
-                        for ky in 0..g.kh {
-                            let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+    dx[..g.batch * img].par_chunks_mut(img).enumerate().for_each(|(b, dxb)| {
+        let colb = &col[b * per_image..][..per_image];
+        if !add {
+            dxb.fill(0.0);
+        }
+        with_simd(|| {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let r = &colb[(oy * g.ow + ox) * row..][..row];
+                    for ky in 0..g.kh {
+                        let Some(iy) = in_coord(oy, ky, g.stride, g.pad, g.h) else {
+                            continue;
+                        };
+                        for kx in 0..g.kw {
+                            let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
                                 continue;
                             };
-                            for kx in 0..g.kw {
-                                let Some(ix) = in_coord(ox, kx, g.stride, g.pad, g.w) else {
-                                    continue;
-                                };
-                                crate::elementwise::add_assign_inline(
-                                    &mut dxb[(iy * g.w + ix) * g.cin..][..g.cin],
-                                    &r[(ky * g.kw + kx) * g.cin..][..g.cin],
-                                );
-                            }
+                            crate::elementwise::add_assign_inline(
+                                &mut dxb[(iy * g.w + ix) * g.cin..][..g.cin],
+                                &r[(ky * g.kw + kx) * g.cin..][..g.cin],
+                            );
                         }
                     }
                 }
-            })
-        });
+            }
+        })
+    });
 }
 
 /// Convolution forward `out = conv(x, w)`. `col` must hold [`ConvGeom::col_len`] floats; it
 /// keeps the im2col matrix for the backward pass. `scratch`: [`ConvGeom::scratch_len`].
-pub fn conv2d_forward(
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
-    out: &mut [f32],
-    col: &mut [f32],
-    scratch: &mut [f32],
-) {
+pub fn conv2d_forward(g: &ConvGeom, x: &[f32], w: &[f32], out: &mut [f32], col: &mut [f32], scratch: &mut [f32]) {
     assert!(x.len() >= g.in_len() && w.len() >= g.weight_len() && out.len() >= g.out_len());
     if kernel_path() == KernelPath::Reference {
         return reference::conv2d_forward(g, x, w, out);
     }
     let threads = crate::threads();
     match g.algo() {
-        ConvAlgo::Pointwise => sgemm(
-            g.out_rows(),
-            g.cout,
-            g.cin,
-            x,
-            Trans::No,
-            w,
-            Trans::Yes,
-            out,
-            false,
-            threads,
-        ),
+        ConvAlgo::Pointwise => sgemm(g.out_rows(), g.cout, g.cin, x, Trans::No, w, Trans::Yes, out, false, threads),
         ConvAlgo::Depthwise => {
             let wt = &mut scratch[..g.kh * g.kw * g.cin];
             taps_major(g, w, wt);
@@ -331,34 +278,21 @@ pub fn conv2d_forward(
             out[..g.out_len()]
                 .par_chunks_mut(outl)
                 .enumerate()
-                .for_each(|(b, ob)| {
-                    with_simd(|| dw_forward_image(g, &x[b * inl..][..inl], wt, ob))
-                });
+                .for_each(|(b, ob)| with_simd(|| dw_forward_image(g, &x[b * inl..][..inl], wt, ob)));
         }
         ConvAlgo::Im2col => {
             im2col(g, x, col);
             let k = g.kh * g.kw * g.cin;
-            sgemm(
-                g.out_rows(),
-                g.cout,
-                k,
-                col,
-                Trans::No,
-                w,
-                Trans::Yes,
-                out,
-                false,
-                threads,
-            )
+            sgemm(g.out_rows(), g.cout, k, col, Trans::No, w, Trans::Yes, out, false, threads)
         }
         ConvAlgo::Direct => reference::conv2d_forward(g, x, w, out),
     }
 }
 
-/// Convolution backward: adds `dL/dx` into `dx` and `dL/dw` into `dw`. `col` is the buffer
-/// the forward pass filled; `scratch`: [`ConvGeom::scratch_len`] floats. With
-/// `need_dx == false` (the network's input needs no gradient) the GEMM paths skip the input
-/// gradient; the others compute it anyway.
+/// Convolution backward: writes or adds (`mode`) `dL/dx` into `dx` and adds `dL/dw` into
+/// `dw`. `col` is the buffer the forward pass filled; `scratch`: [`ConvGeom::scratch_len`]
+/// floats. With [`GradMode::Skip`] the GEMM paths skip the input gradient; the others write
+/// it anyway.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     g: &ConvGeom,
@@ -369,54 +303,40 @@ pub fn conv2d_backward(
     dw: &mut [f32],
     col: &[f32],
     scratch: &mut [f32],
-    need_dx: bool,
+    mode: GradMode,
 ) {
     assert!(dy.len() >= g.out_len() && dx.len() >= g.in_len() && dw.len() >= g.weight_len());
     if kernel_path() == KernelPath::Reference {
+        if !mode.adds() {
+            dx[..g.in_len()].fill(0.0);
+        }
         return reference::conv2d_backward(g, x, w, dy, dx, dw);
     }
     let threads = crate::threads();
     let rows = g.out_rows();
     match g.algo() {
         ConvAlgo::Pointwise => {
-            if need_dx {
-                sgemm(
-                    rows,
-                    g.cin,
-                    g.cout,
-                    dy,
-                    Trans::No,
-                    w,
-                    Trans::No,
-                    dx,
-                    true,
-                    threads,
-                );
+            if mode != GradMode::Skip {
+                sgemm(rows, g.cin, g.cout, dy, Trans::No, w, Trans::No, dx, mode.adds(), threads);
             }
             sgemm_tn_split_k(g.cout, g.cin, rows, dy, x, dw, true, threads, scratch);
         }
-        ConvAlgo::Depthwise => depthwise_backward(g, x, w, dy, dx, dw, scratch, threads),
+        ConvAlgo::Depthwise => depthwise_backward(g, x, w, dy, dx, dw, scratch, threads, mode.adds()),
         ConvAlgo::Im2col => {
             let k = g.kh * g.kw * g.cin;
             let (sk, dcol) = scratch.split_at_mut(split_k_scratch_len(g.cout, k, rows, threads));
             sgemm_tn_split_k(g.cout, k, rows, dy, col, dw, true, threads, sk);
-            if need_dx {
-                sgemm(
-                    rows,
-                    k,
-                    g.cout,
-                    dy,
-                    Trans::No,
-                    w,
-                    Trans::No,
-                    dcol,
-                    false,
-                    threads,
-                );
-                col2im_add(g, dcol, dx);
+            if mode != GradMode::Skip {
+                sgemm(rows, k, g.cout, dy, Trans::No, w, Trans::No, dcol, false, threads);
+                col2im(g, dcol, dx, mode.adds());
             }
         }
-        ConvAlgo::Direct => reference::conv2d_backward(g, x, w, dy, dx, dw),
+        ConvAlgo::Direct => {
+            if !mode.adds() {
+                dx[..g.in_len()].fill(0.0);
+            }
+            reference::conv2d_backward(g, x, w, dy, dx, dw)
+        }
     }
 }
 
@@ -430,6 +350,7 @@ fn depthwise_backward(
     dw: &mut [f32],
     scratch: &mut [f32],
     threads: usize,
+    add: bool,
 ) {
     let taps = g.kh * g.kw;
     let tc = taps * g.cin;
@@ -441,11 +362,8 @@ fn depthwise_backward(
     let parts = g.batch.div_ceil(per);
     let (inl, outl) = (g.h * g.w * g.cin, g.oh * g.ow * g.cout);
     let partials = &mut partials[..parts * tc];
-    partials
-        .par_chunks_mut(tc)
-        .zip(dx[..g.in_len()].par_chunks_mut(per * inl))
-        .enumerate()
-        .for_each(|(p, (dwt, dxs))| {
+    partials.par_chunks_mut(tc).zip(dx[..g.in_len()].par_chunks_mut(per * inl)).enumerate().for_each(
+        |(p, (dwt, dxs))| {
             dwt.fill(0.0);
             with_simd(|| {
                 for (i, b) in (p * per..((p + 1) * per).min(g.batch)).enumerate() {
@@ -456,10 +374,12 @@ fn depthwise_backward(
                         &dy[b * outl..][..outl],
                         &mut dxs[i * inl..][..inl],
                         dwt,
+                        add,
                     );
                 }
             })
-        });
+        },
+    );
     // Reduce the partials in order, then add into dw ([c][kh][kw]).
     for ch in 0..g.cin {
         for t in 0..taps {

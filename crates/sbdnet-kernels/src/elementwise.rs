@@ -18,6 +18,15 @@ pub fn add_assign_inline(a: &mut [f32], b: &[f32]) {
     }
 }
 
+/// `a = b` (`add == false`) or `a += b`.
+pub fn write_or_add(a: &mut [f32], b: &[f32], add: bool) {
+    if add {
+        add_assign(a, b)
+    } else {
+        a.copy_from_slice(b)
+    }
+}
+
 /// `a += b`, element-wise.
 pub fn add_assign(a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
@@ -26,92 +35,81 @@ pub fn add_assign(a: &mut [f32], b: &[f32]) {
 
 /// `y = max(x, 0)`.
 pub fn relu_forward(x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(y, x)| {
-            with_simd(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x.max(0.0);
-                }
-            })
-        });
+    y.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(y, x)| {
+        with_simd(|| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x.max(0.0);
+            }
+        })
+    });
 }
 
-/// `dx += dy * [y > 0]` (uses the forward output).
-pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
-    dx.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-        .for_each(|(dx, (y, dy))| {
-            with_simd(|| {
+/// `dx (+)= dy * [y > 0]` (uses the forward output; adds when `add`).
+pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32], add: bool) {
+    dx.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(|(dx, (y, dy))| {
+        with_simd(|| {
+            if add {
                 for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
                     *dx += if y > 0.0 { dy } else { 0.0 };
                 }
-            })
-        });
+            } else {
+                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                    *dx = if y > 0.0 { dy } else { 0.0 };
+                }
+            }
+        })
+    });
 }
 
 /// `y = clamp(x, lo, hi)`.
 pub fn hardtanh_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
-    y.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(y, x)| {
-            with_simd(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x.max(lo).min(hi);
-                }
-            })
-        });
+    y.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(y, x)| {
+        with_simd(|| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x.max(lo).min(hi);
+            }
+        })
+    });
 }
 
-/// `dx += dy * [lo < x < hi]` (uses the forward input).
-pub fn hardtanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32) {
-    dx.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-        .for_each(|(dx, (x, dy))| {
-            with_simd(|| {
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx += if x > lo && x < hi { dy } else { 0.0 };
-                }
-            })
-        });
+/// `dx (+)= dy * [lo < x < hi]` (uses the forward input; adds when `add`).
+pub fn hardtanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32, add: bool) {
+    dx.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(|(dx, (x, dy))| {
+        with_simd(|| {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                let g = if x > lo && x < hi { dy } else { 0.0 };
+                *dx = if add { *dx + g } else { g };
+            }
+        })
+    });
 }
 
 /// Per-channel sums over the rows of `x[rows][c]` for two quantities at once:
 /// `out_a[ch] = sum_r fa(x[r][ch])`-style reductions are built from this block-partial
 /// scheme. Here: `sum[ch] = sum_r x[r][ch]` and `sumsq[ch] = sum_r (x[r][ch] - shift[ch])^2`,
 /// accumulated in f64 per block of rows, blocks added in order (reproducible).
-pub fn channel_sums(
-    x: &[f32],
-    c: usize,
-    shift: &[f32],
-    sum: &mut [f64],
-    sumsq: &mut [f64],
-    scratch: &mut [f64],
-) {
+pub fn channel_sums(x: &[f32], c: usize, shift: &[f32], sum: &mut [f64], sumsq: &mut [f64], scratch: &mut [f64]) {
     let rows = x.len() / c;
     let blocks = rows.div_ceil(ROW_BLOCK);
     let scratch = &mut scratch[..blocks * 2 * c];
-    scratch
-        .par_chunks_mut(2 * c)
-        .enumerate()
-        .for_each(|(bi, acc)| {
-            let (s, q) = acc.split_at_mut(c);
-            s.fill(0.0);
-            q.fill(0.0);
-            let r0 = bi * ROW_BLOCK;
-            let r1 = (r0 + ROW_BLOCK).min(rows);
-            with_simd(|| {
-                for r in r0..r1 {
-                    let row = &x[r * c..][..c];
-                    for ch in 0..c {
-                        let v = row[ch] as f64;
-                        let d = (row[ch] - shift[ch]) as f64;
-                        s[ch] += v;
-                        q[ch] += d * d;
-                    }
+    scratch.par_chunks_mut(2 * c).enumerate().for_each(|(bi, acc)| {
+        let (s, q) = acc.split_at_mut(c);
+        s.fill(0.0);
+        q.fill(0.0);
+        let r0 = bi * ROW_BLOCK;
+        let r1 = (r0 + ROW_BLOCK).min(rows);
+        with_simd(|| {
+            for r in r0..r1 {
+                let row = &x[r * c..][..c];
+                for ch in 0..c {
+                    let v = row[ch] as f64;
+                    let d = (row[ch] - shift[ch]) as f64;
+                    s[ch] += v;
+                    q[ch] += d * d;
                 }
-            })
-        });
+            }
+        })
+    });
     sum.fill(0.0);
     sumsq.fill(0.0);
     for acc in scratch.chunks(2 * c) {
@@ -141,26 +139,23 @@ pub fn channel_dot_sums(
     let rows = a.len() / c;
     let blocks = rows.div_ceil(ROW_BLOCK);
     let scratch = &mut scratch[..blocks * 2 * c];
-    scratch
-        .par_chunks_mut(2 * c)
-        .enumerate()
-        .for_each(|(bi, acc)| {
-            let (s, q) = acc.split_at_mut(c);
-            s.fill(0.0);
-            q.fill(0.0);
-            let r0 = bi * ROW_BLOCK;
-            let r1 = (r0 + ROW_BLOCK).min(rows);
-            with_simd(|| {
-                for r in r0..r1 {
-                    let ra = &a[r * c..][..c];
-                    let rb = &b[r * c..][..c];
-                    for ch in 0..c {
-                        s[ch] += ra[ch] as f64;
-                        q[ch] += ra[ch] as f64 * (rb[ch] - shift[ch]) as f64;
-                    }
+    scratch.par_chunks_mut(2 * c).enumerate().for_each(|(bi, acc)| {
+        let (s, q) = acc.split_at_mut(c);
+        s.fill(0.0);
+        q.fill(0.0);
+        let r0 = bi * ROW_BLOCK;
+        let r1 = (r0 + ROW_BLOCK).min(rows);
+        with_simd(|| {
+            for r in r0..r1 {
+                let ra = &a[r * c..][..c];
+                let rb = &b[r * c..][..c];
+                for ch in 0..c {
+                    s[ch] += ra[ch] as f64;
+                    q[ch] += ra[ch] as f64 * (rb[ch] - shift[ch]) as f64;
                 }
-            })
-        });
+            }
+        })
+    });
     sa.fill(0.0);
     sab.fill(0.0);
     for acc in scratch.chunks(2 * c) {
@@ -173,31 +168,23 @@ pub fn channel_dot_sums(
 
 /// Per-channel affine over rows: `y[r][ch] = x[r][ch] * scale[ch] + shift[ch]`, optionally
 /// followed by ReLU (`relu`).
-pub fn channel_affine(
-    x: &[f32],
-    y: &mut [f32],
-    c: usize,
-    scale: &[f32],
-    shift: &[f32],
-    relu: bool,
-) {
+pub fn channel_affine(x: &[f32], y: &mut [f32], c: usize, scale: &[f32], shift: &[f32], relu: bool) {
     let chunk = ROW_BLOCK * c;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(y, x)| {
-            with_simd(|| {
-                for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    for ch in 0..c {
-                        let v = xr[ch] * scale[ch] + shift[ch];
-                        yr[ch] = if relu { v.max(0.0) } else { v };
-                    }
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
+        with_simd(|| {
+            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                for ch in 0..c {
+                    let v = xr[ch] * scale[ch] + shift[ch];
+                    yr[ch] = if relu { v.max(0.0) } else { v };
                 }
-            })
-        });
+            }
+        })
+    });
 }
 
 /// Batch-norm input gradient over rows:
-/// `dx[r][ch] += k1[ch] * dy[r][ch] + k2[ch] * x[r][ch] + k3[ch]`.
+/// `dx[r][ch] (+)= k1[ch] * dy[r][ch] + k2[ch] * x[r][ch] + k3[ch]` (adds when `add`).
+#[allow(clippy::too_many_arguments)]
 pub fn channel_grad_combine(
     dy: &[f32],
     x: &[f32],
@@ -206,23 +193,27 @@ pub fn channel_grad_combine(
     k1: &[f32],
     k2: &[f32],
     k3: &[f32],
+    add: bool,
 ) {
     let chunk = ROW_BLOCK * c;
-    dx.par_chunks_mut(chunk)
-        .zip(dy.par_chunks(chunk).zip(x.par_chunks(chunk)))
-        .for_each(|(dx, (dy, x))| {
-            with_simd(|| {
-                for ((dr, gr), xr) in dx
-                    .chunks_exact_mut(c)
-                    .zip(dy.chunks_exact(c))
-                    .zip(x.chunks_exact(c))
-                {
+    dx.par_chunks_mut(chunk).zip(dy.par_chunks(chunk).zip(x.par_chunks(chunk))).for_each(|(dx, (dy, x))| {
+        with_simd(|| {
+            let rows = dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c));
+            if add {
+                for ((dr, gr), xr) in rows {
                     for ch in 0..c {
                         dr[ch] += k1[ch] * gr[ch] + k2[ch] * xr[ch] + k3[ch];
                     }
                 }
-            })
-        });
+            } else {
+                for ((dr, gr), xr) in rows {
+                    for ch in 0..c {
+                        dr[ch] = k1[ch] * gr[ch] + k2[ch] * xr[ch] + k3[ch];
+                    }
+                }
+            }
+        })
+    });
 }
 
 #[cfg(test)]
@@ -253,12 +244,14 @@ mod tests {
         relu_forward(&x, &mut y);
         assert_eq!(y, [0.0, 0.0, 0.0, 0.5, 2.0]);
         let mut dx = [1.0; 5];
-        relu_backward(&y, &[1.0; 5], &mut dx);
+        relu_backward(&y, &[1.0; 5], &mut dx, true);
         assert_eq!(dx, [1.0, 1.0, 1.0, 2.0, 2.0]);
+        relu_backward(&y, &[1.0; 5], &mut dx, false);
+        assert_eq!(dx, [0.0, 0.0, 0.0, 1.0, 1.0]);
         hardtanh_forward(&x, &mut y, -1.0, 1.0);
         assert_eq!(y, [-1.0, -0.5, 0.0, 0.5, 1.0]);
         let mut dx = [0.0; 5];
-        hardtanh_backward(&x, &[3.0; 5], &mut dx, -1.0, 1.0);
+        hardtanh_backward(&x, &[3.0; 5], &mut dx, -1.0, 1.0, true);
         assert_eq!(dx, [0.0, 3.0, 3.0, 3.0, 0.0]);
     }
 }

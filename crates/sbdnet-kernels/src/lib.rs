@@ -35,6 +35,28 @@ pub mod rng;
 
 pub use dispatch::{kernel_path, KernelPath};
 
+/// How a backward kernel writes an input gradient `dx`.
+///
+/// Backward passes of a graph add into `dx` where an activation feeds several layers, but
+/// the first (in backward order) writer of each activation can simply overwrite it, which
+/// saves zeroing the whole gradient buffer every step and one read of it per layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradMode {
+    /// Not needed (the network input): kernels may skip the work.
+    Skip,
+    /// Overwrite `dx` with the gradient.
+    Write,
+    /// Add the gradient into `dx`.
+    Add,
+}
+
+impl GradMode {
+    /// True when the kernel adds into existing values.
+    pub fn adds(self) -> bool {
+        self == GradMode::Add
+    }
+}
+
 /// Split `n` items into `parts` contiguous ranges of nearly equal size (the first ones one
 /// larger). The split depends only on `n` and `parts`, which is what makes threaded
 /// reductions reproducible for a given thread count.

@@ -68,11 +68,7 @@ pub fn sgemm(
     }
     let (a_cs, a_rs) = strides(ta, m, k);
     let (b_cs, b_rs) = strides(tb, k, n);
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
     GEMM_ACTIVE.fetch_add(1, Ordering::SeqCst);
     // SAFETY: the asserts above bound every index gemm touches: A is m x k with the strides of
@@ -126,29 +122,23 @@ pub fn sgemm_tn_split_k(
         return;
     }
     let mn = m * n;
-    assert!(
-        scratch.len() >= parts * mn,
-        "sgemm_tn_split_k: scratch too small"
-    );
+    assert!(scratch.len() >= parts * mn, "sgemm_tn_split_k: scratch too small");
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= mn);
-    scratch[..parts * mn]
-        .par_chunks_mut(mn)
-        .enumerate()
-        .for_each(|(i, part)| {
-            let r = crate::chunk_range(k, parts, i);
-            sgemm(
-                m,
-                n,
-                r.len(),
-                &a[r.start * m..r.end * m],
-                Trans::Yes,
-                &b[r.start * n..r.end * n],
-                Trans::No,
-                part,
-                false,
-                1,
-            );
-        });
+    scratch[..parts * mn].par_chunks_mut(mn).enumerate().for_each(|(i, part)| {
+        let r = crate::chunk_range(k, parts, i);
+        sgemm(
+            m,
+            n,
+            r.len(),
+            &a[r.start * m..r.end * m],
+            Trans::Yes,
+            &b[r.start * n..r.end * n],
+            Trans::No,
+            part,
+            false,
+            1,
+        );
+    });
     let c = &mut c[..mn];
     if !accumulate {
         c.copy_from_slice(&scratch[..mn]);
@@ -197,17 +187,7 @@ mod tests {
                     let c0 = rand_vec(&mut r, m * n);
                     for acc in [false, true] {
                         let mut want = c0.clone();
-                        refmm(
-                            m,
-                            n,
-                            k,
-                            &a,
-                            ta == Trans::Yes,
-                            &b,
-                            tb == Trans::Yes,
-                            &mut want,
-                            acc,
-                        );
+                        refmm(m, n, k, &a, ta == Trans::Yes, &b, tb == Trans::Yes, &mut want, acc);
                         let mut got = c0.clone();
                         sgemm(m, n, k, &a, ta, &b, tb, &mut got, acc, 2);
                         for (g, w) in got.iter().zip(&want) {
@@ -227,10 +207,7 @@ mod tests {
         let b = rand_vec(&mut r, k * n);
         let mut want = vec![1.0; m * n];
         refmm(m, n, k, &a, true, &b, false, &mut want, true);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let mut got = vec![1.0; m * n];
         let mut scratch = vec![0.0; split_k_scratch_len(m, n, k, 3)];
         pool.install(|| sgemm_tn_split_k(m, n, k, &a, &b, &mut got, true, 3, &mut scratch));

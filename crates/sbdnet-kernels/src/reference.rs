@@ -8,17 +8,7 @@ use crate::conv::ConvGeom;
 
 /// `C (+)= op(A) op(B)`, row-major; `ta`: A stored `[k][m]`; `tb`: B stored `[n][k]`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    ta: bool,
-    b: &[f32],
-    tb: bool,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool, c: &mut [f32], accumulate: bool) {
     for i in 0..m {
         for j in 0..n {
             let mut s = 0.0f32;
@@ -72,14 +62,7 @@ pub fn conv2d_forward(g: &ConvGeom, x: &[f32], w: &[f32], out: &mut [f32]) {
 }
 
 /// Convolution backward: adds `dL/dx` into `dx` and `dL/dw` into `dw` given `dy = dL/dout`.
-pub fn conv2d_backward(
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    dw: &mut [f32],
-) {
+pub fn conv2d_backward(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
     let (cig, cog) = (g.cin / g.groups, g.cout / g.groups);
     for b in 0..g.batch {
         for oy in 0..g.oh {
@@ -127,24 +110,12 @@ pub fn channel_mean_var(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
             var[ch] += d * d;
         }
     }
-    (
-        mean.iter().map(|&m| m as f32).collect(),
-        var.iter().map(|&v| (v / rows as f64) as f32).collect(),
-    )
+    (mean.iter().map(|&m| m as f32).collect(), var.iter().map(|&v| (v / rows as f64) as f32).collect())
 }
 
 /// Max pooling forward (`k x k`, stride, no padding) over NHWC.
 #[allow(clippy::too_many_arguments)]
-pub fn max_pool(
-    x: &[f32],
-    batch: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    k: usize,
-    stride: usize,
-    out: &mut [f32],
-) {
+pub fn max_pool(x: &[f32], batch: usize, h: usize, w: usize, c: usize, k: usize, stride: usize, out: &mut [f32]) {
     let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
     for b in 0..batch {
         for oy in 0..oh {
@@ -153,9 +124,7 @@ pub fn max_pool(
                     let mut m = f32::NEG_INFINITY;
                     for ky in 0..k {
                         for kx in 0..k {
-                            m = m.max(
-                                x[((b * h + oy * stride + ky) * w + ox * stride + kx) * c + ch],
-                            );
+                            m = m.max(x[((b * h + oy * stride + ky) * w + ox * stride + kx) * c + ch]);
                         }
                     }
                     out[((b * oh + oy) * ow + ox) * c + ch] = m;

@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use sbdnet_kernels::conv::{conv2d_backward, conv2d_forward, ConvAlgo, ConvGeom};
 use sbdnet_kernels::reference;
 use sbdnet_kernels::rng::Rng;
+use sbdnet_kernels::GradMode;
 
 fn rand_vec(r: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.normal()).collect()
@@ -14,10 +15,7 @@ fn rand_vec(r: &mut Rng, n: usize) -> Vec<f32> {
 fn close(got: &[f32], want: &[f32], what: &str, g: &ConvGeom) {
     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * scale,
-            "{what} differs at {i}: {a} vs {b} for {g:?}"
-        );
+        assert!((a - b).abs() <= 1e-4 * scale, "{what} differs at {i}: {a} vs {b} for {g:?}");
     }
 }
 
@@ -41,10 +39,18 @@ fn check(g: ConvGeom, seed: u64) {
     let dw0 = rand_vec(&mut r, g.weight_len());
     let (mut dx_want, mut dw_want) = (dx0.clone(), dw0.clone());
     reference::conv2d_backward(&g, &x, &w, &dy, &mut dx_want, &mut dw_want);
-    let (mut dx, mut dw) = (dx0, dw0);
-    conv2d_backward(&g, &x, &w, &dy, &mut dx, &mut dw, &col, &mut scratch, true);
+    let (mut dx, mut dw) = (dx0.clone(), dw0);
+    conv2d_backward(&g, &x, &w, &dy, &mut dx, &mut dw, &col, &mut scratch, GradMode::Add);
     close(&dx, &dx_want, "dx", &g);
     close(&dw, &dw_want, "dw", &g);
+    // Write mode: dx is overwritten whatever it held.
+    let mut dx_fresh = vec![0.0; g.in_len()];
+    let mut dw_unused = vec![0.0; g.weight_len()];
+    reference::conv2d_backward(&g, &x, &w, &dy, &mut dx_fresh, &mut dw_unused);
+    let mut dx = vec![f32::NAN; g.in_len()];
+    let mut dw = vec![0.0; g.weight_len()];
+    conv2d_backward(&g, &x, &w, &dy, &mut dx, &mut dw, &col, &mut scratch, GradMode::Write);
+    close(&dx, &dx_fresh, "dx (write)", &g);
 }
 
 #[test]
@@ -63,10 +69,7 @@ fn named_cases() {
         (5, 2, 2, 3, 3, 1, 1, 0, 3),
     ];
     for (i, &(b, h, w, ci, co, k, s, p, gr)) in cases.iter().enumerate() {
-        check(
-            ConvGeom::new(b, h, w, ci, co, k, s, p, gr).unwrap(),
-            i as u64,
-        );
+        check(ConvGeom::new(b, h, w, ci, co, k, s, p, gr).unwrap(), i as u64);
     }
 }
 

@@ -33,17 +33,11 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> NnError {
-    NnError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    NnError::Io { path: path.display().to_string(), source }
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> NnError {
-    NnError::Checkpoint {
-        path: path.display().to_string(),
-        reason: reason.into(),
-    }
+    NnError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
 }
 
 /// Write `bytes` to `path` atomically (temporary file in the same directory, then rename).
@@ -58,42 +52,21 @@ fn to_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Save `model` (and `opt` if given) with the training `state` JSON into `dir`.
-pub fn save(
-    dir: &Path,
-    model: &Model,
-    opt: Option<&Optimizer>,
-    state: &str,
-) -> Result<(), NnError> {
+pub fn save(dir: &Path, model: &Model, opt: Option<&Optimizer>, state: &str) -> Result<(), NnError> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let p = &model.params;
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for t in &p.tensors {
-        owned.push((
-            t.name.clone(),
-            t.shape.clone(),
-            to_bytes(&p.data[t.range()]),
-        ));
+        owned.push((t.name.clone(), t.shape.clone(), to_bytes(&p.data[t.range()])));
         if let Some(o) = opt {
-            owned.push((
-                format!("optim.m.{}", t.name),
-                t.shape.clone(),
-                to_bytes(&o.m[t.range()]),
-            ));
+            owned.push((format!("optim.m.{}", t.name), t.shape.clone(), to_bytes(&o.m[t.range()])));
             if !o.v.is_empty() {
-                owned.push((
-                    format!("optim.v.{}", t.name),
-                    t.shape.clone(),
-                    to_bytes(&o.v[t.range()]),
-                ));
+                owned.push((format!("optim.v.{}", t.name), t.shape.clone(), to_bytes(&o.v[t.range()])));
             }
         }
     }
     for t in &p.buffer_tensors {
-        owned.push((
-            t.name.clone(),
-            t.shape.clone(),
-            to_bytes(&p.buffers[t.range()]),
-        ));
+        owned.push((t.name.clone(), t.shape.clone(), to_bytes(&p.buffers[t.range()])));
     }
     let views = owned
         .iter()
@@ -117,14 +90,11 @@ impl Checkpoint {
     pub fn read(dir: &Path) -> Result<Self, NnError> {
         let cfg_path = dir.join(CONFIG_FILE);
         if !dir.is_dir() {
-            return Err(bad(
-                dir,
-                "no such directory (train a model with `sbdnet train --out DIR` first)",
-            ));
+            return Err(bad(dir, "no such directory (train a model with `sbdnet train --out DIR` first)"));
         }
         let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
-        let config: ModelConfig = serde_json::from_slice(&cfg_bytes)
-            .map_err(|e| bad(&cfg_path, format!("invalid JSON: {e}")))?;
+        let config: ModelConfig =
+            serde_json::from_slice(&cfg_bytes).map_err(|e| bad(&cfg_path, format!("invalid JSON: {e}")))?;
         let wpath = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -133,49 +103,24 @@ impl Checkpoint {
         if info.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(&wpath, format!("missing format tag {FORMAT}")));
         }
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(&wpath, e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&wpath, e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
-                return Err(bad(
-                    &wpath,
-                    format!("tensor {name} is {:?}, expected F32", view.dtype()),
-                ));
+                return Err(bad(&wpath, format!("tensor {name} is {:?}, expected F32", view.dtype())));
             }
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             tensors.insert(name, (view.shape().to_vec(), data));
         }
         let mut state = info.get("state").cloned().unwrap_or_default();
         if let Some(t) = info.get("optim.t") {
             // Keep the optimizer step count with the state for `apply`.
-            state = format!(
-                "{{\"__optim_t\":{t},\"state\":{}}}",
-                if state.is_empty() {
-                    "null".into()
-                } else {
-                    state
-                }
-            );
+            state = format!("{{\"__optim_t\":{t},\"state\":{}}}", if state.is_empty() { "null".into() } else { state });
         } else {
-            state = format!(
-                "{{\"__optim_t\":null,\"state\":{}}}",
-                if state.is_empty() {
-                    "null".into()
-                } else {
-                    state
-                }
-            );
+            state =
+                format!("{{\"__optim_t\":null,\"state\":{}}}", if state.is_empty() { "null".into() } else { state });
         }
-        Ok(Checkpoint {
-            config,
-            state,
-            tensors,
-        })
+        Ok(Checkpoint { config, state, tensors })
     }
 
     /// The trainer's state JSON as saved (without the optimizer step count).
@@ -185,22 +130,11 @@ impl Checkpoint {
     }
 
     /// Copy the tensors into `model` (and `opt` if given), checking names and shapes.
-    pub fn apply(
-        &self,
-        model: &mut Model,
-        opt: Option<&mut Optimizer>,
-        path: &Path,
-    ) -> Result<(), NnError> {
+    pub fn apply(&self, model: &mut Model, opt: Option<&mut Optimizer>, path: &Path) -> Result<(), NnError> {
         let get = |name: &str, shape: &[usize]| -> Result<&Vec<f32>, NnError> {
-            let (s, d) = self
-                .tensors
-                .get(name)
-                .ok_or_else(|| bad(path, format!("tensor {name} is missing")))?;
+            let (s, d) = self.tensors.get(name).ok_or_else(|| bad(path, format!("tensor {name} is missing")))?;
             if s != shape {
-                return Err(bad(
-                    path,
-                    format!("tensor {name} has shape {s:?}, the model needs {shape:?}"),
-                ));
+                return Err(bad(path, format!("tensor {name} has shape {s:?}, the model needs {shape:?}")));
             }
             Ok(d)
         };
@@ -220,12 +154,8 @@ impl Checkpoint {
                     o.v[t.range()].copy_from_slice(get(&format!("optim.v.{}", t.name), &t.shape)?);
                 }
             }
-            let v: serde_json::Value =
-                serde_json::from_str(&self.state).map_err(|e| bad(path, e.to_string()))?;
-            o.t = v
-                .get("__optim_t")
-                .and_then(|t| t.as_u64())
-                .ok_or_else(|| bad(path, "no optimizer state saved"))?;
+            let v: serde_json::Value = serde_json::from_str(&self.state).map_err(|e| bad(path, e.to_string()))?;
+            o.t = v.get("__optim_t").and_then(|t| t.as_u64()).ok_or_else(|| bad(path, "no optimizer state saved"))?;
         }
         Ok(())
     }

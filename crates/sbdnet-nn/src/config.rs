@@ -108,12 +108,7 @@ impl ModelConfig {
     ///   block (the full-precision baseline).
     pub fn preset(name: &str, input: [usize; 3], classes: usize) -> Result<Self, NnError> {
         let stages = [(64, 1), (128, 2), (128, 1), (256, 2)];
-        let conv = |out, stride| Block::Conv {
-            out,
-            kernel: 3,
-            stride,
-            act: Act::Relu,
-        };
+        let conv = |out, stride| Block::Conv { out, kernel: 3, stride, act: Act::Relu };
         let mut blocks = vec![conv(32, 1)];
         match name {
             "dscnn" => blocks.extend(stages.iter().map(|&(out, stride)| Block::DwSep {
@@ -123,23 +118,10 @@ impl ModelConfig {
                 act: Act::Relu,
             })),
             "cnn" => blocks.extend(stages.iter().map(|&(out, stride)| conv(out, stride))),
-            _ => {
-                return Err(NnError::UnknownModel {
-                    name: name.to_string(),
-                    choices: PRESETS.join(", "),
-                })
-            }
+            _ => return Err(NnError::UnknownModel { name: name.to_string(), choices: PRESETS.join(", ") }),
         }
         blocks.push(Block::GlobalAvgPool);
-        blocks.push(Block::Linear {
-            out: classes,
-            bias: true,
-        });
-        Ok(ModelConfig {
-            name: name.to_string(),
-            input,
-            classes,
-            blocks,
-        })
+        blocks.push(Block::Linear { out: classes, bias: true });
+        Ok(ModelConfig { name: name.to_string(), input, classes, blocks })
     }
 }

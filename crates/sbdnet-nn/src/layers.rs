@@ -12,6 +12,7 @@ use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::matmul::{sgemm, Trans};
 use sbdnet_kernels::pool::{self as kpool, PoolGeom};
 use sbdnet_kernels::rng::Rng;
+use sbdnet_kernels::GradMode;
 
 /// 2-D convolution (no bias): kernel `k x k`, stride, zero padding, groups. Weights OHWI
 /// `[cout][k][k][cin/groups]`.
@@ -37,43 +38,15 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// A convolution reading `input`, its weight already registered.
-    pub fn new(
-        input: Shape,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-        groups: usize,
-        weight: ParamId,
-    ) -> Self {
-        Conv2d {
-            input,
-            cout,
-            k,
-            stride,
-            pad,
-            groups,
-            weight,
-            col: Vec::new(),
-            scratch: Vec::new(),
-        }
+    pub fn new(input: Shape, cout: usize, k: usize, stride: usize, pad: usize, groups: usize, weight: ParamId) -> Self {
+        Conv2d { input, cout, k, stride, pad, groups, weight, col: Vec::new(), scratch: Vec::new() }
     }
 
     /// Geometry for `n` images.
     pub fn geom(&self, n: usize) -> ConvGeom {
         let s = self.input;
-        ConvGeom::new(
-            n,
-            s.h,
-            s.w,
-            s.c,
-            self.cout,
-            self.k,
-            self.stride,
-            self.pad,
-            self.groups,
-        )
-        .expect("geometry validated when the model was built")
+        ConvGeom::new(n, s.h, s.w, s.c, self.cout, self.k, self.stride, self.pad, self.groups)
+            .expect("geometry validated when the model was built")
     }
 
     /// Size the saved im2col matrix and scratch for `cap` images.
@@ -95,41 +68,16 @@ impl Conv2d {
     pub fn forward(&mut self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
         let g = self.geom(n);
         self.ensure_scratch(&g);
-        conv::conv2d_forward(
-            &g,
-            x,
-            &p.data[self.weight.range()],
-            y,
-            &mut self.col,
-            &mut self.scratch,
-        );
+        conv::conv2d_forward(&g, x, &p.data[self.weight.range()], y, &mut self.col, &mut self.scratch);
     }
 
     /// Backward.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &mut self,
-        n: usize,
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
-        p: &mut ParamStore,
-        need_dx: bool,
-    ) {
+    pub fn backward(&mut self, n: usize, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, mode: GradMode) {
         let g = self.geom(n);
         self.ensure_scratch(&g);
         let r = self.weight.range();
-        conv::conv2d_backward(
-            &g,
-            x,
-            &p.data[r.clone()],
-            dy,
-            dx,
-            &mut p.grad[r],
-            &self.col,
-            &mut self.scratch,
-            need_dx,
-        );
+        conv::conv2d_backward(&g, x, &p.data[r.clone()], dy, dx, &mut p.grad[r], &self.col, &mut self.scratch, mode);
     }
 }
 
@@ -166,13 +114,7 @@ pub struct BatchNorm2d {
 
 impl BatchNorm2d {
     /// A batch norm over `c` channels with registered tensors.
-    pub fn new(
-        c: usize,
-        gamma: ParamId,
-        beta: ParamId,
-        running_mean: ParamId,
-        running_var: ParamId,
-    ) -> Self {
+    pub fn new(c: usize, gamma: ParamId, beta: ParamId, running_mean: ParamId, running_var: ParamId) -> Self {
         BatchNorm2d {
             c,
             gamma,
@@ -206,20 +148,9 @@ impl BatchNorm2d {
         let rm = self.running_mean.range();
         let rv = self.running_var.range();
         if train {
-            ew::channel_sums(
-                x,
-                c,
-                &p.buffers[rm.clone()],
-                &mut self.s1,
-                &mut self.s2,
-                &mut self.scratch,
-            );
+            ew::channel_sums(x, c, &p.buffers[rm.clone()], &mut self.s1, &mut self.s2, &mut self.scratch);
             let m = self.momentum;
-            let unbias = if rows > 1 {
-                rows as f32 / (rows - 1) as f32
-            } else {
-                1.0
-            };
+            let unbias = if rows > 1 { rows as f32 / (rows - 1) as f32 } else { 1.0 };
             for ch in 0..c {
                 let shift = p.buffers[rm.start + ch] as f64;
                 let mean = self.s1[ch] / rows as f64;
@@ -253,18 +184,10 @@ impl BatchNorm2d {
     /// `dx = gamma * rstd / N * (N dy - dbeta - xhat dgamma)`, computed as
     /// `dx += k1 dy + k2 x + k3` with `k1 = gamma rstd`, `k2 = -k1 rstd dgamma / N`,
     /// `k3 = -k1 dbeta / N - k2 mean`.
-    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore) {
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
         let c = self.c;
         let rows = (x.len() / c) as f32;
-        ew::channel_dot_sums(
-            dy,
-            x,
-            c,
-            &self.mean,
-            &mut self.s1,
-            &mut self.s2,
-            &mut self.scratch,
-        );
+        ew::channel_dot_sums(dy, x, c, &self.mean, &mut self.s1, &mut self.s2, &mut self.scratch);
         let (gr, br) = (self.gamma.range(), self.beta.range());
         for ch in 0..c {
             let dbeta = self.s1[ch] as f32;
@@ -277,7 +200,7 @@ impl BatchNorm2d {
             self.k2[ch] = k2;
             self.k3[ch] = -k1 * dbeta / rows - k2 * self.mean[ch];
         }
-        ew::channel_grad_combine(dy, x, dx, c, &self.scale, &self.k2, &self.k3);
+        ew::channel_grad_combine(dy, x, dx, c, &self.scale, &self.k2, &self.k3, add);
     }
 }
 
@@ -298,18 +221,7 @@ impl Linear {
     /// Forward.
     pub fn forward(&self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
         let t = sbdnet_kernels::threads();
-        sgemm(
-            n,
-            self.out,
-            self.inp,
-            x,
-            Trans::No,
-            &p.data[self.weight.range()],
-            Trans::Yes,
-            y,
-            false,
-            t,
-        );
+        sgemm(n, self.out, self.inp, x, Trans::No, &p.data[self.weight.range()], Trans::Yes, y, false, t);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];
             for row in y[..n * self.out].chunks_exact_mut(self.out) {
@@ -319,33 +231,11 @@ impl Linear {
     }
 
     /// Backward.
-    pub fn backward(&self, n: usize, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore) {
+    pub fn backward(&self, n: usize, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
         let t = sbdnet_kernels::threads();
         let wr = self.weight.range();
-        sgemm(
-            n,
-            self.inp,
-            self.out,
-            dy,
-            Trans::No,
-            &p.data[wr.clone()],
-            Trans::No,
-            dx,
-            true,
-            t,
-        );
-        sgemm(
-            self.out,
-            self.inp,
-            n,
-            dy,
-            Trans::Yes,
-            x,
-            Trans::No,
-            &mut p.grad[wr],
-            true,
-            t,
-        );
+        sgemm(n, self.inp, self.out, dy, Trans::No, &p.data[wr.clone()], Trans::No, dx, add, t);
+        sgemm(self.out, self.inp, n, dy, Trans::Yes, x, Trans::No, &mut p.grad[wr], true, t);
         if let Some(b) = self.bias {
             let gb = &mut p.grad[b.range()];
             for row in dy[..n * self.out].chunks_exact(self.out) {
@@ -372,23 +262,10 @@ pub struct Pool {
 impl Pool {
     /// A pooling layer.
     pub fn new(input: Shape, k: usize, stride: usize, max: bool) -> Self {
-        Pool {
-            input,
-            k,
-            stride,
-            max,
-            arg: Vec::new(),
-        }
+        Pool { input, k, stride, max, arg: Vec::new() }
     }
     fn geom(&self, n: usize) -> PoolGeom {
-        PoolGeom {
-            batch: n,
-            h: self.input.h,
-            w: self.input.w,
-            c: self.input.c,
-            k: self.k,
-            stride: self.stride,
-        }
+        PoolGeom { batch: n, h: self.input.h, w: self.input.w, c: self.input.c, k: self.k, stride: self.stride }
     }
     /// Size the argmax buffer.
     pub fn plan(&mut self, cap: usize) {
@@ -406,12 +283,12 @@ impl Pool {
         }
     }
     /// Backward.
-    pub fn backward(&self, n: usize, dy: &[f32], dx: &mut [f32]) {
+    pub fn backward(&self, n: usize, dy: &[f32], dx: &mut [f32], add: bool) {
         let g = self.geom(n);
         if self.max {
-            kpool::max_pool_backward(&g, &self.arg, dy, dx)
+            kpool::max_pool_backward(&g, &self.arg, dy, dx, add)
         } else {
-            kpool::avg_pool_backward(&g, dy, dx)
+            kpool::avg_pool_backward(&g, dy, dx, add)
         }
     }
 }
@@ -429,10 +306,7 @@ pub struct Dropout {
 impl Dropout {
     /// A dropout layer.
     pub fn new(p: f32) -> Self {
-        Dropout {
-            p,
-            mask: Vec::new(),
-        }
+        Dropout { p, mask: Vec::new() }
     }
     /// Size the mask.
     pub fn plan(&mut self, len: usize) {
@@ -451,13 +325,13 @@ impl Dropout {
         }
     }
     /// Backward.
-    pub fn backward(&self, dy: &[f32], dx: &mut [f32], train: bool) {
+    pub fn backward(&self, dy: &[f32], dx: &mut [f32], train: bool, add: bool) {
         if !train || self.p <= 0.0 {
-            ew::add_assign(dx, dy);
+            ew::write_or_add(dx, dy, add);
             return;
         }
         for ((dx, &dy), &m) in dx.iter_mut().zip(dy).zip(&self.mask) {
-            *dx += dy * m;
+            *dx = if add { *dx + dy * m } else { dy * m };
         }
     }
 }

@@ -13,13 +13,7 @@ pub struct Loss {
 
 impl Loss {
     /// Mean loss and correct count; writes `dL/dlogits` into `dlogits`.
-    pub fn forward_backward(
-        &self,
-        logits: &[f32],
-        labels: &[u8],
-        classes: usize,
-        dlogits: &mut [f32],
-    ) -> (f32, usize) {
+    pub fn forward_backward(&self, logits: &[f32], labels: &[u8], classes: usize, dlogits: &mut [f32]) -> (f32, usize) {
         let n = labels.len();
         let eps = self.label_smoothing;
         let off = eps / classes as f32;
@@ -83,22 +77,15 @@ mod tests {
         let z = [0.3f32, -1.2, 2.0, 0.1, 0.7, -0.4];
         let labels = [2u8, 0];
         for eps in [0.0, 0.1] {
-            let loss = Loss {
-                label_smoothing: eps,
-            };
+            let loss = Loss { label_smoothing: eps };
             let mut d = [0.0; 6];
             loss.forward_backward(&z, &labels, 3, &mut d);
             for i in 0..6 {
                 let (mut zp, mut zm) = (z, z);
                 zp[i] += 1e-2;
                 zm[i] -= 1e-2;
-                let fd =
-                    (loss.evaluate(&zp, &labels, 3).0 - loss.evaluate(&zm, &labels, 3).0) / 2e-2;
-                assert!(
-                    (fd - d[i]).abs() < 1e-3,
-                    "eps {eps} i {i}: {fd} vs {}",
-                    d[i]
-                );
+                let fd = (loss.evaluate(&zp, &labels, 3).0 - loss.evaluate(&zm, &labels, 3).0) / 2e-2;
+                assert!((fd - d[i]).abs() < 1e-3, "eps {eps} i {i}: {fd} vs {}", d[i]);
             }
         }
     }

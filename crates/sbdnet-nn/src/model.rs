@@ -12,6 +12,7 @@ use crate::params::ParamStore;
 use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::pool as kpool;
 use sbdnet_kernels::rng::Rng;
+use sbdnet_kernels::GradMode;
 use std::time::Instant;
 
 /// Per-image shape `(h, w, c)`, NHWC.
@@ -142,6 +143,9 @@ pub struct Model {
     /// Per-node timing, when `Some`.
     pub profile: Option<Profile>,
     shapes: Vec<Shape>,
+    /// For each activation, the node that writes its gradient first in backward order (the
+    /// last node reading it); later writers add.
+    first_writer: Vec<usize>,
     cap: usize,
     acts: Vec<f32>,
     dacts: Vec<f32>,
@@ -157,13 +161,7 @@ struct Builder {
 impl Builder {
     fn push(&mut self, name: String, op: Op, inputs: Vec<usize>, out: Shape) -> usize {
         let in_shape = self.shapes[inputs[0]];
-        self.nodes.push(Node {
-            name,
-            op,
-            inputs,
-            in_shape,
-            out_shape: out,
-        });
+        self.nodes.push(Node { name, op, inputs, in_shape, out_shape: out });
         self.shapes.push(out);
         self.shapes.len() - 1
     }
@@ -179,45 +177,27 @@ impl Builder {
     ) -> Result<usize, NnError> {
         let s = self.shapes[x];
         let pad = k / 2;
-        let g = sbdnet_kernels::conv::ConvGeom::new(1, s.h, s.w, s.c, cout, k, stride, pad, groups)
-            .ok_or_else(|| NnError::Config(format!("{name}: a {k}x{k} convolution with {groups} groups does not fit input {s} -> {cout} channels")))?;
+        let g =
+            sbdnet_kernels::conv::ConvGeom::new(1, s.h, s.w, s.c, cout, k, stride, pad, groups).ok_or_else(|| {
+                NnError::Config(format!(
+                    "{name}: a {k}x{k} convolution with {groups} groups does not fit input {s} -> {cout} channels"
+                ))
+            })?;
         let fan_in = (k * k * s.c / groups) as f32;
         let std = (2.0 / fan_in).sqrt();
         let rng = &mut self.rng;
-        let w = self.params.add(
-            format!("{name}.weight"),
-            vec![cout, k, k, s.c / groups],
-            true,
-            || rng.normal() * std,
-        );
-        let out = Shape {
-            h: g.oh,
-            w: g.ow,
-            c: cout,
-        };
-        Ok(self.push(
-            name.to_string(),
-            Op::Conv(Conv2d::new(s, cout, k, stride, pad, groups, w)),
-            vec![x],
-            out,
-        ))
+        let w = self.params.add(format!("{name}.weight"), vec![cout, k, k, s.c / groups], true, || rng.normal() * std);
+        let out = Shape { h: g.oh, w: g.ow, c: cout };
+        Ok(self.push(name.to_string(), Op::Conv(Conv2d::new(s, cout, k, stride, pad, groups, w)), vec![x], out))
     }
 
     fn bn(&mut self, name: &str, x: usize, act: Act) -> usize {
         let s = self.shapes[x];
         let c = s.c;
-        let gamma = self
-            .params
-            .add(format!("{name}.gamma"), vec![c], false, || 1.0);
-        let beta = self
-            .params
-            .add(format!("{name}.beta"), vec![c], false, || 0.0);
-        let rm = self
-            .params
-            .add_buffer(format!("{name}.running_mean"), vec![c], 0.0);
-        let rv = self
-            .params
-            .add_buffer(format!("{name}.running_var"), vec![c], 1.0);
+        let gamma = self.params.add(format!("{name}.gamma"), vec![c], false, || 1.0);
+        let beta = self.params.add(format!("{name}.beta"), vec![c], false, || 0.0);
+        let rm = self.params.add_buffer(format!("{name}.running_mean"), vec![c], 0.0);
+        let rv = self.params.add_buffer(format!("{name}.running_var"), vec![c], 1.0);
         let mut bn = BatchNorm2d::new(c, gamma, beta, rm, rv);
         bn.relu = act == Act::Relu;
         let y = self.push(name.to_string(), Op::BatchNorm(bn), vec![x], s);
@@ -227,30 +207,14 @@ impl Builder {
         y
     }
 
-    fn block(
-        &mut self,
-        name: &str,
-        b: &Block,
-        x: usize,
-        classes_hint: usize,
-    ) -> Result<usize, NnError> {
+    fn block(&mut self, name: &str, b: &Block, x: usize, classes_hint: usize) -> Result<usize, NnError> {
         let s = self.shapes[x];
         Ok(match b {
-            Block::Conv {
-                out,
-                kernel,
-                stride,
-                act,
-            } => {
+            Block::Conv { out, kernel, stride, act } => {
                 let y = self.conv(name, x, *out, *kernel, *stride, 1)?;
                 self.bn(&format!("{name}.bn"), y, *act)
             }
-            Block::DwSep {
-                out,
-                kernel,
-                stride,
-                act,
-            } => {
+            Block::DwSep { out, kernel, stride, act } => {
                 let y = self.conv(&format!("{name}.dw"), x, s.c, *kernel, *stride, s.c)?;
                 let y = self.bn(&format!("{name}.dw_bn"), y, *act);
                 let y = self.conv(&format!("{name}.pw"), y, *out, 1, 1, 1)?;
@@ -258,40 +222,20 @@ impl Builder {
             }
             Block::MaxPool { k, stride } | Block::AvgPool { k, stride } => {
                 if *k == 0 || *stride == 0 || *k > s.h || *k > s.w {
-                    return Err(NnError::Config(format!(
-                        "{name}: pool {k}/{stride} does not fit {s}"
-                    )));
+                    return Err(NnError::Config(format!("{name}: pool {k}/{stride} does not fit {s}")));
                 }
                 let max = matches!(b, Block::MaxPool { .. });
                 let p = Pool::new(s, *k, *stride, max);
-                let out = Shape {
-                    h: (s.h - k) / stride + 1,
-                    w: (s.w - k) / stride + 1,
-                    c: s.c,
-                };
+                let out = Shape { h: (s.h - k) / stride + 1, w: (s.w - k) / stride + 1, c: s.c };
                 self.push(name.to_string(), Op::Pool(p), vec![x], out)
             }
-            Block::GlobalAvgPool => self.push(
-                name.to_string(),
-                Op::GlobalAvgPool,
-                vec![x],
-                Shape { h: 1, w: 1, c: s.c },
-            ),
-            Block::Flatten => self.push(
-                name.to_string(),
-                Op::Flatten,
-                vec![x],
-                Shape {
-                    h: 1,
-                    w: 1,
-                    c: s.len(),
-                },
-            ),
+            Block::GlobalAvgPool => {
+                self.push(name.to_string(), Op::GlobalAvgPool, vec![x], Shape { h: 1, w: 1, c: s.c })
+            }
+            Block::Flatten => self.push(name.to_string(), Op::Flatten, vec![x], Shape { h: 1, w: 1, c: s.len() }),
             Block::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
-                    return Err(NnError::Config(format!(
-                        "{name}: dropout p must be in [0, 1), got {p}"
-                    )));
+                    return Err(NnError::Config(format!("{name}: dropout p must be in [0, 1), got {p}")));
                 }
                 self.push(name.to_string(), Op::Dropout(Dropout::new(*p)), vec![x], s)
             }
@@ -299,33 +243,19 @@ impl Builder {
                 let inp = s.len();
                 let bound = 1.0 / (inp as f32).sqrt();
                 let rng = &mut self.rng;
-                let weight =
-                    self.params
-                        .add(format!("{name}.weight"), vec![*out, inp], true, || {
-                            (rng.uniform() * 2.0 - 1.0) * bound
-                        });
+                let weight = self
+                    .params
+                    .add(format!("{name}.weight"), vec![*out, inp], true, || (rng.uniform() * 2.0 - 1.0) * bound);
                 let rng = &mut self.rng;
                 let bias = bias.then(|| {
-                    self.params
-                        .add(format!("{name}.bias"), vec![*out], false, || {
-                            (rng.uniform() * 2.0 - 1.0) * bound
-                        })
+                    self.params.add(format!("{name}.bias"), vec![*out], false, || (rng.uniform() * 2.0 - 1.0) * bound)
                 });
                 let _ = classes_hint;
                 self.push(
                     name.to_string(),
-                    Op::Linear(Linear {
-                        inp,
-                        out: *out,
-                        weight,
-                        bias,
-                    }),
+                    Op::Linear(Linear { inp, out: *out, weight, bias }),
                     vec![x],
-                    Shape {
-                        h: 1,
-                        w: 1,
-                        c: *out,
-                    },
+                    Shape { h: 1, w: 1, c: *out },
                 )
             }
             Block::Residual { body, act } => {
@@ -341,9 +271,7 @@ impl Builder {
                     let sc = self.conv(&format!("{name}.shortcut"), x, ys.c, 1, stride, 1)?;
                     let sc_shape = self.shapes[sc];
                     if sc_shape != ys {
-                        return Err(NnError::Config(format!(
-                            "{name}: shortcut gives {sc_shape}, body gives {ys}"
-                        )));
+                        return Err(NnError::Config(format!("{name}: shortcut gives {sc_shape}, body gives {ys}")));
                     }
                     self.bn(&format!("{name}.shortcut_bn"), sc, Act::None)
                 };
@@ -370,9 +298,7 @@ impl Model {
     pub fn new(config: ModelConfig, batch_capacity: usize, seed: u64) -> Result<Self, NnError> {
         let [h, w, c] = config.input;
         if h == 0 || w == 0 || c == 0 || config.classes == 0 {
-            return Err(NnError::Config(
-                "input dimensions and classes must be positive".into(),
-            ));
+            return Err(NnError::Config("input dimensions and classes must be positive".into()));
         }
         let mut b = Builder {
             params: ParamStore::default(),
@@ -405,6 +331,12 @@ impl Model {
                 config.classes
             )));
         }
+        let mut first_writer = vec![usize::MAX; b.shapes.len()];
+        for (i, node) in b.nodes.iter().enumerate() {
+            for &j in &node.inputs {
+                first_writer[j] = i;
+            }
+        }
         let mut m = Model {
             config,
             nodes: b.nodes,
@@ -412,6 +344,7 @@ impl Model {
             seed,
             step: 0,
             profile: None,
+            first_writer,
             shapes: b.shapes,
             cap: 0,
             acts: Vec::new(),
@@ -463,10 +396,7 @@ impl Model {
     fn check_input(&self, x: &[f32], n: usize) -> Result<(), NnError> {
         let il = self.shapes[0].len();
         if n == 0 || n > self.cap {
-            return Err(NnError::Input(format!(
-                "batch of {n} images; this model is planned for 1..={}",
-                self.cap
-            )));
+            return Err(NnError::Input(format!("batch of {n} images; this model is planned for 1..={}", self.cap)));
         }
         if x.len() != n * il {
             return Err(NnError::Input(format!(
@@ -491,10 +421,7 @@ impl Model {
             let out_len = n * self.shapes[i + 1].len();
             let in0 = self.nodes[i].inputs[0];
             let (in_off, in_len) = (self.off(in0), n * self.shapes[in0].len());
-            let in1 = self.nodes[i]
-                .inputs
-                .get(1)
-                .map(|&j| (self.off(j), n * self.shapes[j].len()));
+            let in1 = self.nodes[i].inputs.get(1).map(|&j| (self.off(j), n * self.shapes[j].len()));
             let (lo, y) = split(&mut self.acts, out_off, out_len);
             let x = &lo[in_off..in_off + in_len];
             let node = &mut self.nodes[i];
@@ -536,7 +463,13 @@ impl Model {
             let out_len = n * self.shapes[i + 1].len();
             let in0 = self.nodes[i].inputs[0];
             let (in_off, in_len) = (self.off(in0), n * self.shapes[in0].len());
-            let need_dx = in0 != 0;
+            let mode = |j: usize| match j {
+                0 => GradMode::Skip,
+                _ if self.first_writer[j] == i => GradMode::Write,
+                _ => GradMode::Add,
+            };
+            let (m0, add0) = (mode(in0), mode(in0).adds());
+            let add1 = self.nodes[i].inputs.get(1).is_some_and(|&j| mode(j).adds());
             let (dlo, dy) = self.dacts.split_at_mut(out_off);
             let dy = &mut dy[..out_len];
             let x = &self.acts[in_off..in_off + in_len];
@@ -545,32 +478,30 @@ impl Model {
             let p = &mut self.params;
             if let Op::Add = node.op {
                 let in1 = node.inputs[1];
-                let (o1, l1) = (
-                    self.cap * self.shapes[..in1].iter().map(Shape::len).sum::<usize>(),
-                    n * self.shapes[in1].len(),
-                );
-                ew::add_assign(&mut dlo[in_off..in_off + in_len], dy);
-                ew::add_assign(&mut dlo[o1..o1 + l1], dy);
+                let (o1, l1) =
+                    (self.cap * self.shapes[..in1].iter().map(Shape::len).sum::<usize>(), n * self.shapes[in1].len());
+                ew::write_or_add(&mut dlo[in_off..in_off + in_len], dy, add0);
+                ew::write_or_add(&mut dlo[o1..o1 + l1], dy, add1);
             } else {
                 let dx = &mut dlo[in_off..in_off + in_len];
                 match &mut node.op {
-                    Op::Conv(c) => c.backward(n, x, dy, dx, p, need_dx),
+                    Op::Conv(c) => c.backward(n, x, dy, dx, p, m0),
                     Op::BatchNorm(bn) => {
                         if bn.relu {
                             mask_by_positive(dy, y);
                         }
-                        bn.backward(x, dy, dx, p)
+                        bn.backward(x, dy, dx, p, add0)
                     }
-                    Op::Relu => ew::relu_backward(y, dy, dx),
-                    Op::Hardtanh => ew::hardtanh_backward(x, dy, dx, -1.0, 1.0),
-                    Op::Pool(pl) => pl.backward(n, dy, dx),
+                    Op::Relu => ew::relu_backward(y, dy, dx, add0),
+                    Op::Hardtanh => ew::hardtanh_backward(x, dy, dx, -1.0, 1.0, add0),
+                    Op::Pool(pl) => pl.backward(n, dy, dx, add0),
                     Op::GlobalAvgPool => {
                         let s = node.in_shape;
-                        kpool::global_avg_backward(dy, dx, n, s.h * s.w, s.c)
+                        kpool::global_avg_backward(dy, dx, n, s.h * s.w, s.c, add0)
                     }
-                    Op::Flatten => ew::add_assign(dx, dy),
-                    Op::Dropout(d) => d.backward(dy, dx, true),
-                    Op::Linear(l) => l.backward(n, x, dy, dx, p),
+                    Op::Flatten => ew::write_or_add(dx, dy, add0),
+                    Op::Dropout(d) => d.backward(dy, dx, true, add0),
+                    Op::Linear(l) => l.backward(n, x, dy, dx, p, add0),
                     Op::Add => unreachable!("handled above"),
                 }
             }
@@ -592,41 +523,25 @@ impl Model {
     /// Gradient of everything w.r.t. the parameters for one batch: forward (training mode),
     /// loss, backward. Gradients are zeroed first. Returns loss and correct count; the
     /// optimizer step is the caller's.
-    pub fn train_step(
-        &mut self,
-        x: &[f32],
-        labels: &[u8],
-        loss: &Loss,
-    ) -> Result<StepStats, NnError> {
+    pub fn train_step(&mut self, x: &[f32], labels: &[u8], loss: &Loss) -> Result<StepStats, NnError> {
         let n = labels.len();
         let classes = self.config.classes;
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            return Err(NnError::Input(format!(
-                "label {bad} is out of range for {classes} classes"
-            )));
+            return Err(NnError::Input(format!("label {bad} is out of range for {classes} classes")));
         }
         self.forward(x, n, true)?;
-        self.dacts.fill(0.0);
         self.params.zero_grad();
         let last = self.shapes.len() - 1;
         let off = self.off(last);
         let len = n * classes;
-        let (loss_v, correct) = loss.forward_backward(
-            &self.acts[off..off + len],
-            labels,
-            classes,
-            &mut self.dacts[off..off + len],
-        );
+        let (loss_v, correct) =
+            loss.forward_backward(&self.acts[off..off + len], labels, classes, &mut self.dacts[off..off + len]);
         self.backward(n);
         self.step += 1;
         if let Some(p) = self.profile.as_mut() {
             p.steps += 1;
         }
-        Ok(StepStats {
-            loss: loss_v,
-            correct,
-            n,
-        })
+        Ok(StepStats { loss: loss_v, correct, n })
     }
 
     /// Evaluate on `n` images: mean loss (no smoothing) and correct count, evaluation mode.
@@ -642,13 +557,11 @@ impl Model {
 /// `dy *= [y > 0]` (the backward of a fused ReLU, in place).
 fn mask_by_positive(dy: &mut [f32], y: &[f32]) {
     use rayon::prelude::*;
-    dy.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14))
-        .for_each(|(d, y)| {
-            for (d, &y) in d.iter_mut().zip(y) {
-                if y <= 0.0 {
-                    *d = 0.0;
-                }
+    dy.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(d, y)| {
+        for (d, &y) in d.iter_mut().zip(y) {
+            if y <= 0.0 {
+                *d = 0.0;
             }
-        });
+        }
+    });
 }

@@ -69,17 +69,8 @@ pub struct Optimizer {
 impl Optimizer {
     /// A fresh optimizer for `n` parameters.
     pub fn new(config: OptimizerConfig, n: usize) -> Self {
-        let v = if config.kind == OptimizerKind::Sgd {
-            Vec::new()
-        } else {
-            vec![0.0; n]
-        };
-        Optimizer {
-            config,
-            m: vec![0.0; n],
-            v,
-            t: 0,
-        }
+        let v = if config.kind == OptimizerKind::Sgd { Vec::new() } else { vec![0.0; n] };
+        Optimizer { config, m: vec![0.0; n], v, t: 0 }
     }
 
     /// One update of every parameter with learning rate `lr`.
@@ -89,11 +80,7 @@ impl Optimizer {
         for t in &p.tensors {
             let r = t.range();
             let wd = if t.decay { c.weight_decay } else { 0.0 };
-            let (w, g, m) = (
-                &mut p.data[r.clone()],
-                &p.grad[r.clone()],
-                &mut self.m[r.clone()],
-            );
+            let (w, g, m) = (&mut p.data[r.clone()], &p.grad[r.clone()], &mut self.m[r.clone()]);
             match c.kind {
                 OptimizerKind::Sgd => {
                     for ((w, &g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
@@ -108,8 +95,7 @@ impl Optimizer {
                     let bc1 = 1.0 - c.beta1.powi(self.t.min(i32::MAX as u64) as i32);
                     let bc2 = 1.0 - c.beta2.powi(self.t.min(i32::MAX as u64) as i32);
                     let decoupled = c.kind == OptimizerKind::AdamW;
-                    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
-                    {
+                    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                         let g = if decoupled { g } else { g + wd * *w };
                         *m = c.beta1 * *m + (1.0 - c.beta1) * g;
                         *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
@@ -170,8 +156,7 @@ impl Schedule {
             ScheduleKind::Cosine => {
                 let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
                 let t = ((s - self.warmup_steps) as f32 / span as f32).min(1.0);
-                self.min_lr
-                    + 0.5 * (self.base_lr - self.min_lr) * (1.0 + (std::f32::consts::PI * t).cos())
+                self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + (std::f32::consts::PI * t).cos())
             }
             ScheduleKind::Step { every, gamma } => {
                 let epoch = s / self.steps_per_epoch.max(1);
@@ -194,12 +179,7 @@ mod tests {
 
     #[test]
     fn sgd_matches_hand_computation() {
-        let cfg = OptimizerConfig {
-            momentum: 0.9,
-            nesterov: false,
-            weight_decay: 0.1,
-            ..Default::default()
-        };
+        let cfg = OptimizerConfig { momentum: 0.9, nesterov: false, weight_decay: 0.1, ..Default::default() };
         let mut p = store(1.0, 0.5);
         let mut o = Optimizer::new(cfg, 1);
         o.step(&mut p, 0.1);
@@ -208,11 +188,7 @@ mod tests {
         o.step(&mut p, 0.1);
         // g = 0.5 + 0.094 = 0.594; b = 0.54 + 0.594 = 1.134; w = 0.94 - 0.1134
         assert!((p.data[0] - 0.8266).abs() < 1e-5);
-        let cfg = OptimizerConfig {
-            nesterov: true,
-            weight_decay: 0.0,
-            ..cfg
-        };
+        let cfg = OptimizerConfig { nesterov: true, weight_decay: 0.0, ..cfg };
         let mut p = store(1.0, 1.0);
         Optimizer::new(cfg, 1).step(&mut p, 0.1);
         // b = 1; d = 1 + 0.9 = 1.9
@@ -222,20 +198,12 @@ mod tests {
     #[test]
     fn adam_first_step_is_lr_sized() {
         for kind in [OptimizerKind::Adam, OptimizerKind::AdamW] {
-            let cfg = OptimizerConfig {
-                kind,
-                weight_decay: 0.0,
-                ..Default::default()
-            };
+            let cfg = OptimizerConfig { kind, weight_decay: 0.0, ..Default::default() };
             let mut p = store(1.0, 3.0);
             Optimizer::new(cfg, 1).step(&mut p, 0.01);
             assert!((p.data[0] - 0.99).abs() < 1e-5, "{kind:?}: {}", p.data[0]);
         }
-        let cfg = OptimizerConfig {
-            kind: OptimizerKind::AdamW,
-            weight_decay: 0.5,
-            ..Default::default()
-        };
+        let cfg = OptimizerConfig { kind: OptimizerKind::AdamW, weight_decay: 0.5, ..Default::default() };
         let mut p = store(1.0, 0.0);
         Optimizer::new(cfg, 1).step(&mut p, 0.1);
         assert!((p.data[0] - 0.95).abs() < 1e-6);
@@ -256,14 +224,7 @@ mod tests {
         assert!((s.lr(10) - 1.0).abs() < 1e-6);
         assert!((s.lr(60) - 0.5).abs() < 1e-6);
         assert!(s.lr(110).abs() < 1e-6);
-        let s = Schedule {
-            kind: ScheduleKind::Step {
-                every: 2,
-                gamma: 0.1,
-            },
-            warmup_steps: 0,
-            ..s
-        };
+        let s = Schedule { kind: ScheduleKind::Step { every: 2, gamma: 0.1 }, warmup_steps: 0, ..s };
         assert_eq!(s.lr(19), 1.0);
         assert!((s.lr(20) - 0.1).abs() < 1e-7);
     }

@@ -62,23 +62,12 @@ pub struct ParamStore {
 
 impl ParamStore {
     /// Register a parameter tensor filled by `init`.
-    pub fn add(
-        &mut self,
-        name: String,
-        shape: Vec<usize>,
-        decay: bool,
-        init: impl FnMut() -> f32,
-    ) -> ParamId {
+    pub fn add(&mut self, name: String, shape: Vec<usize>, decay: bool, init: impl FnMut() -> f32) -> ParamId {
         let offset = self.data.len();
         let len: usize = shape.iter().product();
         self.data.extend(std::iter::repeat_with(init).take(len));
         self.grad.resize(self.data.len(), 0.0);
-        self.tensors.push(TensorInfo {
-            name,
-            offset,
-            shape,
-            decay,
-        });
+        self.tensors.push(TensorInfo { name, offset, shape, decay });
         ParamId { offset, len }
     }
 
@@ -87,12 +76,7 @@ impl ParamStore {
         let offset = self.buffers.len();
         let len: usize = shape.iter().product();
         self.buffers.resize(offset + len, value);
-        self.buffer_tensors.push(TensorInfo {
-            name,
-            offset,
-            shape,
-            decay: false,
-        });
+        self.buffer_tensors.push(TensorInfo { name, offset, shape, decay: false });
         ParamId { offset, len }
     }
 
@@ -108,10 +92,7 @@ impl ParamStore {
 
     /// Parameter tensor by name.
     pub fn get(&self, name: &str) -> Option<&[f32]> {
-        self.tensors
-            .iter()
-            .find(|t| t.name == name)
-            .map(|t| &self.data[t.range()])
+        self.tensors.iter().find(|t| t.name == name).map(|t| &self.data[t.range()])
     }
 
     /// Zero all gradients (one fill).

@@ -17,9 +17,7 @@ fn check(cfg: ModelConfig, n: usize, seed: u64) {
     let il = cfg.input.iter().product::<usize>();
     let x: Vec<f32> = (0..n * il).map(|_| r.normal()).collect();
     let y: Vec<u8> = (0..n).map(|i| (i % cfg.classes) as u8).collect();
-    let loss = Loss {
-        label_smoothing: 0.1,
-    };
+    let loss = Loss { label_smoothing: 0.1 };
     m.step = 5;
     m.train_step(&x, &y, &loss).unwrap();
     let grad = m.params.grad.clone();
@@ -48,57 +46,24 @@ fn check(cfg: ModelConfig, n: usize, seed: u64) {
             }
             let an = grad[i] as f64;
             if (fd - an).abs() > 2e-3 + 3e-2 * an.abs() {
-                failures.push(format!(
-                    "{}[{}]: analytic {an:.6} vs numeric {fd:.6}",
-                    t.name,
-                    i - t.offset
-                ));
+                failures.push(format!("{}[{}]: analytic {an:.6} vs numeric {fd:.6}", t.name, i - t.offset));
             }
         }
     }
-    assert!(
-        skipped * 4 <= checked,
-        "{}: {skipped} of {checked} coordinates sit on kinks",
-        cfg.name
-    );
-    assert!(
-        failures.is_empty(),
-        "{} ({}): {failures:#?}",
-        cfg.name,
-        m.nodes.len()
-    );
+    assert!(skipped * 4 <= checked, "{}: {skipped} of {checked} coordinates sit on kinks", cfg.name);
+    assert!(failures.is_empty(), "{} ({}): {failures:#?}", cfg.name, m.nodes.len());
 }
 
 fn cfg(name: &str, input: [usize; 3], classes: usize, blocks: Vec<Block>) -> ModelConfig {
-    ModelConfig {
-        name: name.into(),
-        input,
-        classes,
-        blocks,
-    }
+    ModelConfig { name: name.into(), input, classes, blocks }
 }
 
 #[test]
 fn conv_dwsep_bn_relu_gap_linear() {
     let blocks = vec![
-        Block::Conv {
-            out: 4,
-            kernel: 3,
-            stride: 1,
-            act: Act::Relu,
-        },
-        Block::DwSep {
-            out: 6,
-            kernel: 3,
-            stride: 2,
-            act: Act::Relu,
-        },
-        Block::DwSep {
-            out: 5,
-            kernel: 3,
-            stride: 1,
-            act: Act::None,
-        },
+        Block::Conv { out: 4, kernel: 3, stride: 1, act: Act::Relu },
+        Block::DwSep { out: 6, kernel: 3, stride: 2, act: Act::Relu },
+        Block::DwSep { out: 5, kernel: 3, stride: 1, act: Act::None },
         Block::GlobalAvgPool,
         Block::Linear { out: 3, bias: true },
     ];
@@ -108,26 +73,13 @@ fn conv_dwsep_bn_relu_gap_linear() {
 #[test]
 fn hardtanh_pools_flatten_dropout() {
     let blocks = vec![
-        Block::Conv {
-            out: 3,
-            kernel: 3,
-            stride: 1,
-            act: Act::Hardtanh,
-        },
+        Block::Conv { out: 3, kernel: 3, stride: 1, act: Act::Hardtanh },
         Block::MaxPool { k: 2, stride: 2 },
-        Block::Conv {
-            out: 4,
-            kernel: 1,
-            stride: 1,
-            act: Act::Relu,
-        },
+        Block::Conv { out: 4, kernel: 1, stride: 1, act: Act::Relu },
         Block::AvgPool { k: 2, stride: 1 },
         Block::Flatten,
         Block::Dropout { p: 0.25 },
-        Block::Linear {
-            out: 4,
-            bias: false,
-        },
+        Block::Linear { out: 4, bias: false },
     ];
     check(cfg("pools", [6, 6, 1], 4, blocks), 3, 2);
 }
@@ -135,35 +87,12 @@ fn hardtanh_pools_flatten_dropout() {
 #[test]
 fn residual_with_and_without_projection() {
     let blocks = vec![
-        Block::Conv {
-            out: 4,
-            kernel: 3,
-            stride: 1,
-            act: Act::Relu,
-        },
-        Block::Residual {
-            body: vec![Block::DwSep {
-                out: 4,
-                kernel: 3,
-                stride: 1,
-                act: Act::Relu,
-            }],
-            act: Act::Relu,
-        },
+        Block::Conv { out: 4, kernel: 3, stride: 1, act: Act::Relu },
+        Block::Residual { body: vec![Block::DwSep { out: 4, kernel: 3, stride: 1, act: Act::Relu }], act: Act::Relu },
         Block::Residual {
             body: vec![
-                Block::DwSep {
-                    out: 6,
-                    kernel: 3,
-                    stride: 2,
-                    act: Act::Relu,
-                },
-                Block::Conv {
-                    out: 6,
-                    kernel: 3,
-                    stride: 1,
-                    act: Act::None,
-                },
+                Block::DwSep { out: 6, kernel: 3, stride: 2, act: Act::Relu },
+                Block::Conv { out: 6, kernel: 3, stride: 1, act: Act::None },
             ],
             act: Act::None,
         },

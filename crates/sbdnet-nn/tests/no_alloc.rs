@@ -36,10 +36,7 @@ static A: Counting = Counting;
 fn train_steps_do_not_allocate() {
     // One thread: rayon's pool start-up allocates, and with more threads its work-stealing
     // deques may grow; the model's own code is what this test pins down.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     pool.install(|| {
         for name in ["dscnn", "cnn"] {
             let cfg = ModelConfig::preset(name, [28, 28, 1], 10).unwrap();
@@ -67,11 +64,7 @@ fn train_steps_do_not_allocate() {
                 "{name}: {} allocations inside {gemm_calls} gemm calls (3 steps + 3 evals)",
                 IN_GEMM.load(Ordering::SeqCst)
             );
-            assert_eq!(
-                COUNT.load(Ordering::SeqCst),
-                0,
-                "{name}: heap allocations inside the step loop outside gemm"
-            );
+            assert_eq!(COUNT.load(Ordering::SeqCst), 0, "{name}: heap allocations inside the step loop outside gemm");
         }
     });
 }
