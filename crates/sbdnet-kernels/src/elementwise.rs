@@ -84,86 +84,108 @@ pub fn hardtanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32
     });
 }
 
-/// Per-channel sums over the rows of `x[rows][c]` for two quantities at once:
-/// `out_a[ch] = sum_r fa(x[r][ch])`-style reductions are built from this block-partial
-/// scheme. Here: `sum[ch] = sum_r x[r][ch]` and `sumsq[ch] = sum_r (x[r][ch] - shift[ch])^2`,
-/// accumulated in f64 per block of rows, blocks added in order (reproducible).
-pub fn channel_sums(x: &[f32], c: usize, shift: &[f32], sum: &mut [f64], sumsq: &mut [f64], scratch: &mut [f64]) {
-    let rows = x.len() / c;
+/// True when the AVX2 per-channel kernels apply (AVX2 path and whole 8-channel blocks).
+#[inline]
+fn avx2_channels(c: usize) -> bool {
+    cfg!(target_arch = "x86_64") && c % 8 == 0 && crate::kernel_path() == crate::KernelPath::Avx2
+}
+
+/// Run `body(block_index, rows, accumulators)` for each block of [`ROW_BLOCK`] rows in
+/// parallel, each with its own zeroed `2c` f32 accumulators in `scratch`; then add the blocks'
+/// accumulators in order, in f64, into `out_a` and `out_b`. The result depends only on the
+/// data, not on the thread count.
+fn per_channel_reduce(
+    rows: usize,
+    c: usize,
+    scratch: &mut [f32],
+    out_a: &mut [f64],
+    out_b: &mut [f64],
+    body: impl Fn(std::ops::Range<usize>, &mut [f32], &mut [f32]) + Sync,
+) {
     let blocks = rows.div_ceil(ROW_BLOCK);
     let scratch = &mut scratch[..blocks * 2 * c];
     scratch.par_chunks_mut(2 * c).enumerate().for_each(|(bi, acc)| {
-        let (s, q) = acc.split_at_mut(c);
-        s.fill(0.0);
-        q.fill(0.0);
-        let r0 = bi * ROW_BLOCK;
-        let r1 = (r0 + ROW_BLOCK).min(rows);
-        with_simd(|| {
-            for r in r0..r1 {
-                let row = &x[r * c..][..c];
-                for ch in 0..c {
-                    let v = row[ch] as f64;
-                    let d = (row[ch] - shift[ch]) as f64;
-                    s[ch] += v;
-                    q[ch] += d * d;
-                }
-            }
-        })
+        acc.fill(0.0);
+        let (a, b) = acc.split_at_mut(c);
+        body(bi * ROW_BLOCK..((bi + 1) * ROW_BLOCK).min(rows), a, b);
     });
-    sum.fill(0.0);
-    sumsq.fill(0.0);
+    out_a.fill(0.0);
+    out_b.fill(0.0);
     for acc in scratch.chunks(2 * c) {
         for ch in 0..c {
-            sum[ch] += acc[ch];
-            sumsq[ch] += acc[c + ch];
+            out_a[ch] += acc[ch] as f64;
+            out_b[ch] += acc[c + ch] as f64;
         }
     }
 }
 
-/// Scratch (f64) that [`channel_sums`] and [`channel_dot_sums`] need.
+/// Scratch (f32) that [`channel_sums`] and [`channel_dot_sums`] need for `rows` x `c`.
 pub fn channel_sums_scratch_len(rows: usize, c: usize) -> usize {
     rows.div_ceil(ROW_BLOCK) * 2 * c
 }
 
-/// Per-channel `sa[ch] = sum_r a[r][ch]` and `sab[ch] = sum_r a[r][ch] * (b[r][ch] - shift[ch])`,
-/// in f64 per block of rows (the batch-norm backward reductions with `a = dy`, `b = x`).
+/// Per-channel `sum[ch] = sum_r x[r][ch]` and `sumsq[ch] = sum_r (x[r][ch] - shift[ch])^2`
+/// over the rows of `x[rows][c]` (batch-norm statistics; a `shift` near the mean keeps the
+/// squares well conditioned). f32 within blocks of [`ROW_BLOCK`] rows, f64 across blocks.
+pub fn channel_sums(x: &[f32], c: usize, shift: &[f32], sum: &mut [f64], sumsq: &mut [f64], scratch: &mut [f32]) {
+    per_channel_reduce(x.len() / c, c, scratch, sum, sumsq, |r, s, q| {
+        let x = &x[r.start * c..r.end * c];
+        #[cfg(target_arch = "x86_64")]
+        if avx2_channels(c) {
+            // SAFETY: the AVX2 path is only chosen when the CPU has AVX2; c % 8 == 0.
+            return unsafe { crate::x86_64::avx2_channel_sums(x, c, shift, s, q) };
+        }
+        for row in x.chunks_exact(c) {
+            for ch in 0..c {
+                let v = row[ch];
+                let d = v - shift[ch];
+                s[ch] += v;
+                q[ch] += d * d;
+            }
+        }
+    });
+}
+
+/// `dy` masked by a ReLU recomputed from `x`: `dy * [x * scale + shift > 0]`.
+#[inline(always)]
+fn masked(dy: f32, x: f32, mask: Option<(&[f32], &[f32])>, ch: usize) -> f32 {
+    match mask {
+        Some((sc, sh)) if x * sc[ch] + sh[ch] > 0.0 => dy,
+        Some(_) => 0.0,
+        None => dy,
+    }
+}
+
+/// Per-channel `sa[ch] = sum_r g[r][ch]` and `sab[ch] = sum_r g[r][ch] * (x[r][ch] - mean[ch])`,
+/// where `g = dy`, or with `mask = Some((scale, shift))`, `g = dy * [x * scale + shift > 0]`
+/// (the backward of a ReLU fused after the affine, recomputed from `x` so the output is not
+/// read). The batch-norm backward reductions. Blocking as in [`channel_sums`].
+#[allow(clippy::too_many_arguments)]
 pub fn channel_dot_sums(
-    a: &[f32],
-    b: &[f32],
+    dy: &[f32],
+    x: &[f32],
+    mask: Option<(&[f32], &[f32])>,
     c: usize,
-    shift: &[f32],
+    mean: &[f32],
     sa: &mut [f64],
     sab: &mut [f64],
-    scratch: &mut [f64],
+    scratch: &mut [f32],
 ) {
-    let rows = a.len() / c;
-    let blocks = rows.div_ceil(ROW_BLOCK);
-    let scratch = &mut scratch[..blocks * 2 * c];
-    scratch.par_chunks_mut(2 * c).enumerate().for_each(|(bi, acc)| {
-        let (s, q) = acc.split_at_mut(c);
-        s.fill(0.0);
-        q.fill(0.0);
-        let r0 = bi * ROW_BLOCK;
-        let r1 = (r0 + ROW_BLOCK).min(rows);
-        with_simd(|| {
-            for r in r0..r1 {
-                let ra = &a[r * c..][..c];
-                let rb = &b[r * c..][..c];
-                for ch in 0..c {
-                    s[ch] += ra[ch] as f64;
-                    q[ch] += ra[ch] as f64 * (rb[ch] - shift[ch]) as f64;
-                }
-            }
-        })
-    });
-    sa.fill(0.0);
-    sab.fill(0.0);
-    for acc in scratch.chunks(2 * c) {
-        for ch in 0..c {
-            sa[ch] += acc[ch];
-            sab[ch] += acc[c + ch];
+    per_channel_reduce(x.len() / c, c, scratch, sa, sab, |r, s, q| {
+        let (dy, x) = (&dy[r.start * c..r.end * c], &x[r.start * c..r.end * c]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2_channels(c) {
+            // SAFETY: the AVX2 path is only chosen when the CPU has AVX2; c % 8 == 0.
+            return unsafe { crate::x86_64::avx2_dot_sums(dy, x, c, mask, mean, s, q) };
         }
-    }
+        for (rd, rx) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
+            for ch in 0..c {
+                let g = masked(rd[ch], rx[ch], mask, ch);
+                s[ch] += g;
+                q[ch] += g * (rx[ch] - mean[ch]);
+            }
+        }
+    });
 }
 
 /// Per-channel affine over rows: `y[r][ch] = x[r][ch] * scale[ch] + shift[ch]`, optionally
@@ -171,48 +193,49 @@ pub fn channel_dot_sums(
 pub fn channel_affine(x: &[f32], y: &mut [f32], c: usize, scale: &[f32], shift: &[f32], relu: bool) {
     let chunk = ROW_BLOCK * c;
     y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
-        with_simd(|| {
-            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                for ch in 0..c {
-                    let v = xr[ch] * scale[ch] + shift[ch];
-                    yr[ch] = if relu { v.max(0.0) } else { v };
-                }
+        #[cfg(target_arch = "x86_64")]
+        if avx2_channels(c) {
+            // SAFETY: the AVX2 path is only chosen when the CPU has AVX2; c % 8 == 0.
+            return unsafe { crate::x86_64::avx2_channel_affine(x, y, c, scale, shift, relu) };
+        }
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for ch in 0..c {
+                let v = xr[ch] * scale[ch] + shift[ch];
+                yr[ch] = if relu { v.max(0.0) } else { v };
             }
-        })
+        }
     });
 }
 
-/// Batch-norm input gradient over rows:
-/// `dx[r][ch] (+)= k1[ch] * dy[r][ch] + k2[ch] * x[r][ch] + k3[ch]` (adds when `add`).
+/// Batch-norm input gradient over rows: `dx[r][ch] (+)= k1[ch] g + k2[ch] x[r][ch] + k3[ch]`
+/// with `g` as in [`channel_dot_sums`]; adds when `add`, else overwrites.
 #[allow(clippy::too_many_arguments)]
 pub fn channel_grad_combine(
     dy: &[f32],
     x: &[f32],
+    mask: Option<(&[f32], &[f32])>,
     dx: &mut [f32],
     c: usize,
-    k1: &[f32],
-    k2: &[f32],
-    k3: &[f32],
+    k: [&[f32]; 3],
     add: bool,
 ) {
     let chunk = ROW_BLOCK * c;
-    dx.par_chunks_mut(chunk).zip(dy.par_chunks(chunk).zip(x.par_chunks(chunk))).for_each(|(dx, (dy, x))| {
-        with_simd(|| {
-            let rows = dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c));
-            if add {
-                for ((dr, gr), xr) in rows {
-                    for ch in 0..c {
-                        dr[ch] += k1[ch] * gr[ch] + k2[ch] * xr[ch] + k3[ch];
-                    }
-                }
-            } else {
-                for ((dr, gr), xr) in rows {
-                    for ch in 0..c {
-                        dr[ch] = k1[ch] * gr[ch] + k2[ch] * xr[ch] + k3[ch];
-                    }
-                }
+    dx.par_chunks_mut(chunk).enumerate().for_each(|(bi, dx)| {
+        let o = bi * chunk;
+        let (dy, x) = (&dy[o..o + dx.len()], &x[o..o + dx.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2_channels(c) {
+            // SAFETY: the AVX2 path is only chosen when the CPU has AVX2; c % 8 == 0.
+            return unsafe { crate::x86_64::avx2_grad_combine(dy, x, dx, c, mask, k, add) };
+        }
+        let [k1, k2, k3] = k;
+        for ((dr, gr), xr) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
+            for ch in 0..c {
+                let g = masked(gr[ch], xr[ch], mask, ch);
+                let v = k1[ch] * g + k2[ch] * xr[ch] + k3[ch];
+                dr[ch] = if add { dr[ch] + v } else { v };
             }
-        })
+        }
     });
 }
 
@@ -229,7 +252,7 @@ mod tests {
         let (mean, var) = crate::reference::channel_mean_var(&x, c);
         let mut s = vec![0.0; c];
         let mut q = vec![0.0; c];
-        let mut scratch = vec![0.0; channel_sums_scratch_len(rows, c)];
+        let mut scratch = vec![0.0f32; channel_sums_scratch_len(rows, c)];
         channel_sums(&x, c, &mean, &mut s, &mut q, &mut scratch);
         for ch in 0..c {
             assert!(((s[ch] / rows as f64) as f32 - mean[ch]).abs() < 1e-5);

@@ -32,6 +32,8 @@ pub mod matmul;
 pub mod pool;
 pub mod reference;
 pub mod rng;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
 
 pub use dispatch::{kernel_path, KernelPath};
 

@@ -105,11 +105,12 @@ pub struct BatchNorm2d {
     rstd: Vec<f32>,
     scale: Vec<f32>,
     shift: Vec<f32>,
+    k1: Vec<f32>,
     k2: Vec<f32>,
     k3: Vec<f32>,
     s1: Vec<f64>,
     s2: Vec<f64>,
-    scratch: Vec<f64>,
+    scratch: Vec<f32>,
 }
 
 impl BatchNorm2d {
@@ -128,6 +129,7 @@ impl BatchNorm2d {
             rstd: vec![0.0; c],
             scale: vec![0.0; c],
             shift: vec![0.0; c],
+            k1: vec![0.0; c],
             k2: vec![0.0; c],
             k3: vec![0.0; c],
             s1: vec![0.0; c],
@@ -176,8 +178,9 @@ impl BatchNorm2d {
         ew::channel_affine(x, y, c, &self.scale, &self.shift, self.relu);
     }
 
-    /// Backward (training mode). With a fused ReLU, `dy` is first masked by `y > 0`, which the
-    /// caller does by passing the masked gradient (see [`crate::model`]).
+    /// Backward (training mode). With a fused ReLU, the incoming gradient is masked by
+    /// `x * scale + shift > 0`, recomputed from the input with the forward's own affine, so
+    /// the output is not read again.
     ///
     /// With `xhat = (x - mean) * rstd`, `N` rows:
     /// `dbeta = sum dy`, `dgamma = sum dy * xhat`,
@@ -186,8 +189,9 @@ impl BatchNorm2d {
     /// `k3 = -k1 dbeta / N - k2 mean`.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
         let c = self.c;
+        let mask = self.relu.then_some((&self.scale[..], &self.shift[..]));
         let rows = (x.len() / c) as f32;
-        ew::channel_dot_sums(dy, x, c, &self.mean, &mut self.s1, &mut self.s2, &mut self.scratch);
+        ew::channel_dot_sums(dy, x, mask, c, &self.mean, &mut self.s1, &mut self.s2, &mut self.scratch);
         let (gr, br) = (self.gamma.range(), self.beta.range());
         for ch in 0..c {
             let dbeta = self.s1[ch] as f32;
@@ -196,11 +200,11 @@ impl BatchNorm2d {
             p.grad[br.start + ch] += dbeta;
             let k1 = p.data[gr.start + ch] * self.rstd[ch];
             let k2 = -k1 * self.rstd[ch] * dgamma / rows;
-            self.scale[ch] = k1;
+            self.k1[ch] = k1;
             self.k2[ch] = k2;
             self.k3[ch] = -k1 * dbeta / rows - k2 * self.mean[ch];
         }
-        ew::channel_grad_combine(dy, x, dx, c, &self.scale, &self.k2, &self.k3, add);
+        ew::channel_grad_combine(dy, x, mask, dx, c, [&self.k1, &self.k2, &self.k3], add);
     }
 }
 

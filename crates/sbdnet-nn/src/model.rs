@@ -471,7 +471,7 @@ impl Model {
             let (m0, add0) = (mode(in0), mode(in0).adds());
             let add1 = self.nodes[i].inputs.get(1).is_some_and(|&j| mode(j).adds());
             let (dlo, dy) = self.dacts.split_at_mut(out_off);
-            let dy = &mut dy[..out_len];
+            let dy = &dy[..out_len];
             let x = &self.acts[in_off..in_off + in_len];
             let y = &self.acts[out_off..out_off + out_len];
             let node = &mut self.nodes[i];
@@ -486,12 +486,7 @@ impl Model {
                 let dx = &mut dlo[in_off..in_off + in_len];
                 match &mut node.op {
                     Op::Conv(c) => c.backward(n, x, dy, dx, p, m0),
-                    Op::BatchNorm(bn) => {
-                        if bn.relu {
-                            mask_by_positive(dy, y);
-                        }
-                        bn.backward(x, dy, dx, p, add0)
-                    }
+                    Op::BatchNorm(bn) => bn.backward(x, dy, dx, p, add0),
                     Op::Relu => ew::relu_backward(y, dy, dx, add0),
                     Op::Hardtanh => ew::hardtanh_backward(x, dy, dx, -1.0, 1.0, add0),
                     Op::Pool(pl) => pl.backward(n, dy, dx, add0),
@@ -552,16 +547,4 @@ impl Model {
         let (loss, correct) = Loss::default().evaluate(logits, labels, classes);
         Ok(StepStats { loss, correct, n })
     }
-}
-
-/// `dy *= [y > 0]` (the backward of a fused ReLU, in place).
-fn mask_by_positive(dy: &mut [f32], y: &[f32]) {
-    use rayon::prelude::*;
-    dy.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(d, y)| {
-        for (d, &y) in d.iter_mut().zip(y) {
-            if y <= 0.0 {
-                *d = 0.0;
-            }
-        }
-    });
 }
