@@ -143,6 +143,7 @@ fn taps_major(g: &ConvGeom, w: &[f32], wt: &mut [f32]) {
     }
 }
 
+/// `o += a * b` element-wise (multiply, then add: the same rounding as the AVX2 version).
 #[inline(always)]
 fn axpy_mul(o: &mut [f32], a: &[f32], b: &[f32]) {
     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
@@ -150,9 +151,46 @@ fn axpy_mul(o: &mut [f32], a: &[f32], b: &[f32]) {
     }
 }
 
+/// Depthwise forward of one image, on the AVX2 path when it is active.
+fn dw_forward_image(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_path() == KernelPath::Avx2 {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
+            dw_forward_image_with(g, x, wt, out, |o, a, b| unsafe { crate::x86_64::mul_add_into(o, a, b) })
+        }
+        // SAFETY: the AVX2 path is only chosen when the CPU has AVX2.
+        return unsafe { avx2(g, x, wt, out) };
+    }
+    dw_forward_image_with(g, x, wt, out, axpy_mul)
+}
+
+/// Depthwise backward of one image, on the AVX2 path when it is active.
+fn dw_backward_image(g: &ConvGeom, x: &[f32], wt: &[f32], dy: &[f32], dx: &mut [f32], dwt: &mut [f32], add: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_path() == KernelPath::Avx2 {
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(g: &ConvGeom, x: &[f32], wt: &[f32], dy: &[f32], dx: &mut [f32], dwt: &mut [f32], add: bool) {
+            dw_backward_image_with(g, x, wt, dy, dx, dwt, add, |o, a, b| unsafe {
+                crate::x86_64::mul_add_into(o, a, b)
+            })
+        }
+        // SAFETY: the AVX2 path is only chosen when the CPU has AVX2.
+        return unsafe { avx2(g, x, wt, dy, dx, dwt, add) };
+    }
+    dw_backward_image_with(g, x, wt, dy, dx, dwt, add, axpy_mul)
+}
+
 /// Depthwise forward of one image; `wt` is tap-major.
 #[inline(always)]
-fn dw_forward_image(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
+fn dw_forward_image_with(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    out: &mut [f32],
+    axpy_mul: impl Fn(&mut [f32], &[f32], &[f32]),
+) {
     let c = g.cin;
     for oy in 0..g.oh {
         for ox in 0..g.ow {
@@ -176,7 +214,17 @@ fn dw_forward_image(g: &ConvGeom, x: &[f32], wt: &[f32], out: &mut [f32]) {
 /// Depthwise backward of one image: `dx += W^T dy` and `dwt += dy * x` (tap-major); `dx` is
 /// zeroed first unless `add`.
 #[inline(always)]
-fn dw_backward_image(g: &ConvGeom, x: &[f32], wt: &[f32], dy: &[f32], dx: &mut [f32], dwt: &mut [f32], add: bool) {
+#[allow(clippy::too_many_arguments)]
+fn dw_backward_image_with(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dwt: &mut [f32],
+    add: bool,
+    axpy_mul: impl Fn(&mut [f32], &[f32], &[f32]),
+) {
     let c = g.cin;
     if !add {
         dx.fill(0.0);
@@ -278,7 +326,7 @@ pub fn conv2d_forward(g: &ConvGeom, x: &[f32], w: &[f32], out: &mut [f32], col: 
             out[..g.out_len()]
                 .par_chunks_mut(outl)
                 .enumerate()
-                .for_each(|(b, ob)| with_simd(|| dw_forward_image(g, &x[b * inl..][..inl], wt, ob)));
+                .for_each(|(b, ob)| dw_forward_image(g, &x[b * inl..][..inl], wt, ob));
         }
         ConvAlgo::Im2col => {
             im2col(g, x, col);
@@ -365,19 +413,10 @@ fn depthwise_backward(
     partials.par_chunks_mut(tc).zip(dx[..g.in_len()].par_chunks_mut(per * inl)).enumerate().for_each(
         |(p, (dwt, dxs))| {
             dwt.fill(0.0);
-            with_simd(|| {
-                for (i, b) in (p * per..((p + 1) * per).min(g.batch)).enumerate() {
-                    dw_backward_image(
-                        g,
-                        &x[b * inl..][..inl],
-                        wt,
-                        &dy[b * outl..][..outl],
-                        &mut dxs[i * inl..][..inl],
-                        dwt,
-                        add,
-                    );
-                }
-            })
+            for (i, b) in (p * per..((p + 1) * per).min(g.batch)).enumerate() {
+                let (xb, dyb) = (&x[b * inl..][..inl], &dy[b * outl..][..outl]);
+                dw_backward_image(g, xb, wt, dyb, &mut dxs[i * inl..][..inl], dwt, add);
+            }
         },
     );
     // Reduce the partials in order, then add into dw ([c][kh][kw]).

@@ -21,6 +21,24 @@ unsafe fn st(p: &mut [f32], i: usize, v: __m256) {
     _mm256_storeu_ps(p.as_mut_ptr().add(i), v)
 }
 
+/// `o[i] += a[i] * b[i]` (multiply, then add: the portable loop's rounding), 8 lanes at a
+/// time with a scalar tail. Always inlined: call it only from an AVX2-enabled function
+/// (such as the depthwise kernels in [`crate::conv`]), where its intrinsics inline too.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline(always)]
+pub unsafe fn mul_add_into(o: &mut [f32], a: &[f32], b: &[f32]) {
+    let n = o.len().min(a.len()).min(b.len());
+    let whole = n - n % 8;
+    for j in (0..whole).step_by(8) {
+        st(o, j, _mm256_add_ps(ld(o, j), _mm256_mul_ps(ld(a, j), ld(b, j))));
+    }
+    for j in whole..n {
+        o[j] += a[j] * b[j];
+    }
+}
+
 /// `g = mask ? dy : 0` with the ReLU mask recomputed as `x * scale + shift > 0`.
 #[inline(always)]
 unsafe fn masked(dy: __m256, x: __m256, sc: __m256, sh: __m256) -> __m256 {
