@@ -9,6 +9,7 @@ use std::time::Instant;
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
+        BenchCommand::Linear(a) => crate::bench_linear::run(a),
     }
 }
 

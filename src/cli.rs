@@ -22,6 +22,7 @@ impl Cli {
             Command::Train(a) => a.threads,
             Command::Eval(a) => a.threads,
             Command::Bench(BenchCommand::Train(a)) => Some(a.threads),
+            Command::Bench(BenchCommand::Linear(a)) => Some(a.threads),
             Command::Data(_) => Some(1),
         }
     }
@@ -179,6 +180,8 @@ pub struct EvalArgs {
 pub enum BenchCommand {
     /// Time training steps (forward, backward, optimizer) on random data.
     Train(BenchTrainArgs),
+    /// Time one sparse or dense linear layer (diagonal, CSR, dense, masked dense).
+    Linear(crate::bench_linear::BenchLinearArgs),
 }
 
 /// `sbdnet bench train`.

@@ -3,6 +3,7 @@
 //! Run `sbdnet --help` (or `sbdnet <command> --help`) for usage.
 
 mod bench;
+mod bench_linear;
 mod cli;
 mod train;
 
