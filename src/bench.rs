@@ -3,7 +3,7 @@
 use crate::cli::{BenchCommand, BenchTrainArgs};
 use anyhow::{Context, Result};
 use sbdnet_kernels::rng::Rng;
-use sbdnet_nn::{Loss, Model, ModelConfig, Optimizer, OptimizerConfig};
+use sbdnet_nn::{Loss, Model, Optimizer, OptimizerConfig};
 use std::time::Instant;
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -11,6 +11,70 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Linear(a) => crate::bench_linear::run(a),
     }
+}
+
+pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
+    let cfg = match &a.dir {
+        Some(dir) => sbdnet_nn::checkpoint::Checkpoint::read(dir)?.config,
+        None => {
+            let default = match sbdnet_nn::ModelConfig::preferred_input_size(&a.m.model) {
+                Some(s) => format!("{s}x{s}x1"),
+                None => "28x28x1".to_string(),
+            };
+            a.m.config(parse_input(a.input.as_deref().unwrap_or(&default))?, a.classes)?
+        }
+    };
+    let model = Model::new(cfg.clone(), 1, 0)?;
+    let s = sbdnet_nn::summary::summarize(&model);
+    if a.json {
+        let mut v = serde_json::to_value(&s)?;
+        v["model"] = cfg.name.clone().into();
+        v["precision"] = cfg.quant.precision.name().into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{} ({}), input {}x{}x{}, {} classes",
+        cfg.name,
+        cfg.quant.precision.name(),
+        cfg.input[0],
+        cfg.input[1],
+        cfg.input[2],
+        cfg.classes
+    );
+    println!(
+        "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}",
+        "layer", "kind", "output", "params", "bits", "packed B", "MACs", "mults", "adds"
+    );
+    for l in s.layers.iter().chain(std::iter::once(&s.total)) {
+        if l.name == "total" {
+            println!("{}", "-".repeat(130));
+        }
+        println!(
+            "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}",
+            l.name,
+            l.kind,
+            l.output,
+            l.params,
+            l.param_bits,
+            l.memory_packed_bytes,
+            l.macs,
+            l.multiplications,
+            l.additions
+        );
+    }
+    println!(
+        "parameters: {} ({:.1} KiB as float, {:.1} KiB deployed: {:.1}x smaller); per image: {} MACs, {} multiplications, {} additions{}",
+        s.total.params,
+        s.total.memory_float_bytes as f64 / 1024.0,
+        s.total.memory_packed_bytes as f64 / 1024.0,
+        s.compression,
+        s.total.macs,
+        s.total.multiplications,
+        s.total.additions,
+        if s.total.binary_ops > 0 { format!(" ({} as XNOR+popcount)", s.total.binary_ops) } else { String::new() }
+    );
+    Ok(())
 }
 
 fn parse_input(s: &str) -> Result<[usize; 3]> {
@@ -40,7 +104,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 fn bench_train(a: BenchTrainArgs) -> Result<()> {
     anyhow::ensure!(a.batch_size >= 1 && a.steps >= 1, "--batch-size and --steps must be at least 1");
     let input = parse_input(&a.input)?;
-    let cfg = ModelConfig::preset(&a.model, input, 10)?;
+    let cfg = a.m.config(input, 10)?;
     let mut model = Model::new(cfg, a.batch_size, 0)?;
     let mut opt = Optimizer::new(OptimizerConfig::default(), model.params.len());
     let mut r = Rng::new(1);
@@ -85,7 +149,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         .unwrap_or_default();
     if a.json {
         let mut v = serde_json::json!({
-            "model": a.model, "batch_size": a.batch_size, "threads": rayon::current_num_threads(), "input": a.input,
+            "model": a.m.model, "precision": a.m.precision, "width": a.m.width, "batch_size": a.batch_size, "threads": rayon::current_num_threads(), "input": a.input,
             "steps": a.steps, "step_ms_median": med, "step_ms_min": min, "step_ms_max": max, "images_per_s": ips,
             "kernels": sbdnet_kernels::kernel_path().name(),
         });
@@ -96,7 +160,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     } else {
         println!(
             "{} train step, batch {} of {}, {} threads ({} kernels): median {med:.2} ms (min {min:.2}, max {max:.2}) -> {ips:.0} images/s",
-            a.model,
+            format!("{} {}", a.m.model, a.m.precision),
             a.batch_size,
             a.input,
             rayon::current_num_threads(),

@@ -23,7 +23,8 @@ impl Cli {
             Command::Eval(a) => a.threads,
             Command::Bench(BenchCommand::Train(a)) => Some(a.threads),
             Command::Bench(BenchCommand::Linear(a)) => Some(a.threads),
-            Command::Data(_) => Some(1),
+            Command::Data(_) | Command::Summary(_) => Some(1),
+            Command::Demo(a) => a.threads,
         }
     }
 }
@@ -41,6 +42,58 @@ pub enum Command {
     /// Install and inspect data sets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train dscnn at float and at w1 (binary weights) on the built-in digits and compare.
+    Demo(DemoArgs),
+    /// Per-layer parameters, bits, memory, MACs, multiplications and additions of a model in
+    /// its deployed form (of a checkpoint DIR, or of --model/--precision).
+    Summary(SummaryArgs),
+}
+
+/// `sbdnet demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Epochs per model.
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Where the checkpoints go.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TrainArgs {
+    /// The defaults of `sbdnet train --model M --dataset D`.
+    pub fn default_for(model: &str, dataset: &str) -> TrainArgs {
+        let cli = Cli::parse_from(["sbdnet", "train"]);
+        let Command::Train(mut a) = cli.command else { unreachable!("parsed a train command") };
+        a.m.model = model.to_string();
+        a.dataset = dataset.to_string();
+        a
+    }
+}
+
+/// `sbdnet summary`.
+#[derive(Args, Debug, Clone)]
+pub struct SummaryArgs {
+    /// A checkpoint directory (otherwise the model options below describe the model).
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub m: ModelArgs,
+    /// Input as HxWxC (default: 32x32x1 for mobilenet and resnet20-ds, else 28x28x1).
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Print one JSON object (`layers`, `total`, `compression`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Optimizers.
@@ -89,12 +142,71 @@ pub struct DataOpts {
     pub data_dir: Option<PathBuf>,
 }
 
+/// Model architecture and precision options shared by train, bench and summary.
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ModelArgs {
+    /// Model: dscnn (depthwise-separable CNN), cnn (ordinary 3x3 convolutions, the float
+    /// baseline), bdnet (dscnn with binary weights), mobilenet (MobileNet-V1 widths, 32x32),
+    /// resnet20-ds (ResNet-20 with depthwise-separable blocks, 32x32).
+    #[arg(long, default_value = "dscnn")]
+    pub model: String,
+    /// Precision of every convolution but the first: float, w1 (binary weights: additions and
+    /// subtractions only) or w1a1 (binary weights and activations: XNOR + popcount).
+    #[arg(long, default_value = "float")]
+    pub precision: String,
+    /// Channel multiplier (0.5, 1, 2, ...).
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f32,
+    /// Binary-weight scale alpha = mean|W| per layer or per output channel.
+    #[arg(long, value_enum, default_value_t = AlphaArg::Layer)]
+    pub alpha: AlphaArg,
+    /// Straight-through estimator: zero the weight gradient where |W| > this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub ste_clip: f32,
+    /// Scale binary weights' gradients by 1/alpha.
+    #[arg(long)]
+    pub grad_scale: bool,
+    /// Binarize the first convolution and the classifier too (float by default).
+    #[arg(long)]
+    pub binarize_first_last: bool,
+}
+
+impl ModelArgs {
+    /// The quantization these options describe.
+    pub fn quant(&self) -> anyhow::Result<sbdnet_nn::QuantConfig> {
+        let precision: sbdnet_nn::Precision = self.precision.parse().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(self.ste_clip >= 0.0, "--ste-clip must be >= 0 (0 turns clipping off)");
+        Ok(sbdnet_nn::QuantConfig {
+            precision,
+            alpha_per_channel: self.alpha == AlphaArg::Channel,
+            ste_clip: (self.ste_clip > 0.0).then_some(self.ste_clip),
+            grad_scale: self.grad_scale,
+            binarize_first_last: self.binarize_first_last,
+        })
+    }
+
+    /// The model configuration for inputs `[h, w, c]` and `classes`.
+    pub fn config(&self, input: [usize; 3], classes: usize) -> anyhow::Result<sbdnet_nn::ModelConfig> {
+        Ok(sbdnet_nn::ModelConfig::build(&self.model, input, classes, self.width, self.quant()?)?)
+    }
+}
+
+/// Scope of the binary-weight scale.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlphaArg {
+    /// One alpha per layer.
+    Layer,
+    /// One alpha per output channel.
+    Channel,
+}
+
 /// `sbdnet train`.
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainArgs {
-    /// Model: dscnn (depthwise-separable CNN) or cnn (ordinary 3x3 convolutions, the baseline).
-    #[arg(long, default_value = "dscnn")]
-    pub model: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub m: ModelArgs,
     /// Data set: digits (built in), mnist, fashion-mnist, cifar10.
     #[arg(long, default_value = "digits")]
     pub dataset: String,
@@ -187,9 +299,9 @@ pub enum BenchCommand {
 /// `sbdnet bench train`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchTrainArgs {
-    /// Model.
-    #[arg(long, default_value = "dscnn")]
-    pub model: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub m: ModelArgs,
     /// Images per step.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,

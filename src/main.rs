@@ -11,6 +11,13 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Like other Unix command-line tools, end quietly when the reader of our output goes away
+    // (`sbdnet summary | head`) instead of failing on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     if let Err(e) = setup_threads(args.threads()) {
         eprintln!("error: {e:#}");
@@ -21,6 +28,8 @@ fn main() -> ExitCode {
         cli::Command::Eval(a) => train::eval(a),
         cli::Command::Bench(b) => bench::run(b),
         cli::Command::Data(d) => train::data(d),
+        cli::Command::Summary(s) => bench::summary(s),
+        cli::Command::Demo(d) => train::demo(d),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,6 +51,15 @@ fn load_split(name: &str, dir: &Path) -> Result<(DatasetKind, sbdnet_data::Split
     Ok((kind, split))
 }
 
+/// Zero-pad both splits to `size x size` (e.g. 28x28 images for a 32x32 model).
+fn pad_split(split: &mut sbdnet_data::Split, size: usize) -> Result<()> {
+    if split.train.height < size || split.train.width < size {
+        split.train = split.train.pad_to(size, size)?;
+        split.test = split.test.pad_to(size, size)?;
+    }
+    Ok(())
+}
+
 /// A data set normalized once into f32 NHWC.
 struct Prepared {
     x: Vec<f32>,
@@ -110,7 +119,8 @@ fn evaluate(model: &mut Model, data: &Prepared) -> Result<(f32, f32)> {
     Ok(((loss / n.max(1) as f64) as f32, correct as f32 / n.max(1) as f32))
 }
 
-pub fn train(mut a: TrainArgs) -> Result<()> {
+/// Train as `a` says; progress on stderr unless quiet or JSON.
+pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     let (json, quiet, threads, stop_after, ddir) = (a.json, a.quiet, a.threads, a.stop_after, a.data_dir.clone());
     let mut resume: Option<(Checkpoint, RunState, PathBuf)> = None;
     if let Some(dir) = a.resume.clone() {
@@ -131,12 +141,20 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     a.stop_after = stop_after;
     a.data_dir = ddir;
     let dir = data_dir(&a.data_dir);
-    let (kind, split) = load_split(&a.dataset, &dir)?;
+    let (kind, mut split) = load_split(&a.dataset, &dir)?;
+    let model_name = match &resume {
+        Some((ck, _, _)) => ck.config.name.clone(),
+        None => a.m.model.clone(),
+    };
+    if let Some(size) = ModelConfig::preferred_input_size(&model_name) {
+        pad_split(&mut split, size)?;
+    }
     let epochs = a.epochs.unwrap_or(if kind == DatasetKind::Digits { 30 } else { 15 });
     anyhow::ensure!(epochs >= 1, "--epochs must be at least 1");
     anyhow::ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
     anyhow::ensure!((0.0..1.0).contains(&a.label_smoothing), "--label-smoothing must be in [0, 1)");
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, kind.name())));
+    let out =
+        a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-{}", a.m.model, a.m.precision, kind.name())));
     a.out = Some(out.clone());
     a.epochs = Some(epochs);
 
@@ -152,7 +170,7 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     let steps_per_epoch = n_train / batch;
     let cfg = match &resume {
         Some((ck, _, _)) => ck.config.clone(),
-        None => ModelConfig::preset(&a.model, [train.h, train.w, train.c], kind.classes())?,
+        None => a.m.config([train.h, train.w, train.c], kind.classes())?,
     };
     let mut model = Model::new(cfg, batch, a.seed)?;
     let mut opt = Optimizer::new(optimizer_config(&a), model.params.len());
@@ -187,8 +205,9 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
     let prose = !json && !quiet;
     if prose {
         eprintln!(
-            "training {} on {} ({} train / {} test images of {}x{}x{}), {} parameters, {epochs} epochs x {steps_per_epoch} steps of {batch}, {} threads, kernels: {}",
-            a.model,
+            "training {} {} on {} ({} train / {} test images of {}x{}x{}), {} parameters, {epochs} epochs x {steps_per_epoch} steps of {batch}, {} threads, kernels: {}",
+            a.m.model,
+            a.m.precision,
             kind.name(),
             n_train,
             test.y.len(),
@@ -319,26 +338,88 @@ pub fn train(mut a: TrainArgs) -> Result<()> {
         }
     }
     let m = last.context("no epoch was run")?;
-    let secs = run_start.elapsed().as_secs_f32();
+    let outcome = Outcome {
+        model: a.m.model.clone(),
+        precision: a.m.precision.clone(),
+        dataset: kind.name().to_string(),
+        epochs: m.epoch,
+        test_accuracy: m.test_acc,
+        test_loss: m.test_loss,
+        train_accuracy: m.train_acc,
+        train_loss: m.train_loss,
+        images_per_s: m.images_per_s,
+        seconds: run_start.elapsed().as_secs_f32(),
+        parameters: model.params.len(),
+        out: out.display().to_string(),
+    };
+    Ok(outcome)
+}
+
+/// What a finished training run reports.
+#[derive(Serialize, Debug, Clone)]
+pub struct Outcome {
+    model: String,
+    precision: String,
+    dataset: String,
+    epochs: usize,
+    test_accuracy: f32,
+    test_loss: f32,
+    train_accuracy: f32,
+    train_loss: f32,
+    images_per_s: f32,
+    seconds: f32,
+    parameters: usize,
+    out: String,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let json = a.json;
+    let o = run_training(a)?;
     if json {
-        let v = serde_json::json!({
-            "model": a.model, "dataset": kind.name(), "epochs": m.epoch, "test_accuracy": m.test_acc,
-            "test_loss": m.test_loss, "train_accuracy": m.train_acc, "train_loss": m.train_loss,
-            "images_per_s": m.images_per_s, "seconds": secs, "parameters": model.params.len(),
-            "out": out.display().to_string(),
-        });
-        println!("{v}");
+        println!("{}", serde_json::to_string(&o)?);
     } else {
         println!(
-            "{} on {}: test accuracy {:.2}% after {} epochs ({:.1} s); checkpoint in {}",
-            a.model,
-            kind.name(),
-            100.0 * m.test_acc,
-            m.epoch,
-            secs,
-            out.display()
+            "{} {} on {}: test accuracy {:.2}% after {} epochs ({:.1} s); checkpoint in {}",
+            o.model,
+            o.precision,
+            o.dataset,
+            100.0 * o.test_accuracy,
+            o.epochs,
+            o.seconds,
+            o.out
         );
     }
+    Ok(())
+}
+
+/// `sbdnet demo`: dscnn at float and at w1 on the built-in digits, side by side.
+pub fn demo(a: crate::cli::DemoArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for precision in ["float", "w1"] {
+        let mut args = TrainArgs::default_for("dscnn", "digits");
+        args.m.precision = precision.to_string();
+        args.epochs = Some(a.epochs);
+        args.threads = a.threads;
+        args.quiet = a.json;
+        args.out = Some(a.out.join(format!("dscnn-{precision}")));
+        if !a.json {
+            eprintln!("== dscnn {precision} on the built-in 8x8 digits ==");
+        }
+        rows.push(run_training(args)?);
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "runs": rows }));
+        return Ok(());
+    }
+    println!("\n{:<8} {:<10} {:>14} {:>9}", "model", "precision", "test accuracy", "seconds");
+    for o in &rows {
+        println!("{:<8} {:<10} {:>13.2}% {:>9.1}", o.model, o.precision, 100.0 * o.test_accuracy, o.seconds);
+    }
+    println!(
+        "binary weights (w1) cost {:+.2} points against float; checkpoints in {}",
+        100.0 * (rows[1].test_accuracy - rows[0].test_accuracy),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -350,7 +431,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .clone()
         .or_else(|| st.as_ref().map(|s| s.args.dataset.clone()))
         .context("--dataset is required: this checkpoint does not say what it was trained on")?;
-    let (kind, split) = load_split(&name, &data_dir(&a.data.data_dir))?;
+    let (kind, mut split) = load_split(&name, &data_dir(&a.data.data_dir))?;
+    let [ch, cw, _] = ck.config.input;
+    if ch == cw && ch > split.test.height && ch > split.test.width {
+        pad_split(&mut split, ch)?;
+    }
     let (mean, std) = match &st {
         Some(s) => (s.mean.clone(), s.std.clone()),
         None => split.train.channel_stats(),

@@ -124,3 +124,54 @@ fn bench_train_json_has_the_documented_keys() {
     assert!(v["step_ms_median"].as_f64().unwrap() > 0.0);
     assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn demo_trains_float_and_binary_weights_well_above_chance() {
+    let dir = tmp("demo");
+    let v = json(&sbdnet(&["demo", "--epochs", "12", "--threads", "2", "--json", "--out", dir.to_str().unwrap()]));
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!(acc > 0.8, "{} reached only {acc}", r["precision"]);
+    }
+    assert_eq!(runs[1]["precision"], "w1");
+    // The deployed weights of every binarized layer of the saved w1 model take only +alpha
+    // and -alpha (one alpha per layer by default).
+    let ck = sbdnet_nn::checkpoint::Checkpoint::read(&dir.join("dscnn-w1")).unwrap();
+    let mut model = sbdnet_nn::Model::new(ck.config.clone(), 2, 0).unwrap();
+    ck.apply(&mut model, None, &dir).unwrap();
+    let x = vec![0.0f32; 2 * 64];
+    model.forward(&x, 2, false).unwrap();
+    let mut binarized = 0;
+    for node in &model.nodes {
+        if let sbdnet_nn::model::Op::Conv(c) = &node.op {
+            if let Some(b) = &c.bin {
+                binarized += 1;
+                let a = b.alpha[0];
+                assert!(a > 0.0);
+                assert!(b.wb.iter().all(|&w| w == a || w == -a), "{}: values other than +-{a}", node.name);
+                // And they are the signs of the saved latent weights.
+                let latent = model.params.get(&format!("{}.weight", node.name)).unwrap();
+                assert!(latent.iter().zip(&b.wb).all(|(&l, &w)| (l >= 0.0) == (w > 0.0)));
+            }
+        }
+    }
+    assert_eq!(binarized, 8, "dscnn has 8 binarized convolutions (4 depthwise, 4 pointwise)");
+}
+
+#[test]
+fn summary_counts_no_multiplications_in_binarized_layers() {
+    let v = json(&sbdnet(&["summary", "--model", "dscnn", "--precision", "w1", "--json"]));
+    let layers = v["layers"].as_array().unwrap();
+    for l in layers.iter().filter(|l| l["kind"].as_str().unwrap().ends_with("/w1")) {
+        assert_eq!(l["multiplications"], 0, "{l}");
+        assert_eq!(l["additions"], l["macs"], "{l}");
+    }
+    let total_macs: u64 = layers.iter().map(|l| l["macs"].as_u64().unwrap()).sum();
+    assert_eq!(v["total"]["macs"].as_u64().unwrap(), total_macs);
+    let f = json(&sbdnet(&["summary", "--model", "dscnn", "--json"]));
+    assert_eq!(f["total"]["params"], v["total"]["params"]);
+    assert!(v["compression"].as_f64().unwrap() > 8.0, "{}", v["compression"]);
+    assert!((f["compression"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+}

@@ -1,6 +1,7 @@
 //! Model descriptions as data: a block list, serializable to JSON.
 
 use crate::error::NnError;
+use crate::quant::{Precision, QuantConfig};
 use serde::{Deserialize, Serialize};
 
 /// Activation after a block.
@@ -94,34 +95,103 @@ pub struct ModelConfig {
     pub classes: usize,
     /// The blocks, in order.
     pub blocks: Vec<Block>,
+    /// Binarization of the layers (float by default).
+    #[serde(default)]
+    pub quant: QuantConfig,
 }
 
 /// Names of the built-in models.
-pub const PRESETS: &[&str] = &["dscnn", "cnn"];
+pub const PRESETS: &[&str] = &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds"];
 
 impl ModelConfig {
-    /// A built-in model for inputs of `input = [h, w, c]` and `classes` classes.
+    /// A built-in model, full precision, width 1 (see [`ModelConfig::build`]).
+    pub fn preset(name: &str, input: [usize; 3], classes: usize) -> Result<Self, NnError> {
+        Self::build(name, input, classes, 1.0, QuantConfig::default())
+    }
+
+    /// A built-in model for inputs `input = [h, w, c]`, `classes` classes, every channel
+    /// count multiplied by `width` (at least 1), quantized as `quant` says.
     ///
     /// - `dscnn`: conv3x3 (->32) + BN + ReLU, depthwise-separable blocks (32->64, s1),
     ///   (64->128, s2), (128->128, s1), (128->256, s2), global average pool, linear.
     /// - `cnn`: the same with an ordinary 3x3 convolution in place of each depthwise-separable
     ///   block (the full-precision baseline).
-    pub fn preset(name: &str, input: [usize; 3], classes: usize) -> Result<Self, NnError> {
-        let stages = [(64, 1), (128, 2), (128, 1), (256, 2)];
-        let conv = |out, stride| Block::Conv { out, kernel: 3, stride, act: Act::Relu };
-        let mut blocks = vec![conv(32, 1)];
+    /// - `bdnet`: `dscnn` with binary weights (its precision is at least `w1`).
+    /// - `mobilenet`: MobileNet-V1 widths for 32x32 inputs: conv3x3 (->32, stride 1), then
+    ///   depthwise-separable blocks to 64, 128/2, 128, 256/2, 256, 512/2, 512 x5, 1024/2, 1024.
+    /// - `resnet20-ds`: ResNet-20 for 32x32 inputs (conv3x3 ->16, three stages of three basic
+    ///   blocks at 16, 32/2, 64/2 channels) with every 3x3 convolution of a basic block replaced
+    ///   by a depthwise-separable block; projection shortcuts (1x1 conv + BN) where the shape
+    ///   changes.
+    ///
+    /// With binary activations (`w1a1`) the blocks' activation is Hardtanh (the binarizer that
+    /// follows is the nonlinearity; Hardtanh keeps the sign information ReLU would drop).
+    pub fn build(
+        name: &str,
+        input: [usize; 3],
+        classes: usize,
+        width: f32,
+        quant: QuantConfig,
+    ) -> Result<Self, NnError> {
+        if !(width > 0.0 && width <= 16.0) {
+            return Err(NnError::Config(format!("width must be in (0, 16], got {width}")));
+        }
+        let ch = |c: usize| ((c as f32 * width).round() as usize).max(1);
+        let mut quant = quant;
+        if name == "bdnet" && quant.precision == Precision::Float {
+            quant.precision = Precision::W1;
+        }
+        let act = if quant.precision.binary_acts() { Act::Hardtanh } else { Act::Relu };
+        let conv = |out, stride| Block::Conv { out: ch(out), kernel: 3, stride, act: Act::Relu };
+        let ds = |out, stride| Block::DwSep { out: ch(out), kernel: 3, stride, act };
+        let mut blocks = vec![conv(if name == "resnet20-ds" { 16 } else { 32 }, 1)];
         match name {
-            "dscnn" => blocks.extend(stages.iter().map(|&(out, stride)| Block::DwSep {
-                out,
+            "dscnn" | "bdnet" => blocks.extend([(64, 1), (128, 2), (128, 1), (256, 2)].map(|(o, s)| ds(o, s))),
+            "cnn" => blocks.extend([(64, 1), (128, 2), (128, 1), (256, 2)].map(|(o, s)| Block::Conv {
+                out: ch(o),
                 kernel: 3,
-                stride,
-                act: Act::Relu,
+                stride: s,
+                act,
             })),
-            "cnn" => blocks.extend(stages.iter().map(|&(out, stride)| conv(out, stride))),
-            _ => return Err(NnError::UnknownModel { name: name.to_string(), choices: PRESETS.join(", ") }),
+            "mobilenet" => {
+                let stages = [
+                    (64, 1),
+                    (128, 2),
+                    (128, 1),
+                    (256, 2),
+                    (256, 1),
+                    (512, 2),
+                    (512, 1),
+                    (512, 1),
+                    (512, 1),
+                    (512, 1),
+                    (512, 1),
+                    (1024, 2),
+                    (1024, 1),
+                ];
+                blocks.extend(stages.map(|(o, s)| ds(o, s)));
+            }
+            "resnet20-ds" => {
+                for (stage, out) in [16, 32, 64].into_iter().enumerate() {
+                    for i in 0..3 {
+                        let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                        let last = Block::DwSep { out: ch(out), kernel: 3, stride: 1, act: Act::None };
+                        blocks.push(Block::Residual { body: vec![ds(out, stride), last], act });
+                    }
+                }
+            }
+            _ => {
+                return Err(NnError::UnknownModel { name: name.to_string(), choices: PRESETS.join(", ") });
+            }
         }
         blocks.push(Block::GlobalAvgPool);
         blocks.push(Block::Linear { out: classes, bias: true });
-        Ok(ModelConfig { name: name.to_string(), input, classes, blocks })
+        Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant })
+    }
+
+    /// The input size a preset is designed for, if it has one (`mobilenet` and `resnet20-ds`
+    /// expect 32x32: smaller images are zero-padded to it).
+    pub fn preferred_input_size(name: &str) -> Option<usize> {
+        matches!(name, "mobilenet" | "resnet20-ds").then_some(32)
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::model::Shape;
 use crate::params::{ParamId, ParamStore};
+use crate::quant::WeightBinarizer;
 use sbdnet_kernels::conv::{self, ConvGeom};
 use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::matmul::{sgemm, Trans};
@@ -30,8 +31,10 @@ pub struct Conv2d {
     pub pad: usize,
     /// Groups.
     pub groups: usize,
-    /// The weight tensor.
+    /// The weight tensor (latent weights when binarized).
     pub weight: ParamId,
+    /// Binary weights (`Wb = alpha * sign(W)`), when the layer is binarized.
+    pub bin: Option<WeightBinarizer>,
     col: Vec<f32>,
     scratch: Vec<f32>,
 }
@@ -39,7 +42,7 @@ pub struct Conv2d {
 impl Conv2d {
     /// A convolution reading `input`, its weight already registered.
     pub fn new(input: Shape, cout: usize, k: usize, stride: usize, pad: usize, groups: usize, weight: ParamId) -> Self {
-        Conv2d { input, cout, k, stride, pad, groups, weight, col: Vec::new(), scratch: Vec::new() }
+        Conv2d { input, cout, k, stride, pad, groups, weight, bin: None, col: Vec::new(), scratch: Vec::new() }
     }
 
     /// Geometry for `n` images.
@@ -68,7 +71,15 @@ impl Conv2d {
     pub fn forward(&mut self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
         let g = self.geom(n);
         self.ensure_scratch(&g);
-        conv::conv2d_forward(&g, x, &p.data[self.weight.range()], y, &mut self.col, &mut self.scratch);
+        let w = &p.data[self.weight.range()];
+        let w = match self.bin.as_mut() {
+            Some(b) => {
+                b.binarize(w);
+                &b.wb[..]
+            }
+            None => w,
+        };
+        conv::conv2d_forward(&g, x, w, y, &mut self.col, &mut self.scratch);
     }
 
     /// Backward.
@@ -77,7 +88,17 @@ impl Conv2d {
         let g = self.geom(n);
         self.ensure_scratch(&g);
         let r = self.weight.range();
-        conv::conv2d_backward(&g, x, &p.data[r.clone()], dy, dx, &mut p.grad[r], &self.col, &mut self.scratch, mode);
+        match self.bin.as_mut() {
+            Some(b) => {
+                b.dwb.fill(0.0);
+                conv::conv2d_backward(&g, x, &b.wb, dy, dx, &mut b.dwb, &self.col, &mut self.scratch, mode);
+                b.backward(&p.data[r.clone()], &mut p.grad[r]);
+            }
+            None => {
+                let (w, dw) = (&p.data[r.clone()], &mut p.grad[r]);
+                conv::conv2d_backward(&g, x, w, dy, dx, dw, &self.col, &mut self.scratch, mode);
+            }
+        }
     }
 }
 
@@ -219,13 +240,23 @@ pub struct Linear {
     pub weight: ParamId,
     /// Bias.
     pub bias: Option<ParamId>,
+    /// Binary weights, when the classifier is binarized too.
+    pub bin: Option<WeightBinarizer>,
 }
 
 impl Linear {
     /// Forward.
-    pub fn forward(&self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
+    pub fn forward(&mut self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
         let t = sbdnet_kernels::threads();
-        sgemm(n, self.out, self.inp, x, Trans::No, &p.data[self.weight.range()], Trans::Yes, y, false, t);
+        let w = &p.data[self.weight.range()];
+        let w = match self.bin.as_mut() {
+            Some(b) => {
+                b.binarize(w);
+                &b.wb[..]
+            }
+            None => w,
+        };
+        sgemm(n, self.out, self.inp, x, Trans::No, w, Trans::Yes, y, false, t);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];
             for row in y[..n * self.out].chunks_exact_mut(self.out) {
@@ -235,11 +266,20 @@ impl Linear {
     }
 
     /// Backward.
-    pub fn backward(&self, n: usize, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
+    pub fn backward(&mut self, n: usize, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
         let t = sbdnet_kernels::threads();
         let wr = self.weight.range();
-        sgemm(n, self.inp, self.out, dy, Trans::No, &p.data[wr.clone()], Trans::No, dx, add, t);
-        sgemm(self.out, self.inp, n, dy, Trans::Yes, x, Trans::No, &mut p.grad[wr], true, t);
+        match self.bin.as_mut() {
+            Some(b) => {
+                sgemm(n, self.inp, self.out, dy, Trans::No, &b.wb, Trans::No, dx, add, t);
+                sgemm(self.out, self.inp, n, dy, Trans::Yes, x, Trans::No, &mut b.dwb, false, t);
+                b.backward(&p.data[wr.clone()], &mut p.grad[wr]);
+            }
+            None => {
+                sgemm(n, self.inp, self.out, dy, Trans::No, &p.data[wr.clone()], Trans::No, dx, add, t);
+                sgemm(self.out, self.inp, n, dy, Trans::Yes, x, Trans::No, &mut p.grad[wr], true, t);
+            }
+        }
         if let Some(b) = self.bias {
             let gb = &mut p.grad[b.range()];
             for row in dy[..n * self.out].chunks_exact(self.out) {

@@ -32,6 +32,8 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod quant;
+pub mod summary;
 
 pub use config::{Act, Block, ModelConfig};
 pub use error::NnError;
@@ -39,3 +41,4 @@ pub use loss::Loss;
 pub use model::{Model, Node, Shape, StepStats};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind};
 pub use params::ParamStore;
+pub use quant::{Precision, QuantConfig};

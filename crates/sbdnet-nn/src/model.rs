@@ -9,6 +9,7 @@ use crate::error::NnError;
 use crate::layers::{BatchNorm2d, Conv2d, Dropout, Linear, Pool};
 use crate::loss::Loss;
 use crate::params::ParamStore;
+use crate::quant::{BinAct, QuantConfig, WeightBinarizer};
 use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::pool as kpool;
 use sbdnet_kernels::rng::Rng;
@@ -58,6 +59,8 @@ pub enum Op {
     Pool(Pool),
     /// Global average pooling.
     GlobalAvgPool,
+    /// Binary activation with trainable per-channel thresholds.
+    BinAct(BinAct),
     /// Flatten (a copy; NHWC order).
     Flatten,
     /// Dropout.
@@ -82,6 +85,7 @@ impl Op {
             Op::Pool(p) if p.max => "maxpool",
             Op::Pool(_) => "avgpool",
             Op::GlobalAvgPool => "gap",
+            Op::BinAct(_) => "binact",
             Op::Flatten => "flatten",
             Op::Dropout(_) => "dropout",
             Op::Linear(_) => "linear",
@@ -152,6 +156,8 @@ pub struct Model {
 }
 
 struct Builder {
+    quant: QuantConfig,
+    convs: usize,
     params: ParamStore,
     nodes: Vec<Node>,
     shapes: Vec<Shape>,
@@ -188,7 +194,19 @@ impl Builder {
         let rng = &mut self.rng;
         let w = self.params.add(format!("{name}.weight"), vec![cout, k, k, s.c / groups], true, || rng.normal() * std);
         let out = Shape { h: g.oh, w: g.ow, c: cout };
-        Ok(self.push(name.to_string(), Op::Conv(Conv2d::new(s, cout, k, stride, pad, groups, w)), vec![x], out))
+        let mut conv = Conv2d::new(s, cout, k, stride, pad, groups, w);
+        let first = self.convs == 0;
+        self.convs += 1;
+        let q = self.quant;
+        let mut x = x;
+        if q.precision.binary_weights() && (!first || q.binarize_first_last) {
+            conv.bin = Some(WeightBinarizer::new(&q, cout, w.len));
+            if q.precision.binary_acts() {
+                let t = self.params.add(format!("{name}.act_threshold"), vec![s.c], false, || 0.0);
+                x = self.push(format!("{name}.binact"), Op::BinAct(BinAct { c: s.c, threshold: t }), vec![x], s);
+            }
+        }
+        Ok(self.push(name.to_string(), Op::Conv(conv), vec![x], out))
     }
 
     fn bn(&mut self, name: &str, x: usize, act: Act) -> usize {
@@ -216,7 +234,10 @@ impl Builder {
             }
             Block::DwSep { out, kernel, stride, act } => {
                 let y = self.conv(&format!("{name}.dw"), x, s.c, *kernel, *stride, s.c)?;
-                let y = self.bn(&format!("{name}.dw_bn"), y, *act);
+                // With binary activations the pointwise input is binarized right after this
+                // batch norm: the binarizer is the nonlinearity.
+                let inner = if self.quant.precision.binary_acts() { Act::None } else { *act };
+                let y = self.bn(&format!("{name}.dw_bn"), y, inner);
                 let y = self.conv(&format!("{name}.pw"), y, *out, 1, 1, 1)?;
                 self.bn(&format!("{name}.pw_bn"), y, *act)
             }
@@ -251,9 +272,12 @@ impl Builder {
                     self.params.add(format!("{name}.bias"), vec![*out], false, || (rng.uniform() * 2.0 - 1.0) * bound)
                 });
                 let _ = classes_hint;
+                let q = self.quant;
+                let bin = (q.precision.binary_weights() && q.binarize_first_last)
+                    .then(|| WeightBinarizer::new(&q, *out, weight.len));
                 self.push(
                     name.to_string(),
-                    Op::Linear(Linear { inp, out: *out, weight, bias }),
+                    Op::Linear(Linear { inp, out: *out, weight, bias, bin }),
                     vec![x],
                     Shape { h: 1, w: 1, c: *out },
                 )
@@ -301,6 +325,8 @@ impl Model {
             return Err(NnError::Config("input dimensions and classes must be positive".into()));
         }
         let mut b = Builder {
+            quant: config.quant,
+            convs: 0,
             params: ParamStore::default(),
             nodes: Vec::new(),
             shapes: vec![Shape { h, w, c }],
@@ -436,6 +462,7 @@ impl Model {
                     let s = node.in_shape;
                     kpool::global_avg_forward(x, y, n, s.h * s.w, s.c)
                 }
+                Op::BinAct(b) => b.forward(x, y, p),
                 Op::Flatten => y.copy_from_slice(x),
                 Op::Dropout(d) => d.forward(x, y, train, &mut drop_rng),
                 Op::Linear(l) => l.forward(n, x, y, p),
@@ -494,6 +521,7 @@ impl Model {
                         let s = node.in_shape;
                         kpool::global_avg_backward(dy, dx, n, s.h * s.w, s.c, add0)
                     }
+                    Op::BinAct(b) => b.backward(x, dy, dx, p, add0),
                     Op::Flatten => ew::write_or_add(dx, dy, add0),
                     Op::Dropout(d) => d.backward(dy, dx, true, add0),
                     Op::Linear(l) => l.backward(n, x, dy, dx, p, add0),

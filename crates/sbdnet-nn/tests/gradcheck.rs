@@ -12,6 +12,10 @@ fn loss_at(m: &mut Model, x: &[f32], y: &[u8], loss: &Loss, step: u64) -> f64 {
 }
 
 fn check(cfg: ModelConfig, n: usize, seed: u64) {
+    check_only(cfg, n, seed, |_| true)
+}
+
+fn check_only(cfg: ModelConfig, n: usize, seed: u64, include: impl Fn(&str) -> bool) {
     let mut m = Model::new(cfg.clone(), n, seed).unwrap();
     let mut r = Rng::new(seed + 100);
     let il = cfg.input.iter().product::<usize>();
@@ -23,7 +27,7 @@ fn check(cfg: ModelConfig, n: usize, seed: u64) {
     let grad = m.params.grad.clone();
     let (mut checked, mut skipped) = (0, 0);
     let mut failures = Vec::new();
-    for t in m.params.tensors.clone() {
+    for t in m.params.tensors.clone().into_iter().filter(|t| include(&t.name)) {
         // Up to 6 coordinates per tensor.
         for _ in 0..6.min(t.len()) {
             let i = t.offset + r.below(t.len());
@@ -55,7 +59,7 @@ fn check(cfg: ModelConfig, n: usize, seed: u64) {
 }
 
 fn cfg(name: &str, input: [usize; 3], classes: usize, blocks: Vec<Block>) -> ModelConfig {
-    ModelConfig { name: name.into(), input, classes, blocks }
+    ModelConfig { name: name.into(), input, classes, blocks, quant: Default::default() }
 }
 
 #[test]
@@ -107,4 +111,15 @@ fn presets_small() {
     for name in ["dscnn", "cnn"] {
         check(ModelConfig::preset(name, [8, 8, 1], 10).unwrap(), 2, 4);
     }
+}
+
+/// With binary weights the backward pass runs through `Wb`: the gradients of every smooth
+/// parameter (batch norm, the float first convolution and classifier) must still match finite
+/// differences. (The latent binarized weights use the straight-through estimator, which is
+/// not a derivative; `quant.rs` tests it by hand.)
+#[test]
+fn binary_weight_model_smooth_parameters() {
+    let quant = sbdnet_nn::QuantConfig { precision: sbdnet_nn::Precision::W1, ..Default::default() };
+    let cfg = ModelConfig::build("dscnn", [8, 8, 1], 10, 0.25, quant).unwrap();
+    check_only(cfg, 3, 5, |name| !name.starts_with("block") || name.contains("_bn"));
 }

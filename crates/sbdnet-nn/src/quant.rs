@@ -1,0 +1,241 @@
+//! Binarization of weights and activations (BD-Net, SPEC 1.2 and 1.4).
+//!
+//! **Weights** (an option of [`crate::layers::Conv2d`] and [`crate::layers::Linear`]): the
+//! latent float weights `W` are what the optimizer updates; the forward pass uses
+//!
+//! ```text
+//! Wb = alpha * sign(W),  sign(0) = +1,  alpha = mean(|W|) over the layer or per output channel
+//! ```
+//!
+//! and the backward pass is the straight-through estimator `dL/dW = dL/dWb`, optionally zeroed
+//! where `|W| > clip` and optionally scaled by `1 / alpha`.
+//!
+//! **Activations** ([`BinAct`]): `a = +1 if x > t_c else -1` with a trainable per-channel
+//! threshold `t_c`; backward is the clipped identity `dL/dx = dL/da * [|x - t_c| <= 1]`,
+//! `dL/dt_c = -sum dL/da * [|x - t_c| <= 1]`.
+
+use crate::params::{ParamId, ParamStore};
+use serde::{Deserialize, Serialize};
+
+/// Precision of the binarizable layers of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Full precision.
+    #[default]
+    Float,
+    /// Binary weights, float activations: the multiplication-less BD-Net.
+    W1,
+    /// Binary weights and binary activations (XNOR + popcount at inference).
+    W1A1,
+}
+
+impl Precision {
+    /// Binary weights?
+    pub fn binary_weights(self) -> bool {
+        self != Precision::Float
+    }
+    /// Binary activations?
+    pub fn binary_acts(self) -> bool {
+        self == Precision::W1A1
+    }
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float => "float",
+            Precision::W1 => "w1",
+            Precision::W1A1 => "w1a1",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "float" | "fp32" => Ok(Precision::Float),
+            "w1" => Ok(Precision::W1),
+            "w1a1" => Ok(Precision::W1A1),
+            _ => Err(format!("unknown precision '{s}': choose float, w1 or w1a1")),
+        }
+    }
+}
+
+/// How a model is quantized; stored in its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuantConfig {
+    /// Precision of the binarizable layers (every convolution but the first, by default).
+    pub precision: Precision,
+    /// `alpha` per output channel instead of per layer.
+    pub alpha_per_channel: bool,
+    /// Straight-through estimator clipping: zero `dL/dW` where `|W| > clip` (`None`: no clip).
+    pub ste_clip: Option<f32>,
+    /// Scale `dL/dW` by `1 / alpha` (as in the authors' group's code).
+    pub grad_scale: bool,
+    /// Binarize the first convolution and the classifier too.
+    pub binarize_first_last: bool,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        QuantConfig {
+            precision: Precision::Float,
+            alpha_per_channel: false,
+            ste_clip: Some(1.0),
+            grad_scale: false,
+            binarize_first_last: false,
+        }
+    }
+}
+
+/// Binary-weight state of one layer: the deployed weights `Wb`, their gradient buffer and
+/// the scales.
+#[derive(Clone, Debug)]
+pub struct WeightBinarizer {
+    /// Per output channel (`true`) or one scale for the layer.
+    pub per_channel: bool,
+    /// STE clip.
+    pub clip: Option<f32>,
+    /// Scale the gradient by `1 / alpha`.
+    pub grad_scale: bool,
+    /// Output channels (rows of the weight).
+    pub rows: usize,
+    /// `alpha` per row (all equal when per layer).
+    pub alpha: Vec<f32>,
+    /// `Wb`, same layout as the latent weights.
+    pub wb: Vec<f32>,
+    /// `dL/dWb`.
+    pub dwb: Vec<f32>,
+}
+
+impl WeightBinarizer {
+    /// State for a weight of `len` values in `rows` output-channel rows.
+    pub fn new(q: &QuantConfig, rows: usize, len: usize) -> Self {
+        WeightBinarizer {
+            per_channel: q.alpha_per_channel,
+            clip: q.ste_clip,
+            grad_scale: q.grad_scale,
+            rows,
+            alpha: vec![0.0; rows],
+            wb: vec![0.0; len],
+            dwb: vec![0.0; len],
+        }
+    }
+
+    /// Compute `alpha` and `Wb` from the latent weights `w`.
+    pub fn binarize(&mut self, w: &[f32]) {
+        let per_row = w.len() / self.rows;
+        if self.per_channel {
+            for (r, row) in w.chunks_exact(per_row).enumerate() {
+                self.alpha[r] = row.iter().map(|v| v.abs()).sum::<f32>() / per_row as f32;
+            }
+        } else {
+            let a = w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64;
+            self.alpha.fill(a as f32);
+        }
+        for ((row, wb), &a) in w.chunks_exact(per_row).zip(self.wb.chunks_exact_mut(per_row)).zip(&self.alpha) {
+            for (b, &v) in wb.iter_mut().zip(row) {
+                *b = if v >= 0.0 { a } else { -a };
+            }
+        }
+    }
+
+    /// Straight-through estimator: add `dL/dWb` (masked and scaled) into `grad`.
+    pub fn backward(&self, w: &[f32], grad: &mut [f32]) {
+        let per_row = w.len() / self.rows;
+        for (r, ((g, d), wr)) in
+            grad.chunks_exact_mut(per_row).zip(self.dwb.chunks_exact(per_row)).zip(w.chunks_exact(per_row)).enumerate()
+        {
+            let scale = if self.grad_scale && self.alpha[r] > 0.0 { 1.0 / self.alpha[r] } else { 1.0 };
+            for ((g, &d), &v) in g.iter_mut().zip(d).zip(wr) {
+                let pass = self.clip.is_none_or(|c| v.abs() <= c);
+                if pass {
+                    *g += d * scale;
+                }
+            }
+        }
+    }
+}
+
+/// Binary activation with a trainable per-channel threshold (NHWC rows of `c` channels).
+#[derive(Clone, Debug)]
+pub struct BinAct {
+    /// Channels.
+    pub c: usize,
+    /// Thresholds `t_c` (trainable).
+    pub threshold: ParamId,
+}
+
+impl BinAct {
+    /// Forward: `y = x > t ? 1 : -1`.
+    pub fn forward(&self, x: &[f32], y: &mut [f32], p: &ParamStore) {
+        let t = &p.data[self.threshold.range()];
+        for (yr, xr) in y.chunks_exact_mut(self.c).zip(x.chunks_exact(self.c)) {
+            for ch in 0..self.c {
+                yr[ch] = if xr[ch] > t[ch] { 1.0 } else { -1.0 };
+            }
+        }
+    }
+
+    /// Backward: clipped identity for `x`, its negative summed for `t`.
+    pub fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
+        let r = self.threshold.range();
+        let c = self.c;
+        for ((dr, gr), xr) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
+            for ch in 0..c {
+                let t = p.data[r.start + ch];
+                let g = if (xr[ch] - t).abs() <= 1.0 { gr[ch] } else { 0.0 };
+                dr[ch] = if add { dr[ch] + g } else { g };
+                p.grad[r.start + ch] -= g;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_take_plus_minus_alpha_and_ste_clips() {
+        let q = QuantConfig { precision: Precision::W1, ..Default::default() };
+        let w = [0.5f32, -1.5, 0.0, -0.25, 2.0, 1.0];
+        let mut b = WeightBinarizer::new(&q, 2, 6);
+        b.binarize(&w);
+        let a = (0.5 + 1.5 + 0.0 + 0.25 + 2.0 + 1.0) / 6.0;
+        assert_eq!(b.wb, vec![a, -a, a, -a, a, a]);
+        b.dwb.copy_from_slice(&[1.0; 6]);
+        let mut g = [0.0; 6];
+        b.backward(&w, &mut g);
+        assert_eq!(g, [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]);
+
+        let q = QuantConfig { alpha_per_channel: true, grad_scale: true, ste_clip: None, ..q };
+        let mut b = WeightBinarizer::new(&q, 2, 6);
+        b.binarize(&w);
+        let (a0, a1) = (2.0f32 / 3.0, 3.25f32 / 3.0);
+        assert_eq!(b.alpha, vec![a0, a1]);
+        assert_eq!(b.wb, vec![a0, -a0, a0, -a1, a1, a1]);
+        b.dwb.copy_from_slice(&[1.0; 6]);
+        let mut g = [0.0; 6];
+        b.backward(&w, &mut g);
+        assert!((g[0] - 1.0 / a0).abs() < 1e-6 && (g[5] - 1.0 / a1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn binary_activation_forward_and_ste() {
+        let mut p = ParamStore::default();
+        let t = p.add("t".into(), vec![2], false, || 0.0);
+        p.data[1] = 0.5;
+        let act = BinAct { c: 2, threshold: t };
+        let x = [0.3f32, 0.3, -2.0, 2.0];
+        let mut y = [0.0; 4];
+        act.forward(&x, &mut y, &p);
+        assert_eq!(y, [1.0, -1.0, -1.0, 1.0]);
+        let mut dx = [0.0; 4];
+        act.backward(&x, &[1.0, 2.0, 3.0, 4.0], &mut dx, &mut p, false);
+        // |x - t| <= 1 passes: (0.3-0)=0.3 yes, (0.3-0.5) yes, (-2-0) no, (2-0.5)=1.5 no.
+        assert_eq!(dx, [1.0, 2.0, 0.0, 0.0]);
+        assert_eq!(p.grad, vec![-1.0, -2.0]);
+    }
+}
