@@ -25,6 +25,7 @@ impl Cli {
             Command::Bench(BenchCommand::Linear(a)) => Some(a.threads),
             Command::Data(_) | Command::Summary(_) => Some(1),
             Command::Demo(a) => a.threads,
+            Command::Plot(_) => Some(1),
         }
     }
 }
@@ -42,6 +43,8 @@ pub enum Command {
     /// Install and inspect data sets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Draw figures (PNG) from training runs: learning curves, accuracy against a knob.
+    Plot(crate::plot::PlotArgs),
     /// Train dscnn at float and at w1 (binary weights) on the built-in digits and compare.
     Demo(DemoArgs),
     /// Per-layer parameters, bits, memory, MACs, multiplications and additions of a model in

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_linear;
 mod cli;
+mod plot;
 mod train;
 
 use clap::Parser;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         cli::Command::Data(d) => train::data(d),
         cli::Command::Summary(s) => bench::summary(s),
         cli::Command::Demo(d) => train::demo(d),
+        cli::Command::Plot(p) => plot::run(p),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
