@@ -172,6 +172,10 @@ pub struct ModelArgs {
     /// Binarize the first convolution and the classifier too (float by default).
     #[arg(long)]
     pub binarize_first_last: bool,
+    /// w1a1: keep depthwise convolutions' inputs float (weights stay binary).
+    #[arg(long)]
+    #[serde(default)]
+    pub float_dw_input: bool,
 }
 
 impl ModelArgs {
@@ -185,6 +189,7 @@ impl ModelArgs {
             ste_clip: (self.ste_clip > 0.0).then_some(self.ste_clip),
             grad_scale: self.grad_scale,
             binarize_first_last: self.binarize_first_last,
+            float_depthwise_input: self.float_dw_input,
         })
     }
 

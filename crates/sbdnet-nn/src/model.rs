@@ -201,7 +201,8 @@ impl Builder {
         let mut x = x;
         if q.precision.binary_weights() && (!first || q.binarize_first_last) {
             conv.bin = Some(WeightBinarizer::new(&q, cout, w.len));
-            if q.precision.binary_acts() {
+            let depthwise = groups > 1 && groups == s.c;
+            if q.precision.binary_acts() && !(depthwise && q.float_depthwise_input) {
                 let t = self.params.add(format!("{name}.act_threshold"), vec![s.c], false, || 0.0);
                 x = self.push(format!("{name}.binact"), Op::BinAct(BinAct { c: s.c, threshold: t }), vec![x], s);
             }

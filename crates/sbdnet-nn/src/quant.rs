@@ -75,6 +75,10 @@ pub struct QuantConfig {
     pub grad_scale: bool,
     /// Binarize the first convolution and the classifier too.
     pub binarize_first_last: bool,
+    /// With binary activations, keep the depthwise convolutions' inputs float (their weights
+    /// stay binary): a binary 3x3 depthwise output sees only 9 sign bits, which costs much
+    /// accuracy; Larq Compute Engine likewise runs binarized depthwise layers on float inputs.
+    pub float_depthwise_input: bool,
 }
 
 impl Default for QuantConfig {
@@ -85,6 +89,7 @@ impl Default for QuantConfig {
             ste_clip: Some(1.0),
             grad_scale: false,
             binarize_first_last: false,
+            float_depthwise_input: false,
         }
     }
 }
