@@ -54,6 +54,37 @@ pub fn kernel_path() -> KernelPath {
     *PATH.get_or_init(|| decide(std::env::var("SBDNET_KERNEL").ok().as_deref()))
 }
 
+/// Define a kernel whose body is compiled twice: as portable code and inside an
+/// `#[target_feature(enable = "avx2")]` function used when [`kernel_path`] is
+/// [`KernelPath::Avx2`]. The body is a real function over slice arguments (not a closure), so
+/// the compiler knows `&mut` arguments do not alias and vectorizes its loops with 256-bit
+/// registers in the AVX2 build.
+#[macro_export]
+macro_rules! simd_kernel {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::dispatch::kernel_path() == $crate::dispatch::KernelPath::Avx2 {
+                    // SAFETY: the AVX2 path is chosen only when the CPU reports AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 /// Run `f` compiled with AVX2+FMA when the process path is [`KernelPath::Avx2`], else as
 /// portable code. `f` should be `#[inline(always)]` so its body is re-compiled inside the
 /// `target_feature` wrapper and vectorized with 256-bit registers.

@@ -4,7 +4,6 @@
 //! [`crate::dispatch::with_simd`] so they are vectorized with AVX2 where available. They do
 //! not reassociate sums across lanes, so every path gives bit-identical results.
 
-use crate::dispatch::with_simd;
 use rayon::prelude::*;
 
 /// Rows per parallel task for row-wise per-channel work.
@@ -27,61 +26,84 @@ pub fn write_or_add(a: &mut [f32], b: &[f32], add: bool) {
     }
 }
 
-/// `a += b`, element-wise.
-pub fn add_assign(a: &mut [f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len());
-    with_simd(|| add_assign_inline(a, b))
+crate::simd_kernel! {
+    /// `a += b`, element-wise.
+    pub fn add_assign(a: &mut [f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    }
 }
+
+crate::simd_kernel! {
+    fn relu_fwd(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x.max(0.0);
+        }
+    }
+}
+
+crate::simd_kernel! {
+    fn relu_bwd(y: &[f32], dy: &[f32], dx: &mut [f32], add: bool) {
+        if add {
+            for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                *dx += if y > 0.0 { dy } else { 0.0 };
+            }
+        } else {
+            for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                *dx = if y > 0.0 { dy } else { 0.0 };
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    fn hardtanh_fwd(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x.max(lo).min(hi);
+        }
+    }
+}
+
+crate::simd_kernel! {
+    fn hardtanh_bwd(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32, add: bool) {
+        if add {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx += if x > lo && x < hi { dy } else { 0.0 };
+            }
+        } else {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = if x > lo && x < hi { dy } else { 0.0 };
+            }
+        }
+    }
+}
+
+const EW_CHUNK: usize = 1 << 14;
 
 /// `y = max(x, 0)`.
 pub fn relu_forward(x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(y, x)| {
-        with_simd(|| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x.max(0.0);
-            }
-        })
-    });
+    y.par_chunks_mut(EW_CHUNK).zip(x.par_chunks(EW_CHUNK)).for_each(|(y, x)| relu_fwd(x, y));
 }
 
 /// `dx (+)= dy * [y > 0]` (uses the forward output; adds when `add`).
 pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32], add: bool) {
-    dx.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(|(dx, (y, dy))| {
-        with_simd(|| {
-            if add {
-                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx += if y > 0.0 { dy } else { 0.0 };
-                }
-            } else {
-                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx = if y > 0.0 { dy } else { 0.0 };
-                }
-            }
-        })
-    });
+    dx.par_chunks_mut(EW_CHUNK)
+        .zip(y.par_chunks(EW_CHUNK).zip(dy.par_chunks(EW_CHUNK)))
+        .for_each(|(dx, (y, dy))| relu_bwd(y, dy, dx, add));
 }
 
 /// `y = clamp(x, lo, hi)`.
 pub fn hardtanh_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
-    y.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(y, x)| {
-        with_simd(|| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x.max(lo).min(hi);
-            }
-        })
-    });
+    y.par_chunks_mut(EW_CHUNK).zip(x.par_chunks(EW_CHUNK)).for_each(|(y, x)| hardtanh_fwd(x, y, lo, hi));
 }
 
 /// `dx (+)= dy * [lo < x < hi]` (uses the forward input; adds when `add`).
 pub fn hardtanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32, add: bool) {
-    dx.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(|(dx, (x, dy))| {
-        with_simd(|| {
-            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                let g = if x > lo && x < hi { dy } else { 0.0 };
-                *dx = if add { *dx + g } else { g };
-            }
-        })
-    });
+    dx.par_chunks_mut(EW_CHUNK)
+        .zip(x.par_chunks(EW_CHUNK).zip(dy.par_chunks(EW_CHUNK)))
+        .for_each(|(dx, (x, dy))| hardtanh_bwd(x, dy, dx, lo, hi, add));
 }
 
 /// True when the AVX2 per-channel kernels apply (AVX2 path and whole 8-channel blocks).
@@ -99,7 +121,7 @@ fn per_channel_reduce(
     c: usize,
     scratch: &mut [f32],
     out_a: &mut [f64],
-    out_b: &mut [f64],
+    mut out_b: Option<&mut [f64]>,
     body: impl Fn(std::ops::Range<usize>, &mut [f32], &mut [f32]) + Sync,
 ) {
     let blocks = rows.div_ceil(ROW_BLOCK);
@@ -110,11 +132,17 @@ fn per_channel_reduce(
         body(bi * ROW_BLOCK..((bi + 1) * ROW_BLOCK).min(rows), a, b);
     });
     out_a.fill(0.0);
-    out_b.fill(0.0);
+    if let Some(b) = out_b.as_deref_mut() {
+        b.fill(0.0);
+    }
     for acc in scratch.chunks(2 * c) {
         for ch in 0..c {
             out_a[ch] += acc[ch] as f64;
-            out_b[ch] += acc[c + ch] as f64;
+        }
+        if let Some(b) = out_b.as_deref_mut() {
+            for ch in 0..c {
+                b[ch] += acc[c + ch] as f64;
+            }
         }
     }
 }
@@ -128,7 +156,7 @@ pub fn channel_sums_scratch_len(rows: usize, c: usize) -> usize {
 /// over the rows of `x[rows][c]` (batch-norm statistics; a `shift` near the mean keeps the
 /// squares well conditioned). f32 within blocks of [`ROW_BLOCK`] rows, f64 across blocks.
 pub fn channel_sums(x: &[f32], c: usize, shift: &[f32], sum: &mut [f64], sumsq: &mut [f64], scratch: &mut [f32]) {
-    per_channel_reduce(x.len() / c, c, scratch, sum, sumsq, |r, s, q| {
+    per_channel_reduce(x.len() / c, c, scratch, sum, Some(sumsq), |r, s, q| {
         let x = &x[r.start * c..r.end * c];
         #[cfg(target_arch = "x86_64")]
         if avx2_channels(c) {
@@ -171,7 +199,7 @@ pub fn channel_dot_sums(
     sab: &mut [f64],
     scratch: &mut [f32],
 ) {
-    per_channel_reduce(x.len() / c, c, scratch, sa, sab, |r, s, q| {
+    per_channel_reduce(x.len() / c, c, scratch, sa, Some(sab), |r, s, q| {
         let (dy, x) = (&dy[r.start * c..r.end * c], &x[r.start * c..r.end * c]);
         #[cfg(target_arch = "x86_64")]
         if avx2_channels(c) {
@@ -236,6 +264,70 @@ pub fn channel_grad_combine(
                 dr[ch] = if add { dr[ch] + v } else { v };
             }
         }
+    });
+}
+
+crate::simd_kernel! {
+    fn sign_rows(x: &[f32], y: &mut [f32], c: usize, t: &[f32]) {
+        let t = &t[..c];
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for ((y, &x), &t) in yr.iter_mut().zip(xr).zip(t) {
+                *y = if x > t { 1.0 } else { -1.0 };
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    fn sign_bwd_rows(x: &[f32], dy: &[f32], dx: &mut [f32], c: usize, t: &[f32], add: bool) {
+        let t = &t[..c];
+        for ((dr, gr), xr) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
+            for (((d, &g), &x), &t) in dr.iter_mut().zip(gr).zip(xr).zip(t) {
+                let g = if (x - t).abs() <= 1.0 { g } else { 0.0 };
+                *d = if add { *d + g } else { g };
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    fn sign_dt_rows(x: &[f32], dy: &[f32], c: usize, t: &[f32], s: &mut [f32]) {
+        let (t, s) = (&t[..c], &mut s[..c]);
+        for (gr, xr) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
+            for (((s, &g), &x), &t) in s.iter_mut().zip(gr).zip(xr).zip(t) {
+                *s -= if (x - t).abs() <= 1.0 { g } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Binary activation forward over rows of `c` channels: `y = +1 if x > t[ch] else -1`.
+pub fn sign_threshold_forward(x: &[f32], y: &mut [f32], c: usize, t: &[f32]) {
+    let chunk = ROW_BLOCK * c;
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| sign_rows(x, y, c, t));
+}
+
+/// Binary activation backward (straight-through, clipped identity):
+/// `g = dy * [|x - t[ch]| <= 1]`, `dx (+)= g`, and `dt[ch] = -sum_rows g` (written, f32 within
+/// blocks of rows and f64 across them, reproducible). `scratch`: [`channel_sums_scratch_len`].
+#[allow(clippy::too_many_arguments)]
+pub fn sign_threshold_backward(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    c: usize,
+    t: &[f32],
+    add: bool,
+    dt: &mut [f64],
+    scratch: &mut [f32],
+) {
+    let chunk = ROW_BLOCK * c;
+    dx.par_chunks_mut(chunk).enumerate().for_each(|(bi, dx)| {
+        let o = bi * chunk;
+        sign_bwd_rows(&x[o..o + dx.len()], &dy[o..o + dx.len()], dx, c, t, add)
+    });
+    per_channel_reduce(x.len() / c, c, scratch, dt, None, |r, s, _| {
+        sign_dt_rows(&x[r.start * c..r.end * c], &dy[r.start * c..r.end * c], c, t, s)
     });
 }
 

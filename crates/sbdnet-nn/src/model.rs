@@ -204,7 +204,7 @@ impl Builder {
             let depthwise = groups > 1 && groups == s.c;
             if q.precision.binary_acts() && !(depthwise && q.float_depthwise_input) {
                 let t = self.params.add(format!("{name}.act_threshold"), vec![s.c], false, || 0.0);
-                x = self.push(format!("{name}.binact"), Op::BinAct(BinAct { c: s.c, threshold: t }), vec![x], s);
+                x = self.push(format!("{name}.binact"), Op::BinAct(BinAct::new(s.c, t)), vec![x], s);
             }
         }
         Ok(self.push(name.to_string(), Op::Conv(conv), vec![x], out))
@@ -400,6 +400,7 @@ impl Model {
                 Op::BatchNorm(bn) => bn.plan(cap * s.h * s.w),
                 Op::Pool(p) => p.plan(cap),
                 Op::Dropout(d) => d.plan(cap * s.len()),
+                Op::BinAct(b) => b.plan(cap * s.h * s.w),
                 _ => {}
             }
         }

@@ -15,6 +15,7 @@
 //! `dL/dt_c = -sum dL/da * [|x - t_c| <= 1]`.
 
 use crate::params::{ParamId, ParamStore};
+use sbdnet_kernels::elementwise as ew;
 use serde::{Deserialize, Serialize};
 
 /// Precision of the binarizable layers of a model.
@@ -170,30 +171,37 @@ pub struct BinAct {
     pub c: usize,
     /// Thresholds `t_c` (trainable).
     pub threshold: ParamId,
+    dt: Vec<f64>,
+    scratch: Vec<f32>,
 }
 
 impl BinAct {
-    /// Forward: `y = x > t ? 1 : -1`.
-    pub fn forward(&self, x: &[f32], y: &mut [f32], p: &ParamStore) {
-        let t = &p.data[self.threshold.range()];
-        for (yr, xr) in y.chunks_exact_mut(self.c).zip(x.chunks_exact(self.c)) {
-            for ch in 0..self.c {
-                yr[ch] = if xr[ch] > t[ch] { 1.0 } else { -1.0 };
-            }
-        }
+    /// A binary activation over `c` channels with its registered thresholds.
+    pub fn new(c: usize, threshold: ParamId) -> Self {
+        BinAct { c, threshold, dt: vec![0.0; c], scratch: Vec::new() }
     }
 
-    /// Backward: clipped identity for `x`, its negative summed for `t`.
-    pub fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
+    /// Size the reduction scratch for `rows` pixels.
+    pub fn plan(&mut self, rows: usize) {
+        self.scratch = vec![0.0; ew::channel_sums_scratch_len(rows, self.c)];
+    }
+
+    /// Forward: `y = x > t ? 1 : -1`.
+    pub fn forward(&self, x: &[f32], y: &mut [f32], p: &ParamStore) {
+        ew::sign_threshold_forward(x, y, self.c, &p.data[self.threshold.range()]);
+    }
+
+    /// Backward: clipped identity for `x` (written, or added when `add`), its negative summed
+    /// for `t`.
+    pub fn backward(&mut self, x: &[f32], dy: &[f32], dx: &mut [f32], p: &mut ParamStore, add: bool) {
         let r = self.threshold.range();
-        let c = self.c;
-        for ((dr, gr), xr) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
-            for ch in 0..c {
-                let t = p.data[r.start + ch];
-                let g = if (xr[ch] - t).abs() <= 1.0 { gr[ch] } else { 0.0 };
-                dr[ch] = if add { dr[ch] + g } else { g };
-                p.grad[r.start + ch] -= g;
-            }
+        let rows = x.len() / self.c;
+        if self.scratch.len() < ew::channel_sums_scratch_len(rows, self.c) {
+            self.plan(rows);
+        }
+        ew::sign_threshold_backward(x, dy, dx, self.c, &p.data[r.clone()], add, &mut self.dt, &mut self.scratch);
+        for (g, &d) in p.grad[r].iter_mut().zip(&self.dt) {
+            *g += d as f32;
         }
     }
 }
@@ -232,7 +240,7 @@ mod tests {
         let mut p = ParamStore::default();
         let t = p.add("t".into(), vec![2], false, || 0.0);
         p.data[1] = 0.5;
-        let act = BinAct { c: 2, threshold: t };
+        let mut act = BinAct::new(2, t);
         let x = [0.3f32, 0.3, -2.0, 2.0];
         let mut y = [0.0; 4];
         act.forward(&x, &mut y, &p);
