@@ -159,8 +159,9 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{} train step, batch {} of {}, {} threads ({} kernels): median {med:.2} ms (min {min:.2}, max {max:.2}) -> {ips:.0} images/s",
-            format!("{} {}", a.m.model, a.m.precision),
+            "{} {} train step, batch {} of {}, {} threads ({} kernels): median {med:.2} ms (min {min:.2}, max {max:.2}) -> {ips:.0} images/s",
+            a.m.model,
+            a.m.precision,
             a.batch_size,
             a.input,
             rayon::current_num_threads(),

@@ -109,7 +109,7 @@ pub fn hardtanh_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32
 /// True when the AVX2 per-channel kernels apply (AVX2 path and whole 8-channel blocks).
 #[inline]
 fn avx2_channels(c: usize) -> bool {
-    cfg!(target_arch = "x86_64") && c % 8 == 0 && crate::kernel_path() == crate::KernelPath::Avx2
+    cfg!(target_arch = "x86_64") && c.is_multiple_of(8) && crate::kernel_path() == crate::KernelPath::Avx2
 }
 
 /// Run `body(block_index, rows, accumulators)` for each block of [`ROW_BLOCK`] rows in

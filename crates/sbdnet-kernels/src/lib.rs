@@ -26,6 +26,8 @@
 #![deny(missing_docs)]
 
 pub mod conv;
+pub mod csr;
+pub mod diag;
 pub mod dispatch;
 pub mod elementwise;
 pub mod matmul;

@@ -53,7 +53,7 @@ unsafe fn masked(dy: __m256, x: __m256, sc: __m256, sh: __m256) -> __m256 {
 /// AVX2 must be available; `c % 8 == 0`; `s`, `q`, `shift` hold `c` floats.
 #[target_feature(enable = "avx2")]
 pub unsafe fn avx2_channel_sums(x: &[f32], c: usize, shift: &[f32], s: &mut [f32], q: &mut [f32]) {
-    assert!(c % 8 == 0 && s.len() >= c && q.len() >= c && shift.len() >= c && x.len() % c == 0);
+    assert!(c.is_multiple_of(8) && s.len() >= c && q.len() >= c && shift.len() >= c && x.len().is_multiple_of(c));
     for row in x.chunks_exact(c) {
         for j in (0..c).step_by(8) {
             let v = ld(row, j);
@@ -80,7 +80,14 @@ pub unsafe fn avx2_dot_sums(
     s: &mut [f32],
     q: &mut [f32],
 ) {
-    assert!(c % 8 == 0 && s.len() >= c && q.len() >= c && mean.len() >= c && dy.len() == x.len() && x.len() % c == 0);
+    assert!(
+        c.is_multiple_of(8)
+            && s.len() >= c
+            && q.len() >= c
+            && mean.len() >= c
+            && dy.len() == x.len()
+            && x.len().is_multiple_of(c)
+    );
     for (rd, rx) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
         for j in (0..c).step_by(8) {
             let xv = ld(rx, j);
@@ -100,7 +107,9 @@ pub unsafe fn avx2_dot_sums(
 /// AVX2 must be available; `c % 8 == 0`; `scale`, `shift` hold `c` floats.
 #[target_feature(enable = "avx2")]
 pub unsafe fn avx2_channel_affine(x: &[f32], y: &mut [f32], c: usize, scale: &[f32], shift: &[f32], relu: bool) {
-    assert!(c % 8 == 0 && scale.len() >= c && shift.len() >= c && x.len() == y.len() && x.len() % c == 0);
+    assert!(
+        c.is_multiple_of(8) && scale.len() >= c && shift.len() >= c && x.len() == y.len() && x.len().is_multiple_of(c)
+    );
     let zero = _mm256_setzero_ps();
     for (ry, rx) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
         for j in (0..c).step_by(8) {
@@ -126,8 +135,8 @@ pub unsafe fn avx2_grad_combine(
     add: bool,
 ) {
     let [k1, k2, k3] = k;
-    assert!(c % 8 == 0 && k1.len() >= c && k2.len() >= c && k3.len() >= c);
-    assert!(dy.len() == x.len() && dx.len() == x.len() && x.len() % c == 0);
+    assert!(c.is_multiple_of(8) && k1.len() >= c && k2.len() >= c && k3.len() >= c);
+    assert!(dy.len() == x.len() && dx.len() == x.len() && x.len().is_multiple_of(c));
     for ((rdx, rd), rx) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
         for j in (0..c).step_by(8) {
             let xv = ld(rx, j);
