@@ -14,28 +14,16 @@ pub struct Loss {
 impl Loss {
     /// Mean loss and correct count; writes `dL/dlogits` into `dlogits`.
     pub fn forward_backward(&self, logits: &[f32], labels: &[u8], classes: usize, dlogits: &mut [f32]) -> (f32, usize) {
-        let n = labels.len();
-        let eps = self.label_smoothing;
-        let off = eps / classes as f32;
-        let mut total = 0.0f64;
-        let mut correct = 0;
-        for (i, &y) in labels.iter().enumerate() {
-            let z = &logits[i * classes..(i + 1) * classes];
-            let d = &mut dlogits[i * classes..(i + 1) * classes];
-            let (lse, argmax) = log_sum_exp(z);
-            correct += usize::from(argmax == y as usize);
-            for k in 0..classes {
-                let logp = z[k] - lse;
-                let q = off + if k == y as usize { 1.0 - eps } else { 0.0 };
-                total -= (q * logp) as f64;
-                d[k] = (logp.exp() - q) / n as f32;
-            }
-        }
-        ((total / n as f64) as f32, correct)
+        self.run(logits, labels, classes, Some(dlogits))
     }
 
     /// Mean loss (with this smoothing) and correct count, no gradient.
     pub fn evaluate(&self, logits: &[f32], labels: &[u8], classes: usize) -> (f32, usize) {
+        self.run(logits, labels, classes, None)
+    }
+
+    fn run(&self, logits: &[f32], labels: &[u8], classes: usize, mut grad: Option<&mut [f32]>) -> (f32, usize) {
+        let n = labels.len().max(1);
         let eps = self.label_smoothing;
         let off = eps / classes as f32;
         let mut total = 0.0f64;
@@ -45,11 +33,15 @@ impl Loss {
             let (lse, argmax) = log_sum_exp(z);
             correct += usize::from(argmax == y as usize);
             for (k, &zk) in z.iter().enumerate() {
+                let logp = zk - lse;
                 let q = off + if k == y as usize { 1.0 - eps } else { 0.0 };
-                total -= (q * (zk - lse)) as f64;
+                total -= (q * logp) as f64;
+                if let Some(d) = grad.as_deref_mut() {
+                    d[i * classes + k] = (logp.exp() - q) / n as f32;
+                }
             }
         }
-        ((total / labels.len().max(1) as f64) as f32, correct)
+        ((total / n as f64) as f32, correct)
     }
 }
 
