@@ -72,13 +72,7 @@ impl Conv2d {
         let g = self.geom(n);
         self.ensure_scratch(&g);
         let w = &p.data[self.weight.range()];
-        let w = match self.bin.as_mut() {
-            Some(b) => {
-                b.binarize(w);
-                &b.wb[..]
-            }
-            None => w,
-        };
+        let w = WeightBinarizer::forward_weights(&mut self.bin, w);
         conv::conv2d_forward(&g, x, w, y, &mut self.col, &mut self.scratch);
     }
 
@@ -249,13 +243,7 @@ impl Linear {
     pub fn forward(&mut self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
         let t = sbdnet_kernels::threads();
         let w = &p.data[self.weight.range()];
-        let w = match self.bin.as_mut() {
-            Some(b) => {
-                b.binarize(w);
-                &b.wb[..]
-            }
-            None => w,
-        };
+        let w = WeightBinarizer::forward_weights(&mut self.bin, w);
         sgemm(n, self.out, self.inp, x, Trans::No, w, Trans::Yes, y, false, t);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];

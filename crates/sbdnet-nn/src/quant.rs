@@ -147,6 +147,18 @@ impl WeightBinarizer {
         }
     }
 
+    /// The weights a layer computes with: `Wb` (freshly binarized from the latent `w`) when
+    /// the layer has a binarizer, else `w` itself.
+    pub fn forward_weights<'a>(bin: &'a mut Option<WeightBinarizer>, w: &'a [f32]) -> &'a [f32] {
+        match bin {
+            Some(b) => {
+                b.binarize(w);
+                &b.wb
+            }
+            None => w,
+        }
+    }
+
     /// Straight-through estimator: add `dL/dWb` (masked and scaled) into `grad`.
     pub fn backward(&self, w: &[f32], grad: &mut [f32]) {
         let per_row = w.len() / self.rows;
