@@ -150,7 +150,8 @@ pub struct DataOpts {
 pub struct ModelArgs {
     /// Model: dscnn (depthwise-separable CNN), cnn (ordinary 3x3 convolutions, the float
     /// baseline), bdnet (dscnn with binary weights), mobilenet (MobileNet-V1 widths, 32x32),
-    /// resnet20-ds (ResNet-20 with depthwise-separable blocks, 32x32).
+    /// resnet20-ds (ResNet-20 with depthwise-separable blocks, 32x32), mlp (784-256-256-10 on
+    /// flattened images), mlp-wide (784-1024-1024-10).
     #[arg(long, default_value = "dscnn")]
     pub model: String,
     /// Precision of every convolution but the first: float, w1 (binary weights: additions and
@@ -176,6 +177,87 @@ pub struct ModelArgs {
     #[arg(long)]
     #[serde(default)]
     pub float_dw_input: bool,
+    /// Hidden linear layers (the classifier stays dense): dense, diag (DynaDiag: cyclic
+    /// diagonals chosen by learned importance), set (masked dense, magnitude prune + random
+    /// regrow) or rigl (masked dense, magnitude prune + gradient regrow). All sparse kinds keep
+    /// the same number of weights at a given --sparsity.
+    #[arg(long, value_enum, default_value_t = LinearArg::Dense)]
+    #[serde(default)]
+    pub linear: LinearArg,
+    /// Fraction of zero weights in the sparse hidden linear layers.
+    #[arg(long, default_value_t = 0.9)]
+    #[serde(default = "default_sparsity")]
+    pub sparsity: f64,
+    /// Steps between sparse-pattern updates (dT): DynaDiag candidate refresh, SET/RigL prune
+    /// and regrow.
+    #[arg(long, default_value_t = 100)]
+    #[serde(default = "default_update_every")]
+    pub update_every: usize,
+    /// Initial fraction of weights (SET/RigL) or non-protected candidates (diag) replaced per
+    /// update; cosine-decayed.
+    #[arg(long, default_value_t = 0.3)]
+    #[serde(default = "default_drop_fraction")]
+    pub drop_fraction: f32,
+    /// SET/RigL: fraction of training after which the masks stay fixed.
+    #[arg(long, default_value_t = 0.75)]
+    #[serde(default = "default_dst_stop")]
+    pub dst_stop: f32,
+    /// diag: candidate set size as a multiple of the K diagonals kept (the soft phase only
+    /// ever computes this many).
+    #[arg(long, default_value_t = 2.0)]
+    #[serde(default = "default_candidates")]
+    pub candidates: f32,
+    /// diag: fraction of training over which the temperature anneals 5.0 -> 0.05; at its end
+    /// the top-K diagonals by importance are kept and frozen.
+    #[arg(long, default_value_t = 0.3)]
+    #[serde(default = "default_freeze")]
+    pub freeze: f32,
+}
+
+fn default_sparsity() -> f64 {
+    0.9
+}
+fn default_update_every() -> usize {
+    100
+}
+fn default_drop_fraction() -> f32 {
+    0.3
+}
+fn default_dst_stop() -> f32 {
+    0.75
+}
+fn default_candidates() -> f32 {
+    2.0
+}
+fn default_freeze() -> f32 {
+    0.3
+}
+
+/// Kind of the hidden linear layers.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearArg {
+    /// Dense.
+    #[default]
+    Dense,
+    /// DynaDiag diagonal-sparse.
+    Diag,
+    /// SET (masked dense, random regrow).
+    Set,
+    /// RigL (masked dense, gradient regrow).
+    Rigl,
+}
+
+impl LinearArg {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearArg::Dense => "dense",
+            LinearArg::Diag => "diag",
+            LinearArg::Set => "set",
+            LinearArg::Rigl => "rigl",
+        }
+    }
 }
 
 impl ModelArgs {
@@ -193,9 +275,39 @@ impl ModelArgs {
         })
     }
 
+    /// The sparse-layer spec these options describe (`None`: dense).
+    pub fn sparse(&self) -> anyhow::Result<Option<sbdnet_nn::SparseSpec>> {
+        use sbdnet_nn::SparseKind;
+        let kind = match self.linear {
+            LinearArg::Dense => return Ok(None),
+            LinearArg::Diag => SparseKind::Diag,
+            LinearArg::Set => SparseKind::Set,
+            LinearArg::Rigl => SparseKind::Rigl,
+        };
+        let spec = sbdnet_nn::SparseSpec {
+            update_every: self.update_every,
+            drop_fraction: self.drop_fraction,
+            stop: self.dst_stop,
+            candidates: self.candidates,
+            freeze: self.freeze,
+            ..sbdnet_nn::SparseSpec::new(kind, self.sparsity)
+        };
+        spec.validate().map_err(|e| anyhow::anyhow!("--linear {}: {e}", self.linear.name()))?;
+        Ok(Some(spec))
+    }
+
     /// The model configuration for inputs `[h, w, c]` and `classes`.
     pub fn config(&self, input: [usize; 3], classes: usize) -> anyhow::Result<sbdnet_nn::ModelConfig> {
-        Ok(sbdnet_nn::ModelConfig::build(&self.model, input, classes, self.width, self.quant()?)?)
+        let cfg = sbdnet_nn::ModelConfig::build(&self.model, input, classes, self.width, self.quant()?)?;
+        let spec = self.sparse()?;
+        let cfg = cfg.with_hidden_linear(spec);
+        anyhow::ensure!(
+            spec.is_none() || cfg.has_sparse(),
+            "--linear {}: model {} has no hidden linear layers (try --model mlp)",
+            self.linear.name(),
+            self.model
+        );
+        Ok(cfg)
     }
 }
 

@@ -39,6 +39,12 @@ struct EpochMetrics {
     images_per_s: f32,
     seconds: f32,
     lr: f32,
+    /// Weights in use in the sparse layers (all of them), at the end of the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nnz: Option<usize>,
+    /// Per sparse layer: name, kind, nnz, budget, dense size.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sparse_layers: Vec<sbdnet_nn::SparseInfo>,
 }
 
 pub fn data_dir(opt: &Option<PathBuf>) -> PathBuf {
@@ -153,8 +159,13 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     anyhow::ensure!(epochs >= 1, "--epochs must be at least 1");
     anyhow::ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
     anyhow::ensure!((0.0..1.0).contains(&a.label_smoothing), "--label-smoothing must be in [0, 1)");
-    let out =
-        a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-{}", a.m.model, a.m.precision, kind.name())));
+    let out = a.out.clone().unwrap_or_else(|| {
+        let linear = match a.m.linear {
+            crate::cli::LinearArg::Dense => String::new(),
+            l => format!("-{}{}", l.name(), (a.m.sparsity * 100.0).round()),
+        };
+        PathBuf::from(format!("runs/{}{linear}-{}-{}", a.m.model, a.m.precision, kind.name()))
+    });
     a.out = Some(out.clone());
     a.epochs = Some(epochs);
 
@@ -205,9 +216,11 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     let prose = !json && !quiet;
     if prose {
         eprintln!(
-            "training {} {} on {} ({} train / {} test images of {}x{}x{}), {} parameters, {epochs} epochs x {steps_per_epoch} steps of {batch}, {} threads, kernels: {}",
+            "training {} {} ({} linear{}) on {} ({} train / {} test images of {}x{}x{}), {} parameters, {epochs} epochs x {steps_per_epoch} steps of {batch}, {} threads, kernels: {}",
             a.m.model,
             a.m.precision,
+            a.m.linear.name(),
+            if model.config.has_sparse() { format!(" at sparsity {}", a.m.sparsity) } else { String::new() },
             kind.name(),
             n_train,
             test.y.len(),
@@ -281,6 +294,7 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
                 );
             }
             opt.step(&mut model.params, lr);
+            model.after_step(global_step + 1, schedule.total_steps, &mut opt);
             loss_sum += st.loss as f64 * st.n as f64;
             correct += st.correct;
             seen += st.n;
@@ -307,6 +321,12 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
             images_per_s: seen as f32 / train_secs,
             seconds: t0.elapsed().as_secs_f32(),
             lr: schedule.lr((epoch + 1) * steps_per_epoch - 1),
+            nnz: None,
+            sparse_layers: model.sparse_layers(),
+        };
+        let m = EpochMetrics {
+            nnz: (!m.sparse_layers.is_empty()).then(|| m.sparse_layers.iter().map(|l| l.nnz).sum()),
+            ..m
         };
         let state = RunState {
             args: a.clone(),
@@ -321,8 +341,15 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path)?;
         writeln!(f, "{}", serde_json::to_string(&m)?)?;
         if prose {
+            let nnz = match m.nnz {
+                Some(z) => {
+                    let budget: usize = m.sparse_layers.iter().map(|l| l.target_nnz).sum();
+                    format!("  nnz {z} (budget {budget})")
+                }
+                None => String::new(),
+            };
             eprintln!(
-                "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  {:.0} img/s  {:.1}s",
+                "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  {:.0} img/s  {:.1}s{nnz}",
                 m.epoch,
                 m.train_loss,
                 100.0 * m.train_acc,
@@ -350,6 +377,8 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         images_per_s: m.images_per_s,
         seconds: run_start.elapsed().as_secs_f32(),
         parameters: model.params.len(),
+        linear: a.m.linear.name().to_string(),
+        nnz: m.nnz,
         out: out.display().to_string(),
     };
     Ok(outcome)
@@ -369,6 +398,9 @@ pub struct Outcome {
     images_per_s: f32,
     seconds: f32,
     parameters: usize,
+    linear: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nnz: Option<usize>,
     out: String,
 }
 

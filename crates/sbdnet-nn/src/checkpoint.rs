@@ -157,6 +157,6 @@ impl Checkpoint {
             let v: serde_json::Value = serde_json::from_str(&self.state).map_err(|e| bad(path, e.to_string()))?;
             o.t = v.get("__optim_t").and_then(|t| t.as_u64()).ok_or_else(|| bad(path, "no optimizer state saved"))?;
         }
-        Ok(())
+        model.sync_sparse().map_err(|e| bad(path, e.to_string()))
     }
 }

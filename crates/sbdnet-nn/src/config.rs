@@ -2,6 +2,7 @@
 
 use crate::error::NnError;
 use crate::quant::{Precision, QuantConfig};
+use crate::sparse::SparseSpec;
 use serde::{Deserialize, Serialize};
 
 /// Activation after a block.
@@ -15,6 +16,10 @@ pub enum Act {
     Relu,
     /// `clamp(x, -1, 1)`.
     Hardtanh,
+}
+
+fn no_act() -> Act {
+    Act::None
 }
 
 /// One entry of a block list.
@@ -66,12 +71,19 @@ pub enum Block {
         /// Drop probability.
         p: f32,
     },
-    /// Fully connected layer on the flattened input.
+    /// Fully connected layer on the flattened input, optionally sparse (DynaDiag, SET, RigL:
+    /// see [`crate::sparse`]) and followed by an activation.
     Linear {
         /// Output features.
         out: usize,
         /// Whether it has a bias.
         bias: bool,
+        /// Activation after the layer (none when absent from a saved configuration).
+        #[serde(default = "no_act")]
+        act: Act,
+        /// Sparse layer kind and knobs; dense when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sparse: Option<SparseSpec>,
     },
     /// Residual: `y = body(x) + shortcut(x)`, then the activation. The shortcut is the
     /// identity when shapes agree, else a strided 1x1 convolution + BN.
@@ -101,7 +113,7 @@ pub struct ModelConfig {
 }
 
 /// Names of the built-in models.
-pub const PRESETS: &[&str] = &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds"];
+pub const PRESETS: &[&str] = &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds", "mlp", "mlp-wide"];
 
 impl ModelConfig {
     /// A built-in model, full precision, width 1 (see [`ModelConfig::build`]).
@@ -123,6 +135,9 @@ impl ModelConfig {
     ///   blocks at 16, 32/2, 64/2 channels) with every 3x3 convolution of a basic block replaced
     ///   by a depthwise-separable block; projection shortcuts (1x1 conv + BN) where the shape
     ///   changes.
+    /// - `mlp`: flatten, linear 256 + ReLU, linear 256 + ReLU, linear classifier (784-256-256-10
+    ///   on 28x28 images); `mlp-wide`: the same with 1024 hidden units. Their hidden layers
+    ///   become sparse with [`ModelConfig::with_hidden_linear`]; the classifier stays dense.
     ///
     /// With binary activations (`w1a1`) the blocks' activation is Hardtanh (the binarizer that
     /// follows is the nonlinearity; Hardtanh keeps the sign information ReLU would drop).
@@ -142,6 +157,15 @@ impl ModelConfig {
             quant.precision = Precision::W1;
         }
         let act = if quant.precision.binary_acts() { Act::Hardtanh } else { Act::Relu };
+        if let Some(hidden) = match name {
+            "mlp" => Some(256),
+            "mlp-wide" => Some(1024),
+            _ => None,
+        } {
+            let fc = |out, act| Block::Linear { out, bias: true, act, sparse: None };
+            let blocks = vec![Block::Flatten, fc(ch(hidden), act), fc(ch(hidden), act), fc(classes, Act::None)];
+            return Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant });
+        }
         let conv = |out, stride| Block::Conv { out: ch(out), kernel: 3, stride, act: Act::Relu };
         let ds = |out, stride| Block::DwSep { out: ch(out), kernel: 3, stride, act };
         let mut blocks = vec![conv(if name == "resnet20-ds" { 16 } else { 32 }, 1)];
@@ -185,8 +209,41 @@ impl ModelConfig {
             }
         }
         blocks.push(Block::GlobalAvgPool);
-        blocks.push(Block::Linear { out: classes, bias: true });
+        blocks.push(Block::Linear { out: classes, bias: true, act: Act::None, sparse: None });
         Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant })
+    }
+
+    /// Make every `Linear` block but the last one (the classifier, which stays dense) follow
+    /// `spec` (`None`: dense), including those inside residual bodies.
+    pub fn with_hidden_linear(mut self, spec: Option<SparseSpec>) -> Self {
+        fn visit<'a>(blocks: &'a mut [Block], out: &mut Vec<&'a mut Option<SparseSpec>>) {
+            for b in blocks {
+                match b {
+                    Block::Linear { sparse, .. } => out.push(sparse),
+                    Block::Residual { body, .. } => visit(body, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut slots = Vec::new();
+        visit(&mut self.blocks, &mut slots);
+        slots.pop();
+        for s in slots {
+            *s = spec;
+        }
+        self
+    }
+
+    /// Whether any layer is sparse.
+    pub fn has_sparse(&self) -> bool {
+        fn any(blocks: &[Block]) -> bool {
+            blocks.iter().any(|b| match b {
+                Block::Linear { sparse, .. } => sparse.is_some(),
+                Block::Residual { body, .. } => any(body),
+                _ => false,
+            })
+        }
+        any(&self.blocks)
     }
 
     /// The input size a preset is designed for, if it has one (`mobilenet` and `resnet20-ds`

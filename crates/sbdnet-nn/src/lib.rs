@@ -33,6 +33,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod quant;
+pub mod sparse;
 pub mod summary;
 
 pub use config::{Act, Block, ModelConfig};
@@ -42,3 +43,4 @@ pub use model::{Model, Node, Shape, StepStats};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind};
 pub use params::ParamStore;
 pub use quant::{Precision, QuantConfig};
+pub use sparse::{SparseInfo, SparseKind, SparseSpec};

@@ -8,8 +8,10 @@ use crate::config::{Act, Block, ModelConfig};
 use crate::error::NnError;
 use crate::layers::{BatchNorm2d, Conv2d, Dropout, Linear, Pool};
 use crate::loss::Loss;
+use crate::optim::Optimizer;
 use crate::params::ParamStore;
 use crate::quant::{BinAct, QuantConfig, WeightBinarizer};
+use crate::sparse::{DiagLinear, MaskedLinear, SparseInfo, SparseKind};
 use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::pool as kpool;
 use sbdnet_kernels::rng::Rng;
@@ -67,6 +69,10 @@ pub enum Op {
     Dropout(Dropout),
     /// Fully connected.
     Linear(Linear),
+    /// Diagonal-sparse fully connected (DynaDiag).
+    DiagLinear(DiagLinear),
+    /// Masked dense fully connected (SET, RigL).
+    MaskedLinear(MaskedLinear),
     /// Sum of the two inputs.
     Add,
 }
@@ -89,6 +95,9 @@ impl Op {
             Op::Flatten => "flatten",
             Op::Dropout(_) => "dropout",
             Op::Linear(_) => "linear",
+            Op::DiagLinear(_) => "linear-diag",
+            Op::MaskedLinear(l) if l.spec.kind == SparseKind::Rigl => "linear-rigl",
+            Op::MaskedLinear(_) => "linear-set",
             Op::Add => "add",
         }
     }
@@ -146,6 +155,9 @@ pub struct Model {
     pub step: u64,
     /// Per-node timing, when `Some`.
     pub profile: Option<Profile>,
+    /// Images in the last training step (its activations and gradients are still in place for
+    /// [`Model::after_step`]).
+    last_n: usize,
     shapes: Vec<Shape>,
     /// For each activation, the node that writes its gradient first in backward order (the
     /// last node reading it); later writers add.
@@ -261,27 +273,49 @@ impl Builder {
                 }
                 self.push(name.to_string(), Op::Dropout(Dropout::new(*p)), vec![x], s)
             }
-            Block::Linear { out, bias } => {
+            Block::Linear { out, bias, act, sparse } => {
                 let inp = s.len();
-                let bound = 1.0 / (inp as f32).sqrt();
-                let rng = &mut self.rng;
-                let weight = self
-                    .params
-                    .add(format!("{name}.weight"), vec![*out, inp], true, || (rng.uniform() * 2.0 - 1.0) * bound);
-                let rng = &mut self.rng;
-                let bias = bias.then(|| {
-                    self.params.add(format!("{name}.bias"), vec![*out], false, || (rng.uniform() * 2.0 - 1.0) * bound)
-                });
-                let _ = classes_hint;
+                let os = Shape { h: 1, w: 1, c: *out };
                 let q = self.quant;
-                let bin = (q.precision.binary_weights() && q.binarize_first_last)
-                    .then(|| WeightBinarizer::new(&q, *out, weight.len));
-                self.push(
-                    name.to_string(),
-                    Op::Linear(Linear { inp, out: *out, weight, bias, bin }),
-                    vec![x],
-                    Shape { h: 1, w: 1, c: *out },
-                )
+                let binarized = q.precision.binary_weights() && q.binarize_first_last;
+                let op = match sparse {
+                    Some(spec) => {
+                        if binarized {
+                            return Err(NnError::Config(format!("{name}: a sparse linear layer cannot be binarized")));
+                        }
+                        let (p, rng) = (&mut self.params, &mut self.rng);
+                        let r = match spec.kind {
+                            SparseKind::Diag => {
+                                DiagLinear::new(name, inp, *out, *bias, *spec, p, rng).map(Op::DiagLinear)
+                            }
+                            SparseKind::Set | SparseKind::Rigl => {
+                                MaskedLinear::new(name, inp, *out, *bias, *spec, p, rng).map(Op::MaskedLinear)
+                            }
+                        };
+                        r.map_err(|e| NnError::Config(format!("{name}: {e}")))?
+                    }
+                    None => {
+                        let bound = 1.0 / (inp as f32).sqrt();
+                        let rng = &mut self.rng;
+                        let weight = self.params.add(format!("{name}.weight"), vec![*out, inp], true, || {
+                            (rng.uniform() * 2.0 - 1.0) * bound
+                        });
+                        let rng = &mut self.rng;
+                        let bias = bias.then(|| {
+                            self.params
+                                .add(format!("{name}.bias"), vec![*out], false, || (rng.uniform() * 2.0 - 1.0) * bound)
+                        });
+                        let _ = classes_hint;
+                        let bin = binarized.then(|| WeightBinarizer::new(&q, *out, weight.len));
+                        Op::Linear(Linear { inp, out: *out, weight, bias, bin })
+                    }
+                };
+                let y = self.push(name.to_string(), op, vec![x], os);
+                match act {
+                    Act::None => y,
+                    Act::Relu => self.push(format!("{name}.relu"), Op::Relu, vec![y], os),
+                    Act::Hardtanh => self.push(format!("{name}.act"), Op::Hardtanh, vec![y], os),
+                }
             }
             Block::Residual { body, act } => {
                 let mut y = x;
@@ -371,6 +405,7 @@ impl Model {
             seed,
             step: 0,
             profile: None,
+            last_n: 0,
             first_writer,
             shapes: b.shapes,
             cap: 0,
@@ -468,6 +503,8 @@ impl Model {
                 Op::Flatten => y.copy_from_slice(x),
                 Op::Dropout(d) => d.forward(x, y, train, &mut drop_rng),
                 Op::Linear(l) => l.forward(n, x, y, p),
+                Op::DiagLinear(l) => l.forward(n, x, y, p),
+                Op::MaskedLinear(l) => l.forward(n, x, y, p),
                 Op::Add => {
                     let (o1, l1) = in1.expect("add has two inputs");
                     y.copy_from_slice(x);
@@ -527,6 +564,8 @@ impl Model {
                     Op::Flatten => ew::write_or_add(dx, dy, add0),
                     Op::Dropout(d) => d.backward(dy, dx, true, add0),
                     Op::Linear(l) => l.backward(n, x, dy, dx, p, add0),
+                    Op::DiagLinear(l) => l.backward(n, x, dy, dx, p, add0),
+                    Op::MaskedLinear(l) => l.backward(n, x, dy, dx, p, add0),
                     Op::Add => unreachable!("handled above"),
                 }
             }
@@ -562,6 +601,7 @@ impl Model {
         let (loss_v, correct) =
             loss.forward_backward(&self.acts[off..off + len], labels, classes, &mut self.dacts[off..off + len]);
         self.backward(n);
+        self.last_n = n;
         self.step += 1;
         if let Some(p) = self.profile.as_mut() {
             p.steps += 1;
@@ -576,5 +616,52 @@ impl Model {
         let logits = self.forward(x, n, false)?;
         let (loss, correct) = Loss::default().evaluate(logits, labels, classes);
         Ok(StepStats { loss, correct, n })
+    }
+
+    /// Dynamic sparse training hook: call it after each optimizer step with the number of
+    /// steps done so far (1-based) and the run's total. Sparse layers update their patterns
+    /// from the last training batch (see [`crate::sparse`]) and zero `opt`'s state of every
+    /// weight they remove or add; dense models are untouched.
+    pub fn after_step(&mut self, done: usize, total: usize, opt: &mut Optimizer) {
+        let n = self.last_n;
+        for i in 0..self.nodes.len() {
+            if !matches!(self.nodes[i].op, Op::DiagLinear(_) | Op::MaskedLinear(_)) {
+                continue;
+            }
+            let in0 = self.nodes[i].inputs[0];
+            let (xo, xl) = (self.off(in0), n * self.shapes[in0].len());
+            let (yo, yl) = (self.off(i + 1), n * self.shapes[i + 1].len());
+            let (x, dy) = (&self.acts[xo..xo + xl], &self.dacts[yo..yo + yl]);
+            let mut rng = Rng::derive(self.seed, 0x5A_0000 + i as u64, done as u64);
+            let p = &mut self.params;
+            match &mut self.nodes[i].op {
+                Op::DiagLinear(l) => l.after_step(done, total, n, x, dy, p, opt, &mut rng),
+                Op::MaskedLinear(l) => l.after_step(done, total, n, x, dy, p, opt, &mut rng),
+                _ => {}
+            }
+        }
+    }
+
+    /// Counts of every sparse layer (nnz in use now, budget, dense size), in order.
+    pub fn sparse_layers(&self) -> Vec<SparseInfo> {
+        self.nodes
+            .iter()
+            .filter_map(|node| match &node.op {
+                Op::DiagLinear(l) => Some(l.info(&node.name)),
+                Op::MaskedLinear(l) => Some(l.info(&node.name, &self.params)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Rebuild the sparse layers' patterns from their buffers (offsets, masks): needed after
+    /// parameters and buffers were overwritten, e.g. by a checkpoint (which does it).
+    pub fn sync_sparse(&mut self) -> Result<(), NnError> {
+        for node in &mut self.nodes {
+            if let Op::DiagLinear(l) = &mut node.op {
+                l.sync(&self.params).map_err(|e| NnError::Config(format!("{}: {e}", node.name)))?;
+            }
+        }
+        Ok(())
     }
 }

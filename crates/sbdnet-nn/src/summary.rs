@@ -13,7 +13,10 @@
 //!   fold into one threshold comparison per value (no arithmetic, 32 bits per channel), and the
 //!   binary activation itself is free;
 //! - global average pooling: one addition per input value and one multiplication per channel;
-//!   average pooling likewise; max pooling, ReLU, Hardtanh: comparisons only.
+//!   average pooling likewise; max pooling, ReLU, Hardtanh: comparisons only;
+//! - sparse linear layers (DynaDiag, SET, RigL): only the deployed non-zeros count, the budget
+//!   `K * D` (DynaDiag's soft phase trains up to `C * D` candidates, but the deployed layer
+//!   keeps `K` diagonals), as parameters, MACs, multiplications and additions (plus the bias).
 
 use crate::model::{Model, Op};
 use serde::Serialize;
@@ -113,6 +116,20 @@ pub fn summarize(model: &Model) -> Summary {
                         l.additions = macs + bias;
                     }
                 }
+            }
+            Op::DiagLinear(_) | Op::MaskedLinear(_) => {
+                // Deployed form: only the non-zeros (diagonal values or CSR entries) and the bias.
+                let info = match &node.op {
+                    Op::DiagLinear(d) => (d.info(&node.name), d.bias),
+                    Op::MaskedLinear(m) => (m.info(&node.name, &model.params), m.bias),
+                    _ => unreachable!("matched above"),
+                };
+                let (nnz, bias) = (info.0.target_nnz, info.1.map_or(0, |b| b.len));
+                l.params = nnz + bias;
+                l.macs = nnz;
+                l.param_bits = 32 * l.params;
+                l.multiplications = nnz;
+                l.additions = nnz + bias;
             }
             Op::BatchNorm(bn) => {
                 l.params = 2 * bn.c;

@@ -69,7 +69,7 @@ fn conv_dwsep_bn_relu_gap_linear() {
         Block::DwSep { out: 6, kernel: 3, stride: 2, act: Act::Relu },
         Block::DwSep { out: 5, kernel: 3, stride: 1, act: Act::None },
         Block::GlobalAvgPool,
-        Block::Linear { out: 3, bias: true },
+        Block::Linear { out: 3, bias: true, act: Act::None, sparse: None },
     ];
     check(cfg("dwsep", [7, 6, 2], 3, blocks), 4, 1);
 }
@@ -83,7 +83,7 @@ fn hardtanh_pools_flatten_dropout() {
         Block::AvgPool { k: 2, stride: 1 },
         Block::Flatten,
         Block::Dropout { p: 0.25 },
-        Block::Linear { out: 4, bias: false },
+        Block::Linear { out: 4, bias: false, act: Act::None, sparse: None },
     ];
     check(cfg("pools", [6, 6, 1], 4, blocks), 3, 2);
 }
@@ -101,7 +101,7 @@ fn residual_with_and_without_projection() {
             act: Act::None,
         },
         Block::GlobalAvgPool,
-        Block::Linear { out: 3, bias: true },
+        Block::Linear { out: 3, bias: true, act: Act::None, sparse: None },
     ];
     check(cfg("residual", [6, 6, 2], 3, blocks), 3, 3);
 }
