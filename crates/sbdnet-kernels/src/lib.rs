@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod binary;
 pub mod conv;
 pub mod csr;
 pub mod diag;
