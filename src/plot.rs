@@ -35,6 +35,22 @@ pub enum PlotCommand {
     Xy(XyArgs),
     /// A numeric CSV matrix (no header, rows top to bottom) as a colored grid, e.g. a layer's mask.
     Heatmap(HeatmapArgs),
+    /// A trained layer's weight magnitudes |W| as a grid (rows: outputs, columns: inputs), e.g.
+    /// the diagonals a DynaDiag layer chose; also writes the matrix as CSV beside the PNG.
+    Layer(LayerArgs),
+}
+
+/// `sbdnet plot layer`.
+#[derive(Args, Debug, Clone)]
+pub struct LayerArgs {
+    /// Checkpoint directory written by `sbdnet train`.
+    pub dir: PathBuf,
+    /// Layer name as in `sbdnet summary DIR` (e.g. fc1, block2.pw).
+    #[arg(long)]
+    pub layer: String,
+    /// Output PNG file (the CSV goes beside it, same name with .csv).
+    #[arg(short, long, value_name = "PNG")]
+    pub out: PathBuf,
 }
 
 /// The metric `sbdnet plot curves` draws.
@@ -156,7 +172,58 @@ pub fn run(a: PlotArgs) -> Result<()> {
         PlotCommand::Curves(c) => curves(c),
         PlotCommand::Xy(x) => xy(x),
         PlotCommand::Heatmap(h) => heatmap(h),
+        PlotCommand::Layer(l) => layer(l),
     }
+}
+
+/// `sbdnet plot layer`: |W| of one layer of a checkpoint, as CSV and heatmap.
+fn layer(a: LayerArgs) -> Result<()> {
+    use sbdnet_nn::model::Op;
+    let ck = sbdnet_nn::checkpoint::Checkpoint::read(&a.dir)?;
+    let mut model = sbdnet_nn::Model::new(ck.config.clone(), 1, 0)?;
+    ck.apply(&mut model, None, &a.dir.join(sbdnet_nn::checkpoint::WEIGHTS_FILE))?;
+    let names: Vec<String> = model.nodes.iter().map(|n| n.name.clone()).collect();
+    let idx = names.iter().position(|n| *n == a.layer).with_context(|| {
+        format!("no layer '{}' in {}; its layers are: {}", a.layer, a.dir.display(), names.join(", "))
+    })?;
+    let p = &model.params;
+    let (rows, cols, w): (usize, usize, Vec<f32>) = match &mut model.nodes[idx].op {
+        Op::DiagLinear(l) => {
+            let w = l.dense_weight(p);
+            let rows = model.nodes[idx].out_shape.len();
+            (rows, w.len() / rows.max(1), w)
+        }
+        Op::MaskedLinear(l) => {
+            let w = &p.data[l.weight.range()];
+            let m = &p.buffers[l.mask.range()];
+            (l.out, l.inp, w.iter().zip(m).map(|(w, m)| w * m).collect())
+        }
+        Op::Linear(l) => (l.out, l.inp, p.data[l.weight.range()].to_vec()),
+        Op::Conv(c) => {
+            let w = p.data[c.weight.range()].to_vec();
+            (c.cout, w.len() / c.cout.max(1), w)
+        }
+        other => bail!("layer '{}' is a {} layer, which has no weight matrix", a.layer, other.kind()),
+    };
+    let csv = a.out.with_extension("csv");
+    let mut text = String::with_capacity(rows * cols * 8);
+    for r in 0..rows {
+        let line: Vec<String> = w[r * cols..(r + 1) * cols].iter().map(|v| format!("{}", v.abs())).collect();
+        text.push_str(&line.join(","));
+        text.push('\n');
+    }
+    if let Some(parent) = csv.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(&csv, text).with_context(|| format!("cannot write {}", csv.display()))?;
+    heatmap(HeatmapArgs {
+        csv,
+        out: a.out.clone(),
+        title: Some(format!("|W| of {} ({} x {})", a.layer, rows, cols)),
+        xlabel: "input".into(),
+        ylabel: "output".into(),
+        gray: false,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

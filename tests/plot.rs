@@ -148,3 +148,25 @@ fn bad_inputs_give_clear_errors() {
 
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn layer_of_a_trained_diag_model_is_drawn_with_its_diagonals() {
+    let d = tmp("layer");
+    let run = d.join("run");
+    let r = run.to_str().unwrap();
+    ok(&sbdnet(
+        &["train", "--model", "mlp", "--linear", "diag", "--sparsity", "0.9", "--epochs", "1", "--quiet", "--out", r],
+        &[],
+    ));
+    let png = d.join("fc2.png");
+    ok(&sbdnet(&["plot", "layer", r, "--layer", "fc2", "-o", png.to_str().unwrap()], &[("SBDNET_FONT", "none")]));
+    assert_png(&png);
+    // The CSV beside it holds |W|: 256 x 256 with exactly K * D = 26 * 256 non-zeros.
+    let csv = std::fs::read_to_string(d.join("fc2.csv")).unwrap();
+    let rows: Vec<Vec<f32>> = csv.lines().map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    assert_eq!((rows.len(), rows[0].len()), (256, 256));
+    let nnz = rows.iter().flatten().filter(|&&v| v != 0.0).count();
+    assert!(nnz <= 26 * 256 && nnz > 20 * 256, "{nnz}");
+    let out = sbdnet(&["plot", "layer", r, "--layer", "fc2.relu", "-o", png.to_str().unwrap()], &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no weight matrix"));
+}
