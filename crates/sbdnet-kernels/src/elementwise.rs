@@ -80,6 +80,20 @@ crate::simd_kernel! {
     }
 }
 
+/// Add a bias to every row: `y[r][j] += b[j]` for the rows of `y[rows][b.len()]`.
+pub fn add_bias_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        add_assign_inline(row, b);
+    }
+}
+
+/// Bias gradient: `gb[j] += sum_r dy[r][j]` over the rows of `dy[rows][gb.len()]`.
+pub fn bias_grad_rows(dy: &[f32], gb: &mut [f32]) {
+    for row in dy.chunks_exact(gb.len()) {
+        add_assign_inline(gb, row);
+    }
+}
+
 const EW_CHUNK: usize = 1 << 14;
 
 /// `y = max(x, 0)`.

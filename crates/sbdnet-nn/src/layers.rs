@@ -247,9 +247,7 @@ impl Linear {
         sgemm(n, self.out, self.inp, x, Trans::No, w, Trans::Yes, y, false, t);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];
-            for row in y[..n * self.out].chunks_exact_mut(self.out) {
-                ew::add_assign_inline(row, b);
-            }
+            ew::add_bias_rows(&mut y[..n * self.out], b);
         }
     }
 
@@ -270,9 +268,7 @@ impl Linear {
         }
         if let Some(b) = self.bias {
             let gb = &mut p.grad[b.range()];
-            for row in dy[..n * self.out].chunks_exact(self.out) {
-                ew::add_assign_inline(gb, row);
-            }
+            ew::bias_grad_rows(&dy[..n * self.out], gb);
         }
     }
 }

@@ -435,9 +435,7 @@ impl DiagLinear {
         self.mat.forward(x, n, y);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];
-            for row in y[..n * self.out].chunks_exact_mut(self.out) {
-                ew::add_assign_inline(row, b);
-            }
+            ew::add_bias_rows(&mut y[..n * self.out], b);
         }
     }
 
@@ -474,9 +472,7 @@ impl DiagLinear {
         }
         if let Some(b) = self.bias {
             let gb = &mut p.grad[b.range()];
-            for row in dy[..n * self.out].chunks_exact(self.out) {
-                ew::add_assign_inline(gb, row);
-            }
+            ew::bias_grad_rows(&dy[..n * self.out], gb);
         }
     }
 
@@ -706,9 +702,7 @@ impl MaskedLinear {
         csr::dense_forward(self.out, self.inp, &p.data[self.weight.range()], x, n, y, t);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];
-            for row in y[..n * self.out].chunks_exact_mut(self.out) {
-                ew::add_assign_inline(row, b);
-            }
+            ew::add_bias_rows(&mut y[..n * self.out], b);
         }
     }
 
@@ -721,9 +715,7 @@ impl MaskedLinear {
         csr::dense_backward_weight(self.out, self.inp, x, dy, n, &mut p.grad[wr], true, Some(mask), t);
         if let Some(b) = self.bias {
             let gb = &mut p.grad[b.range()];
-            for row in dy[..n * self.out].chunks_exact(self.out) {
-                ew::add_assign_inline(gb, row);
-            }
+            ew::bias_grad_rows(&dy[..n * self.out], gb);
         }
     }
 
