@@ -354,6 +354,12 @@ pub struct TrainArgs {
     /// Label smoothing of the cross-entropy.
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f32,
+    /// Before each evaluation, re-estimate batch-norm statistics over this many training
+    /// batches (default: 100 with binary weights, whose running statistics otherwise lag the
+    /// flipping signs; 0 for float).
+    #[arg(long)]
+    #[serde(default)]
+    pub bn_recalibrate: Option<usize>,
     /// Data augmentation.
     #[arg(long, value_enum, default_value_t = AugArg::Auto)]
     pub augment: AugArg,
@@ -396,6 +402,10 @@ pub struct EvalArgs {
     /// Data set (default: the one the model was trained on).
     #[arg(long)]
     pub dataset: Option<String>,
+    /// First re-estimate batch-norm statistics over this many training batches of 256
+    /// (in data-set order, unaugmented); 0 evaluates the checkpoint as saved.
+    #[arg(long, default_value_t = 0)]
+    pub bn_recalibrate: usize,
     /// Worker threads.
     #[arg(long)]
     pub threads: Option<usize>,

@@ -311,6 +311,19 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         }
         let train_secs = t0.elapsed().as_secs_f32();
         bar.finish_and_clear();
+        // Batch-norm re-estimation on the first batches of this epoch's order, unaugmented.
+        let recal = a.bn_recalibrate.unwrap_or(if model.config.quant.precision.binary_weights() { 100 } else { 0 });
+        if recal > 0 {
+            model.set_bn_recalibration(true);
+            for s in 0..recal.min(steps_per_epoch) {
+                for j in 0..batch {
+                    let idx = order[s * batch + j];
+                    xb[j * il..(j + 1) * il].copy_from_slice(&train.x[idx * il..(idx + 1) * il]);
+                }
+                model.forward(&xb, batch, true)?;
+            }
+            model.set_bn_recalibration(false);
+        }
         let (test_loss, test_acc) = evaluate(&mut model, &test)?;
         let m = EpochMetrics {
             epoch: epoch + 1,
@@ -487,6 +500,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut model = Model::new(ck.config.clone(), 256, 0)?;
     ck.apply(&mut model, None, &a.dir.join(checkpoint::WEIGHTS_FILE))?;
+    if a.bn_recalibrate > 0 {
+        let train = prepare(&split.train, &mean, &std);
+        model.set_bn_recalibration(true);
+        for x in train.x.chunks_exact(256 * train.il).take(a.bn_recalibrate) {
+            model.forward(x, 256, true)?;
+        }
+        model.set_bn_recalibration(false);
+    }
     let t0 = Instant::now();
     let (loss, acc) = evaluate(&mut model, &test)?;
     let secs = t0.elapsed().as_secs_f32();

@@ -112,6 +112,10 @@ pub struct BatchNorm2d {
     pub running_var: ParamId,
     /// Running-statistics momentum (PyTorch convention: `new = (1-m) old + m batch`).
     pub momentum: f32,
+    /// While `Some(k)`, running statistics are a plain average over the batches seen since
+    /// re-estimation started (`k` so far) instead of an exponential one; see
+    /// [`crate::Model::set_bn_recalibration`].
+    pub cumulative: Option<u32>,
     /// Variance epsilon.
     pub eps: f32,
     /// Fuse a ReLU into the output (`y = max(bn(x), 0)`).
@@ -138,6 +142,7 @@ impl BatchNorm2d {
             running_mean,
             running_var,
             momentum: 0.1,
+            cumulative: None,
             eps: 1e-5,
             relu: false,
             mean: vec![0.0; c],
@@ -166,7 +171,13 @@ impl BatchNorm2d {
         let rv = self.running_var.range();
         if train {
             ew::channel_sums(x, c, &p.buffers[rm.clone()], &mut self.s1, &mut self.s2, &mut self.scratch);
-            let m = self.momentum;
+            let m = match self.cumulative.as_mut() {
+                Some(k) => {
+                    *k += 1;
+                    1.0 / *k as f32
+                }
+                None => self.momentum,
+            };
             let unbias = if rows > 1 { rows as f32 / (rows - 1) as f32 } else { 1.0 };
             for ch in 0..c {
                 let shift = p.buffers[rm.start + ch] as f64;

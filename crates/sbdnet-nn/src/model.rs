@@ -575,6 +575,19 @@ impl Model {
         }
     }
 
+    /// Start (`true`) or end (`false`) re-estimating every batch norm's running statistics:
+    /// in between, the training-mode forward passes set them to a plain average of their batch
+    /// statistics (instead of the exponential average of training). Binary-weight networks need
+    /// this before evaluation: their weights' signs flip from step to step at high learning
+    /// rates, so the exponential average mixes statistics of many different networks.
+    pub fn set_bn_recalibration(&mut self, on: bool) {
+        for node in &mut self.nodes {
+            if let Op::BatchNorm(bn) = &mut node.op {
+                bn.cumulative = on.then_some(0);
+            }
+        }
+    }
+
     /// Turn per-node timing on (resetting it) or off.
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = on.then(|| Profile {
