@@ -1,23 +1,9 @@
 //! End-to-end tests of the `sbdnet` binary on the embedded digits data.
 
 use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn sbdnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sbdnet")).args(args).output().expect("the binary runs")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sbdnet-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+use common::{json, sbdnet, tmp};
 
 #[test]
 fn dscnn_learns_digits_and_eval_agrees() {

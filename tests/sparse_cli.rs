@@ -1,25 +1,9 @@
 //! End-to-end tests of `sbdnet train --model mlp --linear ...` on the embedded digits data.
 
-use std::process::{Command, Output};
+mod common;
 
-fn sbdnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sbdnet")).args(args).output().expect("the binary runs")
-}
+use common::{json, sbdnet, tmp};
 
-fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sbdnet-sparse-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-/// mlp with DynaDiag hidden layers at 90% sparsity learns the 8x8 digits well above chance
-/// (10%) in about a second, and logs an exact nnz every epoch.
 #[test]
 fn mlp_diag_learns_digits_and_logs_nnz() {
     let dir = tmp("diag");
