@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 /// sbdnet: train and run binarized, sparse-binarized and diagonal-sparse neural networks.
 ///
-/// Start with `sbdnet train` (dscnn on the built-in 8x8 digits, about a minute), then
-/// `sbdnet data fetch mnist` and `sbdnet train --dataset mnist --epochs 15 --out runs/mnist`.
+/// Start with `sbdnet demo` (dscnn in float and with binary weights on the built-in 8x8
+/// digits, about 20 s), then `sbdnet data fetch mnist` and
+/// `sbdnet train --dataset mnist --precision w1 --epochs 15 --out runs/mnist-w1`;
+/// `sbdnet summary runs/mnist-w1` shows what binarization saves.
 #[derive(Parser, Debug)]
 #[command(name = "sbdnet", version, about, long_about)]
 pub struct Cli {
