@@ -28,6 +28,8 @@ impl Cli {
             Command::Data(_) | Command::Summary(_) => Some(1),
             Command::Demo(a) => a.threads,
             Command::Plot(_) => Some(1),
+            Command::Export(a) => a.threads,
+            Command::Infer(a) => Some(a.threads),
         }
     }
 }
@@ -52,6 +54,82 @@ pub enum Command {
     /// Per-layer parameters, bits, memory, MACs, multiplications and additions of a model in
     /// its deployed form (of a checkpoint DIR, or of --model/--precision).
     Summary(SummaryArgs),
+    /// Export a trained checkpoint as a deployed model: `.sbd` (packed sign bits, folded
+    /// BatchNorm and thresholds, for `sbdnet infer` / `bench model`) or float ONNX.
+    Export(ExportArgs),
+    /// Run a deployed `.sbd` model over a data set's test split (accuracy; agreement with the
+    /// training-time model with --agree-with).
+    Infer(InferArgs),
+}
+
+/// Export format.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// sbdnet's deployment file (safetensors container, format version in the metadata).
+    Sbd,
+    /// ONNX (opset 13) of the float version of the same architecture, for ONNX Runtime.
+    Onnx,
+}
+
+/// `sbdnet export`.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Checkpoint directory written by `sbdnet train`.
+    pub dir: PathBuf,
+    /// Output file.
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// File format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Sbd)]
+    pub format: ExportFormat,
+    /// Re-estimate batch-norm statistics over this many training batches of 256 first (as
+    /// `sbdnet eval --bn-recalibrate`); 0 exports the statistics as saved.
+    #[arg(long, default_value_t = 0)]
+    pub bn_recalibrate: usize,
+    /// Data set for --bn-recalibrate (default: the one the model was trained on).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub data: DataOpts,
+    /// Worker threads.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sbdnet infer`.
+#[derive(Args, Debug, Clone)]
+pub struct InferArgs {
+    /// A `.sbd` file written by `sbdnet export`.
+    pub model: PathBuf,
+    /// Data set whose test split to run (mnist, fashion-mnist, digits, cifar10).
+    #[arg(long)]
+    pub dataset: String,
+    /// Also run the training-time model of this checkpoint directory and report the share of
+    /// test images on which both predict the same class.
+    #[arg(long, value_name = "DIR")]
+    pub agree_with: Option<PathBuf>,
+    /// Use the plain float reference executor instead of the planned, bit-packed one.
+    #[arg(long)]
+    pub reference: bool,
+    /// Only the first N test images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Images per run of the planned executor.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub data: DataOpts,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Print one JSON object (`accuracy`, `images`, `agreement` with --agree-with).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `sbdnet demo`.

@@ -5,6 +5,8 @@
 mod bench;
 mod bench_linear;
 mod cli;
+mod export;
+mod infer;
 mod plot;
 mod train;
 
@@ -32,6 +34,8 @@ fn main() -> ExitCode {
         cli::Command::Summary(s) => bench::summary(s),
         cli::Command::Demo(d) => train::demo(d),
         cli::Command::Plot(p) => plot::run(p),
+        cli::Command::Export(a) => infer::export(a),
+        cli::Command::Infer(a) => infer::infer(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,14 +51,14 @@ pub fn data_dir(opt: &Option<PathBuf>) -> PathBuf {
     opt.clone().unwrap_or_else(sbdnet_data::default_data_dir)
 }
 
-fn load_split(name: &str, dir: &Path) -> Result<(DatasetKind, sbdnet_data::Split)> {
+pub(crate) fn load_split(name: &str, dir: &Path) -> Result<(DatasetKind, sbdnet_data::Split)> {
     let kind: DatasetKind = name.parse()?;
     let split = sbdnet_data::load(kind, dir)?;
     Ok((kind, split))
 }
 
 /// Zero-pad both splits to `size x size` (e.g. 28x28 images for a 32x32 model).
-fn pad_split(split: &mut sbdnet_data::Split, size: usize) -> Result<()> {
+pub(crate) fn pad_split(split: &mut sbdnet_data::Split, size: usize) -> Result<()> {
     if split.train.height < size || split.train.width < size {
         split.train = split.train.pad_to(size, size)?;
         split.test = split.test.pad_to(size, size)?;
@@ -67,16 +67,16 @@ fn pad_split(split: &mut sbdnet_data::Split, size: usize) -> Result<()> {
 }
 
 /// A data set normalized once into f32 NHWC.
-struct Prepared {
-    x: Vec<f32>,
-    y: Vec<u8>,
-    il: usize,
-    h: usize,
-    w: usize,
-    c: usize,
+pub(crate) struct Prepared {
+    pub x: Vec<f32>,
+    pub y: Vec<u8>,
+    pub il: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
 }
 
-fn prepare(d: &Dataset, mean: &[f32], std: &[f32]) -> Prepared {
+pub(crate) fn prepare(d: &Dataset, mean: &[f32], std: &[f32]) -> Prepared {
     let mut x = vec![0.0; d.images.len()];
     sbdnet_data::normalize_into(&d.images, &mut x, mean, std);
     Prepared { x, y: d.labels.clone(), il: d.image_len(), h: d.height, w: d.width, c: d.channels }
@@ -468,15 +468,31 @@ pub fn demo(a: crate::cli::DemoArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(a: EvalArgs) -> Result<()> {
-    let ck = Checkpoint::read(&a.dir)?;
+/// A trained checkpoint with its test split, normalized as in training.
+pub(crate) struct LoadedRun {
+    pub model: Model,
+    pub test: Prepared,
+    pub kind: DatasetKind,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Load a checkpoint directory and the test split of `dataset` (default: the one it was
+/// trained on), normalized as in training; optionally re-estimate BatchNorm statistics over
+/// `bn_recalibrate` training batches of 256 first.
+pub(crate) fn load_run(
+    dir: &Path,
+    dataset: Option<&str>,
+    data: &Option<PathBuf>,
+    bn_recalibrate: usize,
+) -> Result<LoadedRun> {
+    let ck = Checkpoint::read(dir)?;
     let st: Option<RunState> = ck.train_state().and_then(|v| serde_json::from_value(v).ok());
-    let name = a
-        .dataset
-        .clone()
+    let name = dataset
+        .map(str::to_string)
         .or_else(|| st.as_ref().map(|s| s.args.dataset.clone()))
         .context("--dataset is required: this checkpoint does not say what it was trained on")?;
-    let (kind, mut split) = load_split(&name, &data_dir(&a.data.data_dir))?;
+    let (kind, mut split) = load_split(&name, &data_dir(data))?;
     let [ch, cw, _] = ck.config.input;
     if ch == cw && ch > split.test.height && ch > split.test.width {
         pad_split(&mut split, ch)?;
@@ -490,7 +506,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if ck.config.input != input || ck.config.classes != kind.classes() {
         bail!(
             "the model in {} takes {:?} inputs with {} classes; {} has {:?} with {} classes",
-            a.dir.display(),
+            dir.display(),
             ck.config.input,
             ck.config.classes,
             kind.name(),
@@ -499,15 +515,47 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     let mut model = Model::new(ck.config.clone(), 256, 0)?;
-    ck.apply(&mut model, None, &a.dir.join(checkpoint::WEIGHTS_FILE))?;
-    if a.bn_recalibrate > 0 {
+    ck.apply(&mut model, None, &dir.join(checkpoint::WEIGHTS_FILE))?;
+    if bn_recalibrate > 0 {
         let train = prepare(&split.train, &mean, &std);
         model.set_bn_recalibration(true);
-        for x in train.x.chunks_exact(256 * train.il).take(a.bn_recalibrate) {
+        for x in train.x.chunks_exact(256 * train.il).take(bn_recalibrate) {
             model.forward(x, 256, true)?;
         }
         model.set_bn_recalibration(false);
     }
+    Ok(LoadedRun { model, test, kind, mean, std })
+}
+
+/// Top-1 predictions of the training-time model over a prepared set.
+pub(crate) fn predictions(model: &mut Model, data: &Prepared) -> Result<Vec<usize>> {
+    let cap = model.capacity();
+    let n = data.y.len();
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let b = cap.min(n - i);
+        let logits = model.forward(&data.x[i * data.il..(i + b) * data.il], b, false)?;
+        out.extend(logits.chunks_exact(logits.len() / b).map(argmax));
+        i += b;
+    }
+    Ok(out)
+}
+
+/// Index of the largest value (the first on ties).
+pub(crate) fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let LoadedRun { mut model, test, kind, .. } =
+        load_run(&a.dir, a.dataset.as_deref(), &a.data.data_dir, a.bn_recalibrate)?;
     let t0 = Instant::now();
     let (loss, acc) = evaluate(&mut model, &test)?;
     let secs = t0.elapsed().as_secs_f32();

@@ -1,10 +1,21 @@
-//! Deployment runtime for sbdnet models.
+//! Deployment runtime for sbdnet models: no training code, no autograd.
 //!
-//! This crate will hold the multiplication-free inference engine: loading an exported
-//! model, planning it once (packing weights into bits, folding BatchNorm, choosing kernels)
-//! and running it without allocation. It is filled by the runtime issue; for now it only
-//! re-exports the training-side model so the dependency direction
-//! (kernels <- nn <- runtime <- cli) is in place.
+//! - [`graph`]: the deployed layer graph (BatchNorm, `alpha` and binarization thresholds
+//!   folded at export) and its validation.
+//! - [`format`]: the versioned `.sbd` file (a safetensors container: graph JSON in the
+//!   metadata, packed sign bits, group masks, integer thresholds, per-channel affines) and
+//!   its hardened loader.
+//! - [`reference`]: a plain `f32` executor for every layer kind, the oracle.
+//! - [`plan`]: plan once (choose a kernel per layer, pack, size buffers), run many times
+//!   without allocating: XOR + popcount for binary layers on binary inputs, bit-sliced
+//!   depthwise, add/subtract-only kernels for binary weights on 8-bit activations.
 #![deny(missing_docs)]
 
-pub use sbdnet_nn::Model;
+pub mod error;
+pub mod format;
+pub mod graph;
+pub mod reference;
+
+pub use error::RuntimeError;
+pub use format::DeployedModel;
+pub use graph::Graph;
