@@ -10,6 +10,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Linear(a) => crate::bench_linear::run(a),
+        BenchCommand::Model(a) => crate::infer::bench_model(a),
     }
 }
 
@@ -77,7 +78,7 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_input(s: &str) -> Result<[usize; 3]> {
+pub(crate) fn parse_input(s: &str) -> Result<[usize; 3]> {
     let v: Vec<usize> = s
         .split('x')
         .map(|p| p.trim().parse::<usize>())

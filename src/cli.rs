@@ -25,6 +25,7 @@ impl Cli {
             Command::Eval(a) => a.threads,
             Command::Bench(BenchCommand::Train(a)) => Some(a.threads),
             Command::Bench(BenchCommand::Linear(a)) => Some(a.threads),
+            Command::Bench(BenchCommand::Model(a)) => Some(a.threads),
             Command::Data(_) | Command::Summary(_) => Some(1),
             Command::Demo(a) => a.threads,
             Command::Plot(_) => Some(1),
@@ -74,8 +75,16 @@ pub enum ExportFormat {
 /// `sbdnet export`.
 #[derive(Args, Debug, Clone)]
 pub struct ExportArgs {
-    /// Checkpoint directory written by `sbdnet train`.
-    pub dir: PathBuf,
+    /// Checkpoint directory written by `sbdnet train`. Without it, the model options below
+    /// describe an untrained model (initial weights) to export for timing the runtime.
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub m: ModelArgs,
+    /// Input of an untrained model as HxWxC (default: 32x32x1 for mobilenet and
+    /// resnet20-ds, else 28x28x1).
+    #[arg(long)]
+    pub input: Option<String>,
     /// Output file.
     #[arg(short, long)]
     pub out: PathBuf,
@@ -115,6 +124,9 @@ pub struct InferArgs {
     /// Use the plain float reference executor instead of the planned, bit-packed one.
     #[arg(long)]
     pub reference: bool,
+    /// Binary layers on float inputs (w1 models): 8-bit add/subtract (int8) or float.
+    #[arg(long, value_enum, default_value_t = A8Arg::Int8)]
+    pub a8: A8Arg,
     /// Only the first N test images.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -504,6 +516,48 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Time one sparse or dense linear layer (diagonal, CSR, dense, masked dense).
     Linear(crate::bench_linear::BenchLinearArgs),
+    /// Time a deployed `.sbd` model (warm-up, then median and p90 latency per batch).
+    Model(BenchModelArgs),
+}
+
+/// `sbdnet bench model`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchModelArgs {
+    /// A `.sbd` file written by `sbdnet export`.
+    pub model: PathBuf,
+    /// Images per run.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: usize,
+    /// Timed runs (at least this many, and at least --seconds).
+    #[arg(long, default_value_t = 200)]
+    pub iters: usize,
+    /// Keep timing until this many seconds have passed.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Binary layers on float inputs (w1 models): 8-bit add/subtract (int8) or float.
+    #[arg(long, value_enum, default_value_t = A8Arg::Int8)]
+    pub a8: A8Arg,
+    /// Also print per-layer time (kernel, binary operations per second).
+    #[arg(long)]
+    pub profile: bool,
+    /// Print one JSON object (`latency_us_median`, `latency_us_p90`, `images_per_s`, `layers`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How binary layers on float inputs run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum A8Arg {
+    /// Activations quantized to 8 bits, additions and subtractions only.
+    Int8,
+    /// Float emulation (weights +-1.0, float GEMM).
+    Float,
 }
 
 /// `sbdnet bench train`.

@@ -1,14 +1,30 @@
 //! `sbdnet export` and `sbdnet infer`: deployed models.
 
-use crate::cli::{ExportArgs, ExportFormat, InferArgs};
+use crate::cli::{A8Arg, BenchModelArgs, ExportArgs, ExportFormat, InferArgs};
 use crate::train::{argmax, data_dir, load_run, load_split, pad_split, predictions, prepare, LoadedRun};
 use anyhow::{bail, Context, Result};
-use sbdnet_runtime::DeployedModel;
+use sbdnet_runtime::{A8Mode, DeployedModel, Plan, PlanOptions};
 use std::time::Instant;
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let LoadedRun { model, mean, std, .. } = load_run(&a.dir, a.dataset.as_deref(), &a.data.data_dir, a.bn_recalibrate)
-        .with_context(|| format!("cannot load the checkpoint in {}", a.dir.display()))?;
+    let (model, mean, std) = match &a.dir {
+        Some(dir) => {
+            let LoadedRun { model, mean, std, .. } =
+                load_run(dir, a.dataset.as_deref(), &a.data.data_dir, a.bn_recalibrate)
+                    .with_context(|| format!("cannot load the checkpoint in {}", dir.display()))?;
+            (model, mean, std)
+        }
+        None => {
+            let default = match sbdnet_nn::ModelConfig::preferred_input_size(&a.m.model) {
+                Some(s) => format!("{s}x{s}x1"),
+                None => "28x28x1".to_string(),
+            };
+            let input = crate::bench::parse_input(a.input.as_deref().unwrap_or(&default))?;
+            let cfg = a.m.config(input, 10)?;
+            let c = input[2];
+            (sbdnet_nn::Model::new(cfg, 1, 0)?, vec![0.0; c], vec![1.0; c])
+        }
+    };
     if a.format == ExportFormat::Onnx {
         bail!("--format onnx is not available yet");
     }
@@ -59,10 +75,16 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let batch = a.batch.max(1);
     let t0 = Instant::now();
     let mut preds = Vec::with_capacity(n);
+    let mut plan = Plan::new(&dm, batch, plan_options(a.a8))?;
     for (x, chunk) in test.x.chunks(batch * test.il).zip(test.y.chunks(batch)) {
         let b = chunk.len();
-        let logits = sbdnet_runtime::reference::run(&dm, x, b)?;
-        preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
+        if a.reference {
+            let logits = sbdnet_runtime::reference::run(&dm, x, b)?;
+            preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
+        } else {
+            let logits = plan.run(x, b)?;
+            preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
+        }
     }
     let secs = t0.elapsed().as_secs_f64();
     let correct = preds.iter().zip(&test.y).filter(|(p, y)| **p == **y as usize).count();
@@ -93,6 +115,97 @@ pub fn infer(a: InferArgs) -> Result<()> {
         );
         if let Some((same, frac)) = agreement {
             println!("agreement with the training-time model: {same}/{n} ({:.2}%)", 100.0 * frac);
+        }
+    }
+    Ok(())
+}
+
+fn plan_options(a8: A8Arg) -> PlanOptions {
+    PlanOptions { a8: if a8 == A8Arg::Float { A8Mode::Float } else { A8Mode::Int8 } }
+}
+
+/// Value at quantile `q` of sorted samples (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+pub fn bench_model(a: BenchModelArgs) -> Result<()> {
+    let dm = DeployedModel::load(&a.model)?;
+    let batch = a.batch.max(1);
+    let mut plan = Plan::new(&dm, batch, plan_options(a.a8))?;
+    let il = dm.values[0].len();
+    let mut rng = sbdnet_kernels::rng::Rng::new(7);
+    let x: Vec<f32> = (0..batch * il).map(|_| rng.normal()).collect();
+    // Time on a worker of the thread pool: the kernels' parallel loops then run on the
+    // calling thread instead of waking the pool once per layer (which would dominate at
+    // batch 1, 1 thread).
+    let mut times = rayon::scope(|_| -> Result<Vec<f64>> {
+        for _ in 0..a.warmup {
+            plan.run(&x, batch)?;
+        }
+        plan.profile = a.profile;
+        let mut times = Vec::with_capacity(a.iters);
+        let start = Instant::now();
+        while times.len() < a.iters || start.elapsed().as_secs_f64() < a.seconds {
+            let t0 = Instant::now();
+            std::hint::black_box(plan.run(std::hint::black_box(&x), batch)?);
+            times.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(times)
+    })?;
+    times.sort_by(f64::total_cmp);
+    let (med, p90, min) = (quantile(&times, 0.5), quantile(&times, 0.9), times[0]);
+    let ips = batch as f64 / (med * 1e-6);
+    let runs = plan.runs().saturating_sub(a.warmup as u64).max(1) as f64;
+    let layers: Vec<serde_json::Value> = plan
+        .info
+        .iter()
+        .map(|l| {
+            let us = l.ns as f64 / runs / 1e3;
+            let gops = |macs: u64| if l.min_ns > 0 { macs as f64 * batch as f64 / l.min_ns as f64 } else { 0.0 };
+            let min_us = l.min_ns as f64 / 1e3;
+            serde_json::json!({"name": l.name, "kernel": l.kernel, "out": l.out, "us": us, "min_us": min_us,
+                "binary_macs": l.binary_macs, "addsub_macs": l.addsub_macs, "float_macs": l.float_macs,
+                "binary_gmacs_per_s": gops(l.binary_macs), "addsub_gmacs_per_s": gops(l.addsub_macs)})
+        })
+        .collect();
+    if a.json {
+        let mut o = serde_json::json!({"model": a.model.display().to_string(), "name": dm.graph.name,
+            "precision": dm.graph.precision, "batch": batch, "threads": a.threads,
+            "latency_us_median": med, "latency_us_p90": p90, "latency_us_min": min, "images_per_s": ips, "runs": times.len(),
+            "kernel_path": sbdnet_kernels::kernel_path().name()});
+        if a.profile {
+            o["layers"] = serde_json::Value::Array(layers);
+        }
+        println!("{o}");
+        return Ok(());
+    }
+    println!(
+        "{} ({} {}), batch {batch}, {} thread(s): median {med:.1} us, p90 {p90:.1} us, min {min:.1} us, {ips:.0} images/s ({} runs)",
+        a.model.display(),
+        dm.graph.name,
+        dm.graph.precision,
+        a.threads,
+        times.len()
+    );
+    if a.profile {
+        println!(
+            "{:<18} {:<18} {:>12} {:>9} {:>9} {:>12} {:>12}",
+            "layer", "kernel", "output", "mean us", "min us", "binary GOP/s", "addsub GOP/s"
+        );
+        for l in &layers {
+            let out = l["out"].as_array().map(|v| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("x"));
+            println!(
+                "{:<18} {:<18} {:>12} {:>9.2} {:>9.2} {:>12.1} {:>12.1}",
+                l["name"].as_str().unwrap_or(""),
+                l["kernel"].as_str().unwrap_or(""),
+                out.unwrap_or_default(),
+                l["us"].as_f64().unwrap_or(0.0),
+                l["min_us"].as_f64().unwrap_or(0.0),
+                l["binary_gmacs_per_s"].as_f64().unwrap_or(0.0),
+                l["addsub_gmacs_per_s"].as_f64().unwrap_or(0.0)
+            );
         }
     }
     Ok(())

@@ -17,10 +17,11 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Activation function applied after a per-channel affine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum Act {
     /// Identity.
     #[default]
-    None,
+    None = 0,
     /// `max(x, 0)`.
     Relu,
     /// `clamp(x, -1, 1)`.

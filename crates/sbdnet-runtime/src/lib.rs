@@ -14,8 +14,11 @@
 pub mod error;
 pub mod format;
 pub mod graph;
+pub mod int8;
+pub mod plan;
 pub mod reference;
 
 pub use error::RuntimeError;
 pub use format::DeployedModel;
 pub use graph::Graph;
+pub use plan::{A8Mode, Plan, PlanOptions};

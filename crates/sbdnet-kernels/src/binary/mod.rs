@@ -76,6 +76,7 @@ use std::sync::OnceLock;
 
 mod conv;
 mod depthwise;
+pub mod pointwise;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;

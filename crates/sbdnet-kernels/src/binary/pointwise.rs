@@ -1,0 +1,342 @@
+//! Binary pointwise (1x1, stride 1, no padding) convolution with word-major weights, the
+//! deployment kernel for the 1x1 layers that hold most of a depthwise-separable network's
+//! operations.
+//!
+//! [`PackedPointwise`] stores the weights transposed, `wt[j][co]` (word `j` of every output
+//! channel contiguous, `co` padded to a multiple of 8), so one input word broadcast against
+//! 8 consecutive output channels is one vector XOR, one vector popcount and one add. Three
+//! implementations, chosen at run time:
+//!
+//! - AVX-512 with `VPOPCNTQ` (`avx512f` + `avx512vpopcntdq`): 8 output channels per
+//!   instruction, 64 output channels kept in 8 registers per pass over the input words;
+//! - `POPCNT` (x86_64) and portable `count_ones`: the same loop, one channel at a time.
+//!
+//! Outputs are the exact `+-1` dot products `cin - 2 * popcount(XOR)` (`i32`), or packed sign
+//! bits through per-channel integer thresholds ([`super::SignThreshold`]), compared in the
+//! vector registers without forming the integers in memory. Both are tested against the
+//! general kernel ([`super::bconv_forward`]) and [`super::threshold_pack`].
+
+use super::{words, BinaryImpl, SignThreshold, WORD_BITS};
+
+/// Output channels per weight row (`cout` is padded to this).
+const LANES: usize = 8;
+
+/// Which implementation runs (decided once per process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PwImpl {
+    /// `count_ones` on the baseline target.
+    Portable,
+    /// Compiled with `POPCNT`.
+    Popcnt,
+    /// AVX-512 `VPOPCNTQ`.
+    Avx512,
+}
+
+impl PwImpl {
+    /// The implementation for this process: AVX-512 where the CPU has `avx512f` and
+    /// `avx512vpopcntdq` and [`BinaryImpl::current`] is not a fallback, else as
+    /// [`BinaryImpl::current`] says.
+    pub fn current() -> PwImpl {
+        match BinaryImpl::current() {
+            BinaryImpl::Reference | BinaryImpl::Portable => PwImpl::Portable,
+            _ if Self::Avx512.available() => PwImpl::Avx512,
+            _ => PwImpl::Popcnt,
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn available(self) -> bool {
+        match self {
+            PwImpl::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            PwImpl::Popcnt => is_x86_feature_detected!("popcnt"),
+            #[cfg(target_arch = "x86_64")]
+            PwImpl::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vpopcntdq"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// Pointwise binary weights, transposed word-major, with optional output thresholds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedPointwise {
+    cin: usize,
+    cout: usize,
+    cpad: usize,
+    /// `[words(cin)][cpad]`.
+    wt: Vec<u64>,
+    /// Thresholds per padded channel (`i64`), and which are flipped (`s < thr`).
+    thr: Vec<i64>,
+    neg: Vec<bool>,
+    /// `neg` as one byte per block of 8 channels.
+    neg_mask: Vec<u8>,
+    /// Per padded channel, the bound `K` on the popcount `a` (`s = cin - 2a`): the output bit
+    /// (`1` = `-1`) is `a > K` for a positive threshold and `a <= K` for a flipped one.
+    bound: Vec<i64>,
+}
+
+impl PackedPointwise {
+    /// From packed OHWI weights `[cout][words(cin)]` (as [`super::pack_conv_weights`] writes
+    /// for a 1x1 kernel).
+    pub fn new(cin: usize, cout: usize, w: &[u64]) -> Self {
+        let wd = words(cin);
+        assert!(w.len() >= cout * wd, "pointwise weights: {} words, need {}", w.len(), cout * wd);
+        let cpad = cout.div_ceil(LANES) * LANES;
+        let mut wt = vec![0u64; wd * cpad];
+        for co in 0..cout {
+            for j in 0..wd {
+                wt[j * cpad + co] = w[co * wd + j];
+            }
+        }
+        PackedPointwise {
+            cin,
+            cout,
+            cpad,
+            wt,
+            thr: Vec::new(),
+            neg: Vec::new(),
+            neg_mask: Vec::new(),
+            bound: Vec::new(),
+        }
+    }
+
+    /// Attach output thresholds (one per output channel) for [`Self::forward_packed`].
+    pub fn with_thresholds(mut self, thr: &[SignThreshold]) -> Self {
+        assert_eq!(thr.len(), self.cout);
+        self.thr = (0..self.cpad).map(|c| thr.get(c).map_or(0, |t| t.thr as i64)).collect();
+        self.neg = (0..self.cpad).map(|c| thr.get(c).is_some_and(|t| t.negative)).collect();
+        self.neg_mask =
+            self.neg.chunks(LANES).map(|b| b.iter().enumerate().fold(0u8, |m, (l, &n)| m | (n as u8) << l)).collect();
+        // s > thr <=> 2a < cin - thr <=> a <= ceil((cin - thr) / 2) - 1: bit = a > K.
+        // s < thr <=> 2a > cin - thr <=> a >= floor((cin - thr) / 2) + 1: bit = a <= K.
+        let cin = self.cin as i64;
+        self.bound = (0..self.cpad)
+            .map(|c| {
+                let d = cin - self.thr[c];
+                if self.neg[c] {
+                    d.div_euclid(2)
+                } else {
+                    d.div_euclid(2) + d.rem_euclid(2) - 1
+                }
+            })
+            .collect();
+        self
+    }
+
+    /// Input channels.
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+    /// Output channels.
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    /// `out[r][co] = cin - 2 * sum_j popcount(x[r][j] ^ w[co][j])` for `rows` pixels of
+    /// packed input (`rows * words(cin)` words); `out`: `rows * cout` values.
+    pub fn forward(&self, x: &[u64], rows: usize, out: &mut [i32]) {
+        self.forward_with(PwImpl::current(), x, rows, out)
+    }
+
+    /// [`Self::forward`] with an explicit implementation.
+    pub fn forward_with(&self, imp: PwImpl, x: &[u64], rows: usize, out: &mut [i32]) {
+        let wd = words(self.cin);
+        assert!(x.len() >= rows * wd && out.len() >= rows * self.cout);
+        assert!(imp.available(), "{imp:?} is not available on this CPU");
+        match imp {
+            #[cfg(target_arch = "x86_64")]
+            PwImpl::Avx512 => {
+                // SAFETY: availability checked above; slices checked against `rows`.
+                unsafe { avx512::forward(self, x, rows, out, None) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            PwImpl::Popcnt => {
+                #[target_feature(enable = "popcnt")]
+                unsafe fn popcnt(p: &PackedPointwise, x: &[u64], rows: usize, out: &mut [i32]) {
+                    p.scalar(x, rows, out)
+                }
+                // SAFETY: availability checked above.
+                unsafe { popcnt(self, x, rows, out) }
+            }
+            _ => self.scalar(x, rows, out),
+        }
+    }
+
+    /// Packed sign bits through the thresholds of [`Self::with_thresholds`]: output bit =
+    /// [`SignThreshold::bit`] of the dot product; `out`: `rows * words(cout)` words, padding
+    /// bits `0`. `scratch`: at least `cout` values (used by the non-AVX-512 paths).
+    pub fn forward_packed(&self, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
+        self.forward_packed_with(PwImpl::current(), x, rows, out, scratch)
+    }
+
+    /// [`Self::forward_packed`] with an explicit implementation.
+    pub fn forward_packed_with(&self, imp: PwImpl, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
+        let (wd, od) = (words(self.cin), words(self.cout));
+        assert!(!self.thr.is_empty(), "forward_packed needs with_thresholds");
+        assert!(x.len() >= rows * wd && out.len() >= rows * od && scratch.len() >= self.cout);
+        assert!(imp.available(), "{imp:?} is not available on this CPU");
+        #[cfg(target_arch = "x86_64")]
+        if imp == PwImpl::Avx512 {
+            // SAFETY: availability checked above; slices checked against `rows`.
+            return unsafe { avx512::forward(self, x, rows, &mut [], Some(out)) };
+        }
+        let s = &mut scratch[..self.cout];
+        for r in 0..rows {
+            self.forward_with(imp, &x[r * wd..][..wd], 1, s);
+            let o = &mut out[r * od..][..od];
+            o.fill(0);
+            for (co, &v) in s.iter().enumerate() {
+                let t = SignThreshold {
+                    thr: self.thr[co].clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+                    negative: self.neg[co],
+                };
+                o[co / WORD_BITS] |= u64::from(t.bit(v)) << (co % WORD_BITS);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn scalar(&self, x: &[u64], rows: usize, out: &mut [i32]) {
+        let wd = words(self.cin);
+        for r in 0..rows {
+            let xr = &x[r * wd..][..wd];
+            let o = &mut out[r * self.cout..][..self.cout];
+            o.fill(0);
+            for (j, &xv) in xr.iter().enumerate() {
+                let wrow = &self.wt[j * self.cpad..][..self.cout];
+                for (ov, &w) in o.iter_mut().zip(wrow) {
+                    *ov += (xv ^ w).count_ones() as i32;
+                }
+            }
+            let cin = self.cin as i32;
+            o.iter_mut().for_each(|v| *v = cin - 2 * *v);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    #![allow(unsafe_op_in_unsafe_fn)]
+    use super::{PackedPointwise, LANES};
+    use crate::binary::words;
+    use std::arch::x86_64::*;
+
+    /// Channel blocks of 8 per pass: one output word of 64 channels.
+    const REGS: usize = 8;
+
+    /// Dot products of `rows` pixels: into `out_i32` (`rows * cout`), or, with `bits`, packed
+    /// through the thresholds (popcount bounds, compared in registers). Output channels go in
+    /// passes of 64 (one output word); within a pass the bounds stay in registers and every
+    /// pixel's accumulators live in 8 registers.
+    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+    pub(super) unsafe fn forward(
+        p: &PackedPointwise,
+        x: &[u64],
+        rows: usize,
+        out_i32: &mut [i32],
+        mut bits: Option<&mut [u64]>,
+    ) {
+        let wd = words(p.cin);
+        let od = words(p.cout);
+        let blocks = p.cpad / LANES;
+        let cin = _mm512_set1_epi64(p.cin as i64);
+        let wt = p.wt.as_ptr();
+        let mut b0 = 0;
+        while b0 < blocks {
+            let nb = REGS.min(blocks - b0);
+            let mut bound = [_mm512_setzero_si512(); REGS];
+            let mut pos_mask = [0u8; REGS];
+            if bits.is_some() {
+                for i in 0..nb {
+                    bound[i] = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
+                    let m = p.cout.saturating_sub((b0 + i) * LANES).min(LANES);
+                    let valid = if m == LANES { 0xff } else { (1u8 << m) - 1 };
+                    pos_mask[i] = !p.neg_mask[b0 + i] & valid;
+                }
+            }
+            let wblk = wt.add(b0 * LANES);
+            for r in 0..rows {
+                let xr = x.as_ptr().add(r * wd);
+                let mut acc = [_mm512_setzero_si512(); REGS];
+                for j in 0..wd {
+                    let xv = _mm512_set1_epi64(*xr.add(j) as i64);
+                    let wrow = wblk.add(j * p.cpad);
+                    for (i, a) in acc.iter_mut().enumerate().take(nb) {
+                        let w = _mm512_loadu_si512(wrow.add(i * LANES) as *const _);
+                        *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(_mm512_xor_si512(xv, w)));
+                    }
+                }
+                match bits.as_deref_mut() {
+                    Some(b) => {
+                        let mut word = 0u64;
+                        for i in 0..nb {
+                            // bit = (a <= K) XOR positive, masked to the valid lanes
+                            let le = _mm512_cmple_epi64_mask(acc[i], bound[i]);
+                            let m = p.cout.saturating_sub((b0 + i) * LANES).min(LANES);
+                            let valid = if m == LANES { 0xff } else { (1u8 << m) - 1 };
+                            word |= (((le ^ pos_mask[i]) & valid) as u64) << (8 * i);
+                        }
+                        *b.get_unchecked_mut(r * od + b0 / REGS) = word;
+                    }
+                    None => {
+                        for (i, a) in acc.iter().enumerate().take(nb) {
+                            let s = _mm512_sub_epi64(cin, _mm512_slli_epi64::<1>(*a));
+                            let co0 = (b0 + i) * LANES;
+                            let m = p.cout.saturating_sub(co0).min(LANES);
+                            let v = _mm512_cvtepi64_epi32(s);
+                            if m == LANES {
+                                _mm256_storeu_si256(out_i32.as_mut_ptr().add(r * p.cout + co0) as *mut __m256i, v);
+                            } else {
+                                let mut tmp = [0i32; LANES];
+                                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, v);
+                                out_i32[r * p.cout + co0..][..m].copy_from_slice(&tmp[..m]);
+                            }
+                        }
+                    }
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binary::{bconv_forward_with, pack_signs, threshold_pack};
+    use crate::conv::ConvGeom;
+    use crate::rng::Rng;
+
+    #[test]
+    fn pointwise_matches_the_general_kernel() {
+        let mut rng = Rng::new(5);
+        for &(rows, cin, cout) in &[(7, 1, 1), (5, 32, 64), (9, 64, 128), (3, 100, 70), (4, 200, 257), (2, 1024, 9)] {
+            let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
+            let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
+            let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
+            pack_signs(&xf, cin, &mut x);
+            pack_signs(&wf, cin, &mut w);
+            let g = ConvGeom::new(1, 1, rows, cin, cout, 1, 1, 0, 1).unwrap();
+            let mut want = vec![0i32; rows * cout];
+            bconv_forward_with(BinaryImpl::Reference, &g, &x, &w, &mut want);
+            let thr: Vec<SignThreshold> =
+                (0..cout).map(|c| SignThreshold { thr: (c as i32 % 7) - 3, negative: c % 3 == 0 }).collect();
+            let mut want_bits = vec![0u64; rows * words(cout)];
+            threshold_pack(&want, cout, &thr, &mut want_bits);
+            let p = PackedPointwise::new(cin, cout, &w).with_thresholds(&thr);
+            for imp in [PwImpl::Portable, PwImpl::Popcnt, PwImpl::Avx512] {
+                if !imp.available() {
+                    continue;
+                }
+                let mut got = vec![0i32; rows * cout];
+                p.forward_with(imp, &x, rows, &mut got);
+                assert_eq!(got, want, "{imp:?} {rows}x{cin}->{cout}");
+                let mut bits = vec![u64::MAX; rows * words(cout)];
+                let mut s = vec![0i32; cout];
+                p.forward_packed_with(imp, &x, rows, &mut bits, &mut s);
+                assert_eq!(bits, want_bits, "{imp:?} packed {rows}x{cin}->{cout}");
+            }
+        }
+    }
+}

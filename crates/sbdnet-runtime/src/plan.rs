@@ -1,0 +1,695 @@
+//! Plan once, run many times: [`Plan::new`] chooses a kernel per layer, unpacks nothing it
+//! does not need, prepares thresholds and sizes every buffer for a batch; [`Plan::run`] then
+//! allocates nothing.
+//!
+//! Kernels per layer:
+//!
+//! | layer | input | kernel |
+//! |-------|-------|--------|
+//! | binary dense conv | bits | XOR + popcount ([`sbdnet_kernels::binary::bconv_forward`]), then integer thresholds to bits or an affine to `f32` |
+//! | binary depthwise 3x3 | bits | bit-sliced counting on 64 channels at once, thresholds fused ([`sbdnet_kernels::binary::bdw_forward_packed`]) |
+//! | binary conv | `f32` | [`A8`](crate::int8): activations quantized to 8 bits, add/subtract only (W1-A8); or `f32` emulation with `Precision::Float` |
+//! | float conv | `f32` | GEMM / direct depthwise ([`sbdnet_kernels::conv::conv2d_forward`]) |
+//! | linear, pools, affine, add | `f32` | plain loops |
+
+use crate::error::{graph_err, RuntimeError};
+use crate::format::DeployedModel;
+use crate::graph::{f32s, i32s, u64s, Act, Kind, Op, Output, ValueInfo, Weights};
+use crate::int8::{A8Conv, QuantScratch};
+use sbdnet_kernels::binary::pointwise::PackedPointwise;
+use sbdnet_kernels::binary::{self, DwThresholds, SignThreshold};
+use sbdnet_kernels::conv::{conv2d_forward, ConvGeom};
+use std::time::Instant;
+
+/// How binary layers on `f32` inputs (the W1 path) run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum A8Mode {
+    /// Quantize activations to 8 bits per tensor and add/subtract (multiplication-free).
+    #[default]
+    Int8,
+    /// Unpack weights to `+-1.0` and run the float convolution (exact as training, slower).
+    Float,
+}
+
+/// Options of [`Plan::new`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanOptions {
+    /// The W1 path.
+    pub a8: A8Mode,
+}
+
+/// Output stage of a convolution.
+#[derive(Clone, Debug)]
+enum Stage {
+    Affine { scale: Vec<f32>, bias: Vec<f32>, act: Act },
+    Threshold(Vec<SignThreshold>),
+    Sign { scale: Vec<f32>, bias: Vec<f32>, act: Act, t: Vec<f32> },
+}
+
+#[derive(Clone, Debug)]
+enum Kernel {
+    /// A dense float convolution with few inputs per output (the first layer): direct loops
+    /// over `[tap][ci][co]` weights, vectorized over output channels.
+    SmallConv {
+        g: ConvGeom,
+        wt: Vec<f32>,
+        stage: Stage,
+    },
+    /// Float weights (or unpacked binary ones) on `f32`.
+    FloatConv {
+        g: ConvGeom,
+        w: Vec<f32>,
+        stage: Stage,
+    },
+    /// Binary pointwise conv on bits (word-major weights, VPOPCNTQ where available).
+    BinPw {
+        p: PackedPointwise,
+        stage: Stage,
+    },
+    /// Dense binary conv on bits.
+    BinConv {
+        g: ConvGeom,
+        w: Vec<u64>,
+        stage: Stage,
+    },
+    /// Binary depthwise 3x3 on bits; packed thresholds when the stage is `Threshold`.
+    BinDw {
+        g: ConvGeom,
+        w: Vec<u64>,
+        stage: Stage,
+        packed: Option<DwThresholds>,
+    },
+    /// Binary weights on 8-bit activations.
+    A8 {
+        conv: A8Conv,
+        stage: Stage,
+    },
+    Linear {
+        inp: usize,
+        out: usize,
+        w: Vec<f32>,
+        b: Option<Vec<f32>>,
+    },
+    Binarize {
+        t: Vec<f32>,
+    },
+    Affine {
+        scale: Vec<f32>,
+        bias: Vec<f32>,
+        act: Act,
+    },
+    Activation(Act),
+    Pool {
+        k: usize,
+        stride: usize,
+        max: bool,
+    },
+    Gap,
+    Copy,
+    Add,
+}
+
+impl Kernel {
+    fn name(&self) -> &'static str {
+        match self {
+            Kernel::SmallConv { .. } => "conv-f32-direct",
+            Kernel::FloatConv { .. } => "conv-f32",
+            Kernel::BinPw { .. } => "bpw-xnor",
+            Kernel::BinConv { .. } => "bconv-xnor",
+            Kernel::BinDw { packed: Some(_), .. } => "bdw-bitsliced",
+            Kernel::BinDw { .. } => "bdw-xnor",
+            Kernel::A8 { conv, .. } if conv.depthwise() => "dw-w1a8-addsub",
+            Kernel::A8 { .. } => "conv-w1a8-addsub",
+            Kernel::Linear { .. } => "linear-f32",
+            Kernel::Binarize { .. } => "binarize",
+            Kernel::Affine { .. } => "affine",
+            Kernel::Activation(_) => "activation",
+            Kernel::Pool { max: true, .. } => "maxpool",
+            Kernel::Pool { .. } => "avgpool",
+            Kernel::Gap => "gap",
+            Kernel::Copy => "flatten",
+            Kernel::Add => "add",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    inputs: Vec<usize>,
+    kernel: Kernel,
+}
+
+/// Per-layer description of a plan, with accumulated time when profiling.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepInfo {
+    /// Layer name.
+    pub name: String,
+    /// Kernel chosen.
+    pub kernel: &'static str,
+    /// Output shape `[h, w, c]`.
+    pub out: [usize; 3],
+    /// Output is packed bits.
+    pub bits_out: bool,
+    /// Binary multiply-accumulates per image done as XOR + popcount.
+    pub binary_macs: u64,
+    /// Multiply-accumulates per image done as 8-bit additions/subtractions.
+    pub addsub_macs: u64,
+    /// Float multiply-accumulates per image.
+    pub float_macs: u64,
+    /// Accumulated nanoseconds in this layer (profiling).
+    pub ns: u64,
+    /// Fastest single run of this layer, nanoseconds (profiling; robust on a busy machine).
+    pub min_ns: u64,
+}
+
+/// A planned model for a fixed maximum batch.
+#[derive(Debug)]
+pub struct Plan {
+    steps: Vec<Step>,
+    values: Vec<ValueInfo>,
+    batch: usize,
+    f32_bufs: Vec<Vec<f32>>,
+    bit_bufs: Vec<Vec<u64>>,
+    raw_i32: Vec<i32>,
+    raw_f32: Vec<f32>,
+    col: Vec<f32>,
+    scratch: Vec<f32>,
+    quant: QuantScratch,
+    /// Per-step info and time.
+    pub info: Vec<StepInfo>,
+    /// Accumulate per-step time in `info`.
+    pub profile: bool,
+    runs: u64,
+}
+
+fn stage_of(m: &DeployedModel, name: &str, out: &Output, n: usize) -> Result<Stage, RuntimeError> {
+    let t = &m.tensors;
+    Ok(match out {
+        Output::Affine { scale, bias, act } => Stage::Affine {
+            scale: f32s(t, name, scale, n)?.to_vec(),
+            bias: f32s(t, name, bias, n)?.to_vec(),
+            act: *act,
+        },
+        Output::Threshold { thr, flip } => {
+            let th = i32s(t, name, thr, n)?;
+            let fl = crate::graph::u8s(t, name, flip, n)?;
+            Stage::Threshold(th.iter().zip(fl).map(|(&thr, &f)| SignThreshold { thr, negative: f == 1 }).collect())
+        }
+        Output::Sign { scale, bias, act, t: th } => Stage::Sign {
+            scale: f32s(t, name, scale, n)?.to_vec(),
+            bias: f32s(t, name, bias, n)?.to_vec(),
+            act: *act,
+            t: f32s(t, name, th, n)?.to_vec(),
+        },
+    })
+}
+
+/// Apply a stage to `f32` raw sums: write `f32` or packed bits.
+fn stage_f32(stage: &Stage, raw: &[f32], c: usize, out_f: &mut [f32], out_b: &mut [u64]) {
+    match stage {
+        Stage::Affine { scale, bias, act } => affine_rows(raw, c, scale, bias, *act, out_f),
+        Stage::Sign { scale, bias, act, t } => {
+            let wd = binary::words(c);
+            for (or, xr) in out_b.chunks_exact_mut(wd).zip(raw.chunks_exact(c)) {
+                for (wi, o) in or.iter_mut().enumerate() {
+                    let r = wi * 64..(wi * 64 + 64).min(c);
+                    *o = sign_word(&xr[r.clone()], &scale[r.clone()], &bias[r.clone()], &t[r], *act as u8);
+                }
+            }
+        }
+        Stage::Threshold(_) => unreachable!("integer thresholds follow binary layers on bits only"),
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// One word of sign bits (`1` = `-1`): bit `i` = `!(act(scale[i] * x[i] + bias[i]) > t[i])`
+    /// for up to 64 channels; `act`: 0 none, 1 relu, 2 hardtanh (as [`Act`]).
+    #[allow(clippy::manual_clamp, clippy::neg_cmp_op_on_partial_ord)]
+    fn sign_word_into(x: &[f32], scale: &[f32], bias: &[f32], t: &[f32], act: u8, out: &mut [u64]) {
+        let mut neg = [false; 64];
+        for i in 0..x.len().min(64) {
+            let mut y = scale[i] * x[i] + bias[i];
+            if act == 1 {
+                y = y.max(0.0);
+            } else if act == 2 {
+                y = y.max(-1.0).min(1.0);
+            }
+            neg[i] = !(y > t[i]);
+        }
+        let mut word = 0u64;
+        for (i, &n) in neg.iter().enumerate().take(x.len()) {
+            word |= (n as u64) << i;
+        }
+        out[0] = word;
+    }
+}
+
+fn sign_word(x: &[f32], scale: &[f32], bias: &[f32], t: &[f32], act: u8) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if x.len().is_multiple_of(8) && sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2 {
+        // SAFETY: the AVX2 path is chosen only when the CPU has AVX2; all slices hold x.len().
+        return unsafe { sign_word64_avx2(x, scale, bias, t, act) };
+    }
+    let mut w = [0u64];
+    sign_word_into(x, scale, bias, t, act, &mut w);
+    w[0]
+}
+
+/// [`sign_word_into`] for a multiple of 8 channels (up to 64) with AVX2 compares and `movemask` (the same
+/// operations in the same order: `scale * x`, `+ bias`, `max`/`min`, `> t`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sign_word64_avx2(x: &[f32], scale: &[f32], bias: &[f32], t: &[f32], act: u8) -> u64 {
+    use std::arch::x86_64::*;
+    let mut word = 0u64;
+    for k in 0..x.len() / 8 {
+        let o = 8 * k;
+        let xv = _mm256_loadu_ps(x.as_ptr().add(o));
+        let sv = _mm256_loadu_ps(scale.as_ptr().add(o));
+        let bv = _mm256_loadu_ps(bias.as_ptr().add(o));
+        let mut y = _mm256_add_ps(_mm256_mul_ps(sv, xv), bv);
+        if act == 1 {
+            y = _mm256_max_ps(y, _mm256_setzero_ps());
+        } else if act == 2 {
+            y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
+        }
+        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(y, _mm256_loadu_ps(t.as_ptr().add(o)));
+        let m = (!_mm256_movemask_ps(gt)) as u64 & 0xff;
+        word |= m << o;
+    }
+    word
+}
+
+/// [`direct_conv`] for a fixed channel count: the accumulators stay in registers.
+#[inline(always)]
+fn direct_conv_fixed<const CO: usize>(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+    for b in 0..g.batch {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let mut acc = [0.0f32; CO];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        if ix < 0 || ix >= g.w as isize {
+                            continue;
+                        }
+                        let xr = &x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin..][..g.cin];
+                        let wr = &wt[(ky * g.kw + kx) * g.cin * CO..][..g.cin * CO];
+                        for (&xv, wrow) in xr.iter().zip(wr.chunks_exact(CO)) {
+                            let wrow: &[f32; CO] = wrow.try_into().expect("row");
+                            for j in 0..CO {
+                                acc[j] += xv * wrow[j];
+                            }
+                        }
+                    }
+                }
+                y[((b * g.oh + oy) * g.ow + ox) * CO..][..CO].copy_from_slice(&acc);
+            }
+        }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    fn direct_conv32(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+        direct_conv_fixed::<32>(g, x, wt, y)
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    fn direct_conv64(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+        direct_conv_fixed::<64>(g, x, wt, y)
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// Direct convolution, zero padding, weights `[ky][kx][ci][co]`; raw sums into `y` (NHWC),
+    /// vectorized over output channels.
+    fn direct_conv(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
+        let co = g.cout;
+        for b in 0..g.batch {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let yr = &mut y[((b * g.oh + oy) * g.ow + ox) * co..][..co];
+                    yr.fill(0.0);
+                    for ky in 0..g.kh {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        for kx in 0..g.kw {
+                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                            if ix < 0 || ix >= g.w as isize {
+                                continue;
+                            }
+                            let xr = &x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin..][..g.cin];
+                            let wr = &wt[(ky * g.kw + kx) * g.cin * co..][..g.cin * co];
+                            for (&xv, wrow) in xr.iter().zip(wr.chunks_exact(co)) {
+                                for (yv, &wv) in yr.iter_mut().zip(wrow) {
+                                    *yv += xv * wv;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = act(scale[c] * x + bias[c])` over rows of `c` channels.
+fn affine_rows(x: &[f32], c: usize, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
+    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
+            *y = act.apply(s * x + b);
+        }
+    }
+}
+
+/// Apply a stage to integer raw sums.
+fn stage_i32(stage: &Stage, raw: &[i32], c: usize, out_f: &mut [f32], out_b: &mut [u64]) {
+    match stage {
+        Stage::Threshold(thr) => binary::threshold_pack(raw, c, thr, out_b),
+        Stage::Affine { scale, bias, act } => {
+            for (yr, xr) in out_f.chunks_exact_mut(c).zip(raw.chunks_exact(c)) {
+                for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
+                    *y = act.apply(s * x as f32 + b);
+                }
+            }
+        }
+        Stage::Sign { scale, bias, act, t } => {
+            let wd = binary::words(c);
+            for (or, xr) in out_b.chunks_exact_mut(wd).zip(raw.chunks_exact(c)) {
+                or.fill(0);
+                for (ch, (((&x, &s), &b), &t)) in xr.iter().zip(scale).zip(bias).zip(t).enumerate() {
+                    let pos = act.apply(s * x as f32 + b) > t;
+                    or[ch / 64] |= u64::from(!pos) << (ch % 64);
+                }
+            }
+        }
+    }
+}
+
+impl Plan {
+    /// Plan `model` for batches of up to `batch` images.
+    pub fn new(model: &DeployedModel, batch: usize, opts: PlanOptions) -> Result<Plan, RuntimeError> {
+        let batch = batch.max(1);
+        let t = &model.tensors;
+        let vals = &model.values;
+        let mut steps = Vec::new();
+        let mut info = Vec::new();
+        let (mut raw_len, mut col_len, mut scratch_len) = (0usize, 0usize, 0usize);
+        let mut quant = QuantScratch::default();
+        for (i, l) in model.graph.layers.iter().enumerate() {
+            let name = l.name.as_str();
+            let (x, y) = (vals[l.inputs[0]], vals[i + 1]);
+            let (mut bmacs, mut amacs, mut fmacs) = (0u64, 0u64, 0u64);
+            let kernel = match &l.op {
+                Op::Conv(cv) => {
+                    let g = ConvGeom::new(batch, x.h, x.w, cv.cin, cv.cout, cv.k, cv.stride, cv.pad, cv.groups)
+                        .ok_or_else(|| graph_err(name, "convolution geometry"))?;
+                    let macs = (y.h * y.w * cv.cout * cv.k * cv.k * (cv.cin / cv.groups)) as u64;
+                    let stage = stage_of(model, name, &cv.output, cv.cout)?;
+                    raw_len = raw_len.max(g.out_len());
+                    match (&cv.weights, x.kind) {
+                        (Weights::Binary { bits, mask: None, .. }, Kind::Bits) => {
+                            bmacs = macs;
+                            let w = u64s(t, name, bits, crate::graph::binary_weight_words(cv))?.to_vec();
+                            if cv.depthwise() {
+                                let packed = match &stage {
+                                    Stage::Threshold(thr) => Some(DwThresholds::new(thr)),
+                                    _ => None,
+                                };
+                                Kernel::BinDw { g, w, stage, packed }
+                            } else if cv.k == 1 && cv.stride == 1 && cv.pad == 0 {
+                                let mut p = PackedPointwise::new(cv.cin, cv.cout, &w);
+                                if let Stage::Threshold(thr) = &stage {
+                                    p = p.with_thresholds(thr);
+                                }
+                                Kernel::BinPw { p, stage }
+                            } else {
+                                Kernel::BinConv { g, w, stage }
+                            }
+                        }
+                        (Weights::Binary { .. }, Kind::Bits) => {
+                            return Err(graph_err(name, "sparse (masked) binary layers on bits are not planned yet"));
+                        }
+                        (Weights::Binary { .. }, Kind::F32) if opts.a8 == A8Mode::Int8 => {
+                            amacs = macs;
+                            let w = crate::reference::conv_weights_f32(model, name, cv)?;
+                            let conv = A8Conv::new(g, &w);
+                            quant.reserve(&conv);
+                            Kernel::A8 { conv, stage }
+                        }
+                        (Weights::Float { .. }, Kind::F32) if cv.groups == 1 && cv.cin * cv.k * cv.k <= 64 => {
+                            fmacs = macs;
+                            let w = crate::reference::conv_weights_f32(model, name, cv)?;
+                            let kt = cv.k * cv.k * cv.cin;
+                            let mut wt = vec![0.0; kt * cv.cout];
+                            for co in 0..cv.cout {
+                                for k in 0..kt {
+                                    wt[k * cv.cout + co] = w[co * kt + k];
+                                }
+                            }
+                            Kernel::SmallConv { g, wt, stage }
+                        }
+                        (_, Kind::F32) => {
+                            fmacs = macs;
+                            let w = crate::reference::conv_weights_f32(model, name, cv)?;
+                            col_len = col_len.max(g.col_len());
+                            scratch_len = scratch_len.max(g.kh * g.kw * g.cin);
+                            Kernel::FloatConv { g, w, stage }
+                        }
+                        (Weights::Float { .. }, Kind::Bits) => {
+                            return Err(graph_err(name, "float weights on bits"));
+                        }
+                    }
+                }
+                Op::Linear { inp, out, weight, bias } => {
+                    fmacs = (inp * out) as u64;
+                    let b = match bias {
+                        Some(b) => Some(f32s(t, name, b, *out)?.to_vec()),
+                        None => None,
+                    };
+                    Kernel::Linear { inp: *inp, out: *out, w: f32s(t, name, weight, inp * out)?.to_vec(), b }
+                }
+                Op::Binarize { t: th } => Kernel::Binarize { t: f32s(t, name, th, x.c)?.to_vec() },
+                Op::Affine { scale, bias, act } => Kernel::Affine {
+                    scale: f32s(t, name, scale, x.c)?.to_vec(),
+                    bias: f32s(t, name, bias, x.c)?.to_vec(),
+                    act: *act,
+                },
+                Op::Activation { act } => Kernel::Activation(*act),
+                Op::Pool { k, stride, max } => Kernel::Pool { k: *k, stride: *stride, max: *max },
+                Op::GlobalAvgPool => Kernel::Gap,
+                Op::Flatten => Kernel::Copy,
+                Op::Add => Kernel::Add,
+            };
+            info.push(StepInfo {
+                name: l.name.clone(),
+                kernel: kernel.name(),
+                out: [y.h, y.w, y.c],
+                bits_out: y.kind == Kind::Bits,
+                binary_macs: bmacs,
+                addsub_macs: amacs,
+                float_macs: fmacs,
+                ns: 0,
+                min_ns: u64::MAX,
+            });
+            steps.push(Step { inputs: l.inputs.clone(), kernel });
+        }
+        let mut f32_bufs = Vec::new();
+        let mut bit_bufs = Vec::new();
+        for v in vals {
+            match v.kind {
+                Kind::F32 => {
+                    f32_bufs.push(vec![0.0; batch * v.len()]);
+                    bit_bufs.push(Vec::new());
+                }
+                Kind::Bits => {
+                    f32_bufs.push(Vec::new());
+                    bit_bufs.push(vec![0; batch * v.storage()]);
+                }
+            }
+        }
+        Ok(Plan {
+            steps,
+            values: vals.clone(),
+            batch,
+            f32_bufs,
+            bit_bufs,
+            raw_i32: vec![0; raw_len],
+            raw_f32: vec![0.0; raw_len],
+            col: vec![0.0; col_len],
+            scratch: vec![0.0; scratch_len],
+            quant,
+            info,
+            profile: false,
+            runs: 0,
+        })
+    }
+
+    /// The largest batch this plan runs.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Runs since planning (profiling divides by it).
+    pub fn runs(&self) -> u64 {
+        self.runs
+    }
+
+    /// Run `n` images (`x`: `n * h * w * c` normalized `f32`, `n <= batch`); returns the
+    /// `n * classes` scores.
+    pub fn run(&mut self, x: &[f32], n: usize) -> Result<&[f32], RuntimeError> {
+        let il = self.values[0].len();
+        if n == 0 || n > self.batch || x.len() != n * il {
+            return Err(RuntimeError::Input { got: x.len(), expected: il, batch: n.min(self.batch) });
+        }
+        self.f32_bufs[0][..x.len()].copy_from_slice(x);
+        for i in 0..self.steps.len() {
+            let t0 = self.profile.then(Instant::now);
+            self.step(i, n);
+            if let Some(t0) = t0 {
+                let ns = t0.elapsed().as_nanos() as u64;
+                self.info[i].ns += ns;
+                self.info[i].min_ns = self.info[i].min_ns.min(ns);
+            }
+        }
+        self.runs += 1;
+        let last = self.values.len() - 1;
+        Ok(&self.f32_bufs[last][..n * self.values[last].len()])
+    }
+
+    fn step(&mut self, i: usize, n: usize) {
+        let step = &self.steps[i];
+        let (xi, yo) = (self.values[step.inputs[0]], self.values[i + 1]);
+        let a = step.inputs[0];
+        // Split the buffers: inputs have smaller indices than the output.
+        let (f_lo, f_hi) = self.f32_bufs.split_at_mut(i + 1);
+        let (b_lo, b_hi) = self.bit_bufs.split_at_mut(i + 1);
+        let xf: &[f32] = if xi.kind == Kind::F32 { &f_lo[a][..n * xi.len()] } else { &[] };
+        let xb: &[u64] = if xi.kind == Kind::Bits { &b_lo[a][..n * xi.storage()] } else { &[] };
+        let yf = &mut f_hi[0];
+        let yb = &mut b_hi[0];
+        let yf_len = if yo.kind == Kind::F32 { n * yo.len() } else { 0 };
+        let yb_len = if yo.kind == Kind::Bits { n * yo.storage() } else { 0 };
+        let (yf, yb) = (&mut yf[..yf_len], &mut yb[..yb_len]);
+        match &step.kernel {
+            Kernel::SmallConv { g, wt, stage } => {
+                let g = ConvGeom { batch: n, ..*g };
+                let raw = &mut self.raw_f32[..g.out_len()];
+                match g.cout {
+                    32 => direct_conv32(&g, xf, wt, raw),
+                    64 => direct_conv64(&g, xf, wt, raw),
+                    _ => direct_conv(&g, xf, wt, raw),
+                }
+                stage_f32(stage, raw, g.cout, yf, yb);
+            }
+            Kernel::FloatConv { g, w, stage } => {
+                let g = ConvGeom { batch: n, ..*g };
+                let raw = &mut self.raw_f32[..g.out_len()];
+                conv2d_forward(&g, xf, w, raw, &mut self.col, &mut self.scratch);
+                stage_f32(stage, raw, g.cout, yf, yb);
+            }
+            Kernel::BinPw { p, stage } => {
+                let rows = n * yo.h * yo.w;
+                match stage {
+                    Stage::Threshold(_) => p.forward_packed(xb, rows, yb, &mut self.raw_i32),
+                    _ => {
+                        let raw = &mut self.raw_i32[..rows * p.cout()];
+                        p.forward(xb, rows, raw);
+                        stage_i32(stage, raw, p.cout(), yf, yb);
+                    }
+                }
+            }
+            Kernel::BinConv { g, w, stage } => {
+                let g = ConvGeom { batch: n, ..*g };
+                let raw = &mut self.raw_i32[..g.out_len()];
+                binary::bconv_forward(&g, xb, w, raw);
+                stage_i32(stage, raw, g.cout, yf, yb);
+            }
+            Kernel::BinDw { g, w, stage, packed } => {
+                let g = ConvGeom { batch: n, ..*g };
+                match packed {
+                    Some(p) => binary::bdw_forward_packed(&g, xb, w, p, yb),
+                    None => {
+                        let raw = &mut self.raw_i32[..g.out_len()];
+                        binary::bdw_forward(&g, xb, w, raw);
+                        stage_i32(stage, raw, g.cout, yf, yb);
+                    }
+                }
+            }
+            Kernel::A8 { conv, stage } => {
+                let raw = &mut self.raw_f32[..n * yo.len()];
+                conv.forward(n, xf, raw, &mut self.quant);
+                stage_f32(stage, raw, yo.c, yf, yb);
+            }
+            Kernel::Linear { inp, out, w, b } => {
+                for (xr, yr) in xf.chunks_exact(*inp).zip(yf.chunks_exact_mut(*out)) {
+                    for (o, y) in yr.iter_mut().enumerate() {
+                        let wr = &w[o * inp..][..*inp];
+                        let mut s = 0.0f32;
+                        for (&a, &b) in xr.iter().zip(wr) {
+                            s += a * b;
+                        }
+                        *y = s + b.as_ref().map_or(0.0, |b| b[o]);
+                    }
+                }
+            }
+            Kernel::Binarize { t } => binary::pack_thresholded(xf, xi.c, t, yb),
+            Kernel::Affine { scale, bias, act } => affine_rows(xf, xi.c, scale, bias, *act, yf),
+            Kernel::Activation(act) => {
+                for (y, &x) in yf.iter_mut().zip(xf) {
+                    *y = act.apply(x);
+                }
+            }
+            Kernel::Pool { k, stride, max } => {
+                for b in 0..n {
+                    for oy in 0..yo.h {
+                        for ox in 0..yo.w {
+                            let yr = &mut yf[((b * yo.h + oy) * yo.w + ox) * yo.c..][..yo.c];
+                            yr.fill(if *max { f32::NEG_INFINITY } else { 0.0 });
+                            for ky in 0..*k {
+                                for kx in 0..*k {
+                                    let xr =
+                                        &xf[((b * xi.h + oy * stride + ky) * xi.w + ox * stride + kx) * xi.c..][..xi.c];
+                                    for (y, &v) in yr.iter_mut().zip(xr) {
+                                        *y = if *max { y.max(v) } else { *y + v };
+                                    }
+                                }
+                            }
+                            if !*max {
+                                let inv = 1.0 / (k * k) as f32;
+                                yr.iter_mut().for_each(|v| *v *= inv);
+                            }
+                        }
+                    }
+                }
+            }
+            Kernel::Gap => {
+                let (pixels, c) = (xi.h * xi.w, xi.c);
+                for (b, yr) in yf.chunks_exact_mut(c).enumerate() {
+                    yr.fill(0.0);
+                    for p in 0..pixels {
+                        for (y, &v) in yr.iter_mut().zip(&xf[(b * pixels + p) * c..][..c]) {
+                            *y += v;
+                        }
+                    }
+                    let inv = 1.0 / pixels as f32;
+                    yr.iter_mut().for_each(|v| *v *= inv);
+                }
+            }
+            Kernel::Copy => yf.copy_from_slice(xf),
+            Kernel::Add => {
+                let other = &f_lo[step.inputs[1]][..yf.len()];
+                for ((y, &p), &q) in yf.iter_mut().zip(xf).zip(other) {
+                    *y = p + q;
+                }
+            }
+        }
+    }
+}
