@@ -26,7 +26,17 @@ pub fn export(a: ExportArgs) -> Result<()> {
         }
     };
     if a.format == ExportFormat::Onnx {
-        bail!("--format onnx is not available yet");
+        let bytes = crate::onnx::to_onnx(&model)?;
+        sbdnet_nn::checkpoint::write_atomic(&a.out, &bytes)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"path": a.out.display().to_string(), "bytes": bytes.len(), "format": "onnx"})
+            );
+        } else {
+            println!("wrote {} (ONNX opset 13, float, {:.1} KiB)", a.out.display(), bytes.len() as f64 / 1024.0);
+        }
+        return Ok(());
     }
     let dm = crate::export::deploy(&model, &mean, &std)?;
     dm.save(&a.out)?;

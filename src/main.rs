@@ -7,6 +7,7 @@ mod bench_linear;
 mod cli;
 mod export;
 mod infer;
+mod onnx;
 mod plot;
 mod train;
 

@@ -149,15 +149,43 @@ impl A8Conv {
             }
         }
         for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
-            let sc = s.scale[b];
-            yb.iter_mut().for_each(|v| *v *= sc);
+            scale_in_place(yb, s.scale[b]);
         }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    fn scale_in_place(y: &mut [f32], s: f32) {
+        for v in y.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// `max |x|` into `out[0]` (eight running maxima, so it vectorizes).
+    fn abs_max(x: &[f32], out: &mut [f32]) {
+        let mut m = [0.0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for j in 0..8 {
+                let a = c[j].abs();
+                // A compare-select (not f32::max) so it compiles to vmaxps; NaN is skipped.
+                m[j] = if a > m[j] { a } else { m[j] };
+            }
+        }
+        for &v in chunks.remainder() {
+            m[0] = m[0].max(v.abs());
+        }
+        out[0] = m.iter().fold(0.0f32, |a, &b| a.max(b));
     }
 }
 
 /// Quantize to `|q| <= 127` with one scale; returns the scale (`x ~ q * scale`).
 fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut amax = [0.0f32];
+    abs_max(x, &mut amax);
+    let amax = amax[0];
     if !(amax > 0.0 && amax.is_finite()) {
         q.fill(0);
         return 1.0;
@@ -170,7 +198,13 @@ fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
 sbdnet_kernels::simd_kernel! {
     fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = (v * inv).round() as i16;
+            let y = (v * inv).round_ties_even();
+            // Clamp with compare-selects: NaN becomes -127, so the value is finite and in
+            // range for the unchecked conversion (which, unlike `as`, vectorizes).
+            let y = if y > -127.0 { y } else { -127.0 };
+            let y = if y < 127.0 { y } else { 127.0 };
+            // SAFETY: `y` is finite and within [-127, 127].
+            *q = unsafe { y.to_int_unchecked::<i32>() } as i16;
         }
     }
 }
@@ -260,6 +294,7 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
+sbdnet_kernels::simd_kernel! {
 /// Depthwise over one image: `y[oy][ox][c] = sum_{valid taps} (x & wp) - (x & wn)`.
 fn dw_image(g: &ConvGeom, x: &[i16], wp: &[i16], wn: &[i16], y: &mut [f32], acc: &mut [i16]) {
     let c = g.cin;
@@ -278,7 +313,9 @@ fn dw_image(g: &ConvGeom, x: &[i16], wp: &[i16], wn: &[i16], y: &mut [f32], acc:
                     }
                     let t = ky * g.kw + kx;
                     let xr = &x[(iy as usize * g.w + ix as usize) * c..][..c];
-                    dw_tap(xr, &wp[t * c..][..c], &wn[t * c..][..c], acc);
+                    for (((a, &v), &p), &n) in acc.iter_mut().zip(xr).zip(&wp[t * c..][..c]).zip(&wn[t * c..][..c]) {
+                        *a = a.wrapping_add(v & p).wrapping_sub(v & n);
+                    }
                 }
             }
             let yr = &mut y[(oy * g.ow + ox) * c..][..c];
@@ -288,13 +325,6 @@ fn dw_image(g: &ConvGeom, x: &[i16], wp: &[i16], wn: &[i16], y: &mut [f32], acc:
         }
     }
 }
-
-sbdnet_kernels::simd_kernel! {
-    fn dw_tap(x: &[i16], wp: &[i16], wn: &[i16], acc: &mut [i16]) {
-        for (((a, &v), &p), &n) in acc.iter_mut().zip(x).zip(wp).zip(wn) {
-            *a = a.wrapping_add(v & p).wrapping_sub(v & n);
-        }
-    }
 }
 
 /// im2col of 16-bit activations (zero padding gives `0`, as training's float zero).
