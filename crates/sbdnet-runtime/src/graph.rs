@@ -58,9 +58,10 @@ pub enum Weights {
         /// Tensor name (`U64`).
         bits: String,
         /// Group mask of a sparse binary layer: `U8`, one byte per group, `1` = kept, `0` = the
-        /// whole group is zero. Dense: `[cout][ceil(cin / group_size)]` groups of
-        /// `group_size` consecutive input channels of one output channel (all taps);
-        /// depthwise: `[c]`, one group per channel's whole kernel.
+        /// whole group is zero. Dense: `[cout][k*k][ceil(cin / group_size)]`, a group being
+        /// `group_size` consecutive input channels of one output channel at one tap (as the
+        /// training checkpoint's `group_mask`); depthwise: `[c]`, one group per channel's
+        /// whole kernel.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mask: Option<String>,
         /// Input channels per group of a dense layer's mask.
@@ -383,7 +384,8 @@ pub(crate) fn u8s<'a>(t: &'a Tensors, layer: &str, name: &str, len: usize) -> Re
     }
 }
 
-/// Number of mask groups of a binary convolution: `(groups per output channel, total)`.
+/// Number of mask groups of a binary convolution: `(groups per tap of one output channel,
+/// total)`.
 pub fn mask_groups(c: &Conv, group_size: Option<usize>) -> Result<(usize, usize), String> {
     if c.depthwise() {
         return Ok((1, c.cout));
@@ -393,7 +395,7 @@ pub fn mask_groups(c: &Conv, group_size: Option<usize>) -> Result<(usize, usize)
         return Err(format!("group_size {g} must be in 1..={}", c.cin));
     }
     let per = c.cin.div_ceil(g);
-    Ok((per, per * c.cout))
+    Ok((per, per * c.k * c.k * c.cout))
 }
 
 /// Words of a binary convolution's packed weights.

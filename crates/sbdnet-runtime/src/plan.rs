@@ -17,6 +17,7 @@ use crate::format::DeployedModel;
 use crate::graph::{f32s, i32s, u64s, Act, Kind, Op, Output, ValueInfo, Weights};
 use crate::int8::{A8Conv, QuantScratch};
 use sbdnet_kernels::binary::pointwise::PackedPointwise;
+use sbdnet_kernels::binary::sparse::SparsePointwise;
 use sbdnet_kernels::binary::{self, DwThresholds, SignThreshold};
 use sbdnet_kernels::conv::{conv2d_forward, ConvGeom};
 use std::time::Instant;
@@ -46,6 +47,18 @@ enum Stage {
     Sign { scale: Vec<f32>, bias: Vec<f32>, act: Act, t: Vec<f32> },
 }
 
+/// Channels of a sparse depthwise layer whose whole kernel is zero: their dot product is 0,
+/// so their output is a constant (`thr.bit(0)` for bits, `0` for integers).
+#[derive(Clone, Debug)]
+struct ZeroChannels {
+    /// Per output word: bits of the zero channels.
+    zero: Vec<u64>,
+    /// Per output word: the constant output bits of those channels.
+    value: Vec<u64>,
+    /// Zero channel indices.
+    list: Vec<usize>,
+}
+
 #[derive(Clone, Debug)]
 enum Kernel {
     /// A dense float convolution with few inputs per output (the first layer): direct loops
@@ -66,6 +79,11 @@ enum Kernel {
         p: PackedPointwise,
         stage: Stage,
     },
+    /// Sparse binary pointwise conv on bits: zero groups skipped.
+    SparsePw {
+        p: SparsePointwise,
+        stage: Stage,
+    },
     /// Dense binary conv on bits.
     BinConv {
         g: ConvGeom,
@@ -78,6 +96,7 @@ enum Kernel {
         w: Vec<u64>,
         stage: Stage,
         packed: Option<DwThresholds>,
+        zero: Option<ZeroChannels>,
     },
     /// Binary weights on 8-bit activations.
     A8 {
@@ -115,6 +134,7 @@ impl Kernel {
             Kernel::SmallConv { .. } => "conv-f32-direct",
             Kernel::FloatConv { .. } => "conv-f32",
             Kernel::BinPw { .. } => "bpw-xnor",
+            Kernel::SparsePw { .. } => "bpw-sparse-xnor",
             Kernel::BinConv { .. } => "bconv-xnor",
             Kernel::BinDw { packed: Some(_), .. } => "bdw-bitsliced",
             Kernel::BinDw { .. } => "bdw-xnor",
@@ -465,7 +485,7 @@ impl Plan {
                                     Stage::Threshold(thr) => Some(DwThresholds::new(thr)),
                                     _ => None,
                                 };
-                                Kernel::BinDw { g, w, stage, packed }
+                                Kernel::BinDw { g, w, stage, packed, zero: None }
                             } else if cv.k == 1 && cv.stride == 1 && cv.pad == 0 {
                                 let mut p = PackedPointwise::new(cv.cin, cv.cout, &w);
                                 if let Stage::Threshold(thr) = &stage {
@@ -476,8 +496,46 @@ impl Plan {
                                 Kernel::BinConv { g, w, stage }
                             }
                         }
-                        (Weights::Binary { .. }, Kind::Bits) => {
-                            return Err(graph_err(name, "sparse (masked) binary layers on bits are not planned yet"));
+                        (Weights::Binary { bits, mask: Some(mask), group_size }, Kind::Bits) => {
+                            bmacs = macs;
+                            let (_, total) =
+                                crate::graph::mask_groups(cv, *group_size).map_err(|e| graph_err(name, e))?;
+                            let m = crate::graph::u8s(t, name, mask, total)?;
+                            let w = u64s(t, name, bits, crate::graph::binary_weight_words(cv))?.to_vec();
+                            if cv.depthwise() {
+                                let c = cv.cout;
+                                let mut zero = ZeroChannels {
+                                    zero: vec![0; binary::words(c)],
+                                    value: vec![0; binary::words(c)],
+                                    list: Vec::new(),
+                                };
+                                for (ch, &keep) in m.iter().enumerate() {
+                                    if keep == 0 {
+                                        zero.zero[ch / 64] |= 1 << (ch % 64);
+                                        zero.list.push(ch);
+                                        if let Stage::Threshold(thr) = &stage {
+                                            zero.value[ch / 64] |= u64::from(thr[ch].bit(0)) << (ch % 64);
+                                        }
+                                    }
+                                }
+                                let packed = match &stage {
+                                    Stage::Threshold(thr) => Some(DwThresholds::new(thr)),
+                                    _ => None,
+                                };
+                                Kernel::BinDw { g, w, stage, packed, zero: Some(zero) }
+                            } else if cv.k == 1 && cv.stride == 1 && cv.pad == 0 {
+                                let gs = group_size.unwrap_or(1);
+                                let mut p = SparsePointwise::new(cv.cin, cv.cout, &w, m, gs);
+                                if let Stage::Threshold(thr) = &stage {
+                                    p = p.with_thresholds(thr);
+                                }
+                                Kernel::SparsePw { p, stage }
+                            } else {
+                                return Err(graph_err(
+                                    name,
+                                    "a sparse binary k x k convolution on bits has no kernel yet (pointwise and depthwise do)",
+                                ));
+                            }
                         }
                         (Weights::Binary { .. }, Kind::F32) if opts.a8 == A8Mode::Int8 => {
                             amacs = macs;
@@ -654,13 +712,41 @@ impl Plan {
                 binary::bconv_forward(&g, xb, w, raw);
                 stage_i32(stage, raw, g.cout, yf, yb);
             }
-            Kernel::BinDw { g, w, stage, packed } => {
+            Kernel::SparsePw { p, stage } => {
+                let rows = n * yo.h * yo.w;
+                match stage {
+                    Stage::Threshold(_) => p.forward_packed(xb, rows, yb),
+                    _ => {
+                        let raw = &mut self.raw_i32[..rows * p.cout()];
+                        p.forward(xb, rows, raw);
+                        stage_i32(stage, raw, p.cout(), yf, yb);
+                    }
+                }
+            }
+            Kernel::BinDw { g, w, stage, packed, zero } => {
                 let g = ConvGeom { batch: n, ..*g };
                 match packed {
-                    Some(p) => binary::bdw_forward_packed(&g, xb, w, p, yb),
+                    Some(p) => {
+                        binary::bdw_forward_packed(&g, xb, w, p, yb);
+                        if let Some(z) = zero {
+                            let wd = z.zero.len();
+                            for px in yb.chunks_exact_mut(wd) {
+                                for ((o, &zm), &v) in px.iter_mut().zip(&z.zero).zip(&z.value) {
+                                    *o = (*o & !zm) | v;
+                                }
+                            }
+                        }
+                    }
                     None => {
                         let raw = &mut self.raw_i32[..g.out_len()];
                         binary::bdw_forward(&g, xb, w, raw);
+                        if let Some(z) = zero {
+                            for px in raw.chunks_exact_mut(g.cout) {
+                                for &ch in &z.list {
+                                    px[ch] = 0;
+                                }
+                            }
+                        }
                         stage_i32(stage, raw, g.cout, yf, yb);
                     }
                 }

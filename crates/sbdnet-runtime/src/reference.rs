@@ -28,7 +28,7 @@ pub fn unpack_binary_weights(cv: &Conv, bits: &[u64], mask: Option<(&[u8], usize
         for co in 0..cv.cout {
             for tap in 0..kk {
                 for ci in 0..cv.cin {
-                    let keep = mask.is_none_or(|(m, g)| m[co * cv.cin.div_ceil(g) + ci / g] == 1);
+                    let keep = mask.is_none_or(|(m, g)| m[(co * kk + tap) * cv.cin.div_ceil(g) + ci / g] == 1);
                     let word = bits[(co * kk + tap) * wd + ci / 64];
                     w[(co * kk + tap) * cv.cin + ci] = if keep { bit(word, ci) } else { 0.0 };
                 }

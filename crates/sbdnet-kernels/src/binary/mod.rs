@@ -78,6 +78,7 @@ mod conv;
 mod depthwise;
 pub mod pointwise;
 pub mod reference;
+pub mod sparse;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
