@@ -15,6 +15,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
+    if let Some(path) = a.dir.as_ref().filter(|p| p.is_file()) {
+        return crate::infer::deployed_summary(path, a.json);
+    }
     let cfg = match &a.dir {
         Some(dir) => sbdnet_nn::checkpoint::Checkpoint::read(dir)?.config,
         None => {

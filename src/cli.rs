@@ -175,7 +175,9 @@ impl TrainArgs {
 /// `sbdnet summary`.
 #[derive(Args, Debug, Clone)]
 pub struct SummaryArgs {
-    /// A checkpoint directory (otherwise the model options below describe the model).
+    /// A checkpoint directory, or a deployed `.sbd` file (then the table comes from the
+    /// runtime's plan: kernel per layer, stored bytes, XNOR+popcount operations, additions and
+    /// multiplications as executed). Otherwise the model options below describe the model.
     pub dir: Option<PathBuf>,
     #[command(flatten)]
     #[allow(missing_docs)]

@@ -86,16 +86,20 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut preds = Vec::with_capacity(n);
     let mut plan = Plan::new(&dm, batch, plan_options(a.a8))?;
-    for (x, chunk) in test.x.chunks(batch * test.il).zip(test.y.chunks(batch)) {
-        let b = chunk.len();
-        if a.reference {
-            let logits = sbdnet_runtime::reference::run(&dm, x, b)?;
-            preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
-        } else {
-            let logits = plan.run(x, b)?;
-            preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
+    // On a worker of the thread pool, as in bench_model.
+    rayon::scope(|_| -> Result<()> {
+        for (x, chunk) in test.x.chunks(batch * test.il).zip(test.y.chunks(batch)) {
+            let b = chunk.len();
+            if a.reference {
+                let logits = sbdnet_runtime::reference::run(&dm, x, b)?;
+                preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
+            } else {
+                let logits = plan.run(x, b)?;
+                preds.extend(logits.chunks_exact(dm.graph.classes).map(argmax));
+            }
         }
-    }
+        Ok(())
+    })?;
     let secs = t0.elapsed().as_secs_f64();
     let correct = preds.iter().zip(&test.y).filter(|(p, y)| **p == **y as usize).count();
     let acc = correct as f64 / n.max(1) as f64;
@@ -217,6 +221,102 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
                 l["addsub_gmacs_per_s"].as_f64().unwrap_or(0.0)
             );
         }
+    }
+    Ok(())
+}
+
+/// One row of the deployed summary: per image, as the plan executes it.
+#[derive(serde::Serialize, Default, Clone)]
+struct DeployedRow {
+    name: String,
+    kernel: String,
+    output: [usize; 3],
+    stored_bytes: usize,
+    /// XNOR + popcount multiply-accumulates (binary weights on binary activations).
+    binary_ops: u64,
+    /// Additions and subtractions (8-bit add/sub MACs, float adds, pooling sums).
+    additions: u64,
+    /// Multiplications (float MACs, per-channel affines, quantization scales).
+    multiplications: u64,
+}
+
+/// `sbdnet summary model.sbd`.
+pub fn deployed_summary(path: &std::path::Path, json: bool) -> Result<()> {
+    use sbdnet_runtime::graph::{Op, Output};
+    let dm = DeployedModel::load(path)?;
+    let plan = Plan::new(&dm, 1, PlanOptions::default())?;
+    let mut rows = Vec::new();
+    for (i, (l, info)) in dm.graph.layers.iter().zip(&plan.info).enumerate() {
+        let (x, y) = (dm.values[l.inputs[0]], dm.values[i + 1]);
+        let prefix = format!("{}.", l.name);
+        let stored_bytes =
+            dm.tensors.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(_, t)| t.bytes()).sum::<usize>();
+        let outs = y.len() as u64;
+        let mut r = DeployedRow {
+            name: l.name.clone(),
+            kernel: info.kernel.to_string(),
+            output: info.out,
+            stored_bytes,
+            binary_ops: info.binary_macs,
+            ..Default::default()
+        };
+        match &l.op {
+            Op::Conv(cv) => {
+                r.additions = info.addsub_macs + info.float_macs;
+                r.multiplications = info.float_macs;
+                if info.addsub_macs > 0 {
+                    // quantize the input, scale the integer sums back
+                    r.multiplications += x.len() as u64 + outs;
+                }
+                if !matches!(cv.output, Output::Threshold { .. }) {
+                    r.multiplications += outs;
+                    r.additions += outs;
+                }
+            }
+            Op::Linear { inp, out, .. } => {
+                r.multiplications = (inp * out) as u64;
+                r.additions = (inp * out) as u64;
+            }
+            Op::Affine { .. } => {
+                r.multiplications = outs;
+                r.additions = outs;
+            }
+            Op::GlobalAvgPool | Op::Pool { max: false, .. } => {
+                r.additions = x.len() as u64;
+                r.multiplications = outs;
+            }
+            Op::Add => r.additions = outs,
+            _ => {}
+        }
+        rows.push(r);
+    }
+    let mut total = DeployedRow { name: "total".into(), kernel: String::new(), ..Default::default() };
+    for r in &rows {
+        total.stored_bytes += r.stored_bytes;
+        total.binary_ops += r.binary_ops;
+        total.additions += r.additions;
+        total.multiplications += r.multiplications;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"model": path.display().to_string(), "name": dm.graph.name,
+                "precision": dm.graph.precision, "layers": rows, "total": total})
+        );
+        return Ok(());
+    }
+    println!("{} ({} {}), deployed plan per image", path.display(), dm.graph.name, dm.graph.precision);
+    println!(
+        "{:<16} {:<18} {:>12} {:>10} {:>12} {:>12} {:>12}",
+        "layer", "kernel", "output", "bytes", "xnor+pop", "add/sub", "mults"
+    );
+    for r in rows.iter().chain(std::iter::once(&total)) {
+        let out =
+            if r.name == "total" { String::new() } else { format!("{}x{}x{}", r.output[0], r.output[1], r.output[2]) };
+        println!(
+            "{:<16} {:<18} {:>12} {:>10} {:>12} {:>12} {:>12}",
+            r.name, r.kernel, out, r.stored_bytes, r.binary_ops, r.additions, r.multiplications
+        );
     }
     Ok(())
 }
