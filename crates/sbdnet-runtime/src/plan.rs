@@ -16,6 +16,7 @@ use crate::error::{graph_err, RuntimeError};
 use crate::format::DeployedModel;
 use crate::graph::{f32s, i32s, u64s, Act, Kind, Op, Output, ValueInfo, Weights};
 use crate::int8::{A8Conv, QuantScratch};
+use rayon::prelude::*;
 use sbdnet_kernels::binary::pointwise::PackedPointwise;
 use sbdnet_kernels::binary::sparse::SparsePointwise;
 use sbdnet_kernels::binary::{self, DwThresholds, SignThreshold};
@@ -422,6 +423,17 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
+/// Rows per parallel task: all of them on one thread (no task overhead at batch 1), else an
+/// even split over the pool's threads.
+fn rows_per_thread(rows: usize) -> usize {
+    let t = sbdnet_kernels::threads();
+    if t <= 1 || rows < 8 * t {
+        rows.max(1)
+    } else {
+        rows.div_ceil(t)
+    }
+}
+
 /// `y = act(scale[c] * x + bias[c])` over rows of `c` channels.
 fn affine_rows(x: &[f32], c: usize, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
@@ -697,12 +709,20 @@ impl Plan {
             }
             Kernel::BinPw { p, stage } => {
                 let rows = n * yo.h * yo.w;
+                let (wd, od, co) = (binary::words(p.cin()), binary::words(p.cout()), p.cout());
+                let chunk = rows_per_thread(rows);
                 match stage {
-                    Stage::Threshold(_) => p.forward_packed(xb, rows, yb, &mut self.raw_i32),
+                    Stage::Threshold(_) => yb
+                        .par_chunks_mut(chunk * od)
+                        .zip(self.raw_i32.par_chunks_mut(co))
+                        .enumerate()
+                        .for_each(|(k, (o, s))| p.forward_packed(&xb[k * chunk * wd..], o.len() / od, o, s)),
                     _ => {
-                        let raw = &mut self.raw_i32[..rows * p.cout()];
-                        p.forward(xb, rows, raw);
-                        stage_i32(stage, raw, p.cout(), yf, yb);
+                        let raw = &mut self.raw_i32[..rows * co];
+                        raw.par_chunks_mut(chunk * co)
+                            .enumerate()
+                            .for_each(|(k, o)| p.forward(&xb[k * chunk * wd..], o.len() / co, o));
+                        stage_i32(stage, raw, co, yf, yb);
                     }
                 }
             }
@@ -714,12 +734,19 @@ impl Plan {
             }
             Kernel::SparsePw { p, stage } => {
                 let rows = n * yo.h * yo.w;
+                let (wd, od, co) = (binary::words(p.cin()), binary::words(p.cout()), p.cout());
+                let chunk = rows_per_thread(rows);
                 match stage {
-                    Stage::Threshold(_) => p.forward_packed(xb, rows, yb),
+                    Stage::Threshold(_) => yb
+                        .par_chunks_mut(chunk * od)
+                        .enumerate()
+                        .for_each(|(k, o)| p.forward_packed(&xb[k * chunk * wd..], o.len() / od, o)),
                     _ => {
-                        let raw = &mut self.raw_i32[..rows * p.cout()];
-                        p.forward(xb, rows, raw);
-                        stage_i32(stage, raw, p.cout(), yf, yb);
+                        let raw = &mut self.raw_i32[..rows * co];
+                        raw.par_chunks_mut(chunk * co)
+                            .enumerate()
+                            .for_each(|(k, o)| p.forward(&xb[k * chunk * wd..], o.len() / co, o));
+                        stage_i32(stage, raw, co, yf, yb);
                     }
                 }
             }

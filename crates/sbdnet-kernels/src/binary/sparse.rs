@@ -72,6 +72,11 @@ impl SparsePointwise {
         self
     }
 
+    /// Input channels.
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
     /// Output channels.
     pub fn cout(&self) -> usize {
         self.cout
