@@ -301,35 +301,40 @@ unsafe fn sign_word64_avx2(x: &[f32], scale: &[f32], bias: &[f32], t: &[f32], ac
     word
 }
 
+/// One output pixel of [`direct_conv_fixed`] (any border).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn conv_pixel<const CO: usize>(g: &ConvGeom, x: &[f32], wt: &[f32], b: usize, oy: usize, ox: usize, y: &mut [f32]) {
+    let mut acc = [0.0f32; CO];
+    for ky in 0..g.kh {
+        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+        if iy < 0 || iy >= g.h as isize {
+            continue;
+        }
+        for kx in 0..g.kw {
+            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+            if ix < 0 || ix >= g.w as isize {
+                continue;
+            }
+            let xr = &x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin..][..g.cin];
+            let wr = &wt[(ky * g.kw + kx) * g.cin * CO..][..g.cin * CO];
+            for (&xv, wrow) in xr.iter().zip(wr.chunks_exact(CO)) {
+                let wrow: &[f32; CO] = wrow.try_into().expect("row");
+                for j in 0..CO {
+                    acc[j] += xv * wrow[j];
+                }
+            }
+        }
+    }
+    y[((b * g.oh + oy) * g.ow + ox) * CO..][..CO].copy_from_slice(&acc);
+}
+
 /// [`direct_conv`] for a fixed channel count: the accumulators stay in registers, and
 /// interior pixels (every tap inside the image) go four at a time so four independent sums
 /// hide the add latency.
 #[inline(always)]
 fn direct_conv_fixed<const CO: usize>(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
-    let one = |b: usize, oy: usize, ox: usize, y: &mut [f32]| {
-        let mut acc = [0.0f32; CO];
-        for ky in 0..g.kh {
-            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-            if iy < 0 || iy >= g.h as isize {
-                continue;
-            }
-            for kx in 0..g.kw {
-                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                if ix < 0 || ix >= g.w as isize {
-                    continue;
-                }
-                let xr = &x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin..][..g.cin];
-                let wr = &wt[(ky * g.kw + kx) * g.cin * CO..][..g.cin * CO];
-                for (&xv, wrow) in xr.iter().zip(wr.chunks_exact(CO)) {
-                    let wrow: &[f32; CO] = wrow.try_into().expect("row");
-                    for j in 0..CO {
-                        acc[j] += xv * wrow[j];
-                    }
-                }
-            }
-        }
-        y[((b * g.oh + oy) * g.ow + ox) * CO..][..CO].copy_from_slice(&acc);
-    };
+    let one = |b: usize, oy: usize, ox: usize, y: &mut [f32]| conv_pixel::<CO>(g, x, wt, b, oy, ox, y);
     // Interior output columns: ox * stride - pad >= 0 and ox * stride - pad + kw <= w.
     let lo = g.pad.div_ceil(g.stride);
     let hi = if g.w + g.pad >= g.kw { ((g.w + g.pad - g.kw) / g.stride + 1).min(g.ow) } else { 0 };
