@@ -1,0 +1,84 @@
+//! End to end: train on the built-in digits, export to `.sbd` and ONNX, run the deployed model
+//! (`infer`, `bench model`, `summary`), and refuse damaged files with a clear error.
+
+mod common;
+use common::{json, sbdnet, tmp};
+
+fn train(precision: &str, dir: &std::path::Path) {
+    let d = dir.to_str().unwrap();
+    let out = sbdnet(&["train", "--precision", precision, "--epochs", "3", "--threads", "2", "--out", d, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn exported_models_agree_with_training_and_bench_reports_latency() {
+    for precision in ["w1a1", "w1", "float"] {
+        let dir = tmp(&format!("rt-{precision}"));
+        train(precision, &dir);
+        let d = dir.to_str().unwrap();
+        let sbd = dir.join("model.sbd");
+        let f = sbd.to_str().unwrap();
+        json(&sbdnet(&["export", d, "-o", f, "--json"]));
+        // Float arithmetic in the W1 layers (--a8 float) and bit-exact W1A1: every prediction agrees.
+        let v = json(&sbdnet(&["infer", f, "--dataset", "digits", "--agree-with", d, "--a8", "float", "--json"]));
+        assert_eq!(v["agreement"].as_f64(), Some(1.0), "{precision}: {v}");
+        assert!(v["accuracy"].as_f64().unwrap() > 0.1, "{precision}: {v}");
+        // The reference executor gives the same accuracy.
+        let r = json(&sbdnet(&["infer", f, "--dataset", "digits", "--reference", "--a8", "float", "--json"]));
+        assert_eq!(r["accuracy"], v["accuracy"], "{precision}");
+        let b = json(&sbdnet(&[
+            "bench",
+            "model",
+            f,
+            "--iters",
+            "20",
+            "--seconds",
+            "0",
+            "--warmup",
+            "2",
+            "--json",
+            "--profile",
+        ]));
+        for key in ["latency_us_median", "latency_us_p90", "images_per_s"] {
+            assert!(b[key].as_f64().unwrap() > 0.0, "{key}: {b}");
+        }
+        let s = json(&sbdnet(&["summary", f, "--json"]));
+        for l in s["layers"].as_array().unwrap() {
+            // Binary layers on binary inputs execute no multiplication inside the convolution.
+            if l["kernel"].as_str().unwrap().starts_with("b") && precision == "w1a1" {
+                assert!(l["binary_ops"].as_u64().unwrap() > 0, "{l}");
+            }
+        }
+        if precision == "w1a1" {
+            assert!(s["total"]["binary_ops"].as_u64().unwrap() > 0);
+        }
+        let onnx = dir.join("model.onnx");
+        json(&sbdnet(&["export", d, "--format", "onnx", "-o", onnx.to_str().unwrap(), "--json"]));
+        let bytes = std::fs::read(&onnx).unwrap();
+        assert!(bytes.len() > 1000 && bytes.windows(4).any(|w| w == b"Conv"));
+    }
+}
+
+#[test]
+fn damaged_or_wrong_files_are_clear_errors() {
+    let dir = tmp("rt-bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.sbd");
+    std::fs::write(&f, b"not a model at all").unwrap();
+    for args in [vec!["infer", f.to_str().unwrap(), "--dataset", "digits"], vec!["bench", "model", f.to_str().unwrap()]]
+    {
+        let out = sbdnet(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a valid sbdnet model file") && !err.contains("panicked"), "{err}");
+    }
+    let missing = dir.join("missing.sbd");
+    let out = sbdnet(&["infer", missing.to_str().unwrap(), "--dataset", "digits"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("missing.sbd"));
+    // A model for other inputs is refused for a data set it does not fit (3 channels vs 1).
+    let m = dir.join("rgb.sbd");
+    let args = ["export", "--model", "dscnn", "--precision", "w1a1", "--input", "12x12x3", "-o", m.to_str().unwrap()];
+    assert!(sbdnet(&args).status.success());
+    let out = sbdnet(&["infer", m.to_str().unwrap(), "--dataset", "digits"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("12x12x3"));
+}
