@@ -304,6 +304,41 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The machine's popcount limit: 8 independent `VPOPCNTQ` + add chains, best of 2000
+    /// short runs. `cargo test --release -p sbdnet-kernels popcount_limit -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn popcount_limit() {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+        unsafe fn run(n: usize) -> i64 {
+            let mut a = [_mm512_set1_epi64(1); 8];
+            let mut x = _mm512_set1_epi64(0x5555);
+            let one = _mm512_set1_epi64(1);
+            let w: [__m512i; 8] = core::array::from_fn(|i| _mm512_set1_epi64(i as i64 * 0x1234567));
+            for _ in 0..n {
+                x = _mm512_add_epi64(x, one);
+                for i in 0..8 {
+                    a[i] = _mm512_add_epi64(a[i], _mm512_popcnt_epi64(_mm512_xor_si512(w[i], x)));
+                }
+            }
+            a.iter().map(|v| _mm512_reduce_add_epi64(*v)).sum()
+        }
+        if !PwImpl::Avx512.available() {
+            return;
+        }
+        let n = 200_000;
+        let mut best = f64::MAX;
+        for _ in 0..2000 {
+            let t = std::time::Instant::now();
+            // SAFETY: availability checked above.
+            std::hint::black_box(unsafe { run(n) });
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("VPOPCNTQ limit: {:.0} G binary ops/s per core", (n * 8 * 512) as f64 / best / 1e9);
+    }
     use crate::binary::{bconv_forward_with, pack_signs, threshold_pack};
     use crate::conv::ConvGeom;
     use crate::rng::Rng;
