@@ -28,6 +28,9 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
             a.m.config(parse_input(a.input.as_deref().unwrap_or(&default))?, a.classes)?
         }
     };
+    if a.energy {
+        return energy(&cfg, a.json);
+    }
     let model = Model::new(cfg.clone(), 1, 0)?;
     let s = sbdnet_nn::summary::summarize(&model);
     if a.json {
@@ -184,6 +187,98 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Energy per operation and per access, picojoules (45 nm; docs/ENERGY.md gives the sources
+/// and the assumptions).
+mod pj {
+    pub const F32_MULT: f64 = 3.7;
+    pub const F32_ADD: f64 = 0.9;
+    /// One binary multiply-accumulate: a 64-bit XNOR + popcount + 32-bit accumulate, taken as
+    /// two 32-bit integer additions (0.1 pJ each) per 64 MACs.
+    pub const BINARY_MAC: f64 = 0.2 / 64.0;
+    /// DRAM access per 32 bits (weights are fetched once per inference).
+    pub const DRAM_32: f64 = 640.0;
+}
+
+#[derive(serde::Serialize)]
+struct EnergyRow {
+    precision: String,
+    scope: &'static str,
+    compute_pj: f64,
+    memory_pj: f64,
+    multiplications: usize,
+    additions: usize,
+    binary_ops: usize,
+    param_bits: usize,
+}
+
+fn energy_of(layers: &[&sbdnet_nn::summary::LayerSummary], precision: &str, scope: &'static str) -> EnergyRow {
+    let (mut mults, mut adds, mut bops, mut bits) = (0, 0, 0, 0);
+    for l in layers {
+        mults += l.multiplications;
+        adds += l.additions - l.binary_ops;
+        bops += l.binary_ops;
+        bits += l.param_bits;
+    }
+    let compute = mults as f64 * pj::F32_MULT + adds as f64 * pj::F32_ADD + bops as f64 * pj::BINARY_MAC;
+    let memory = bits as f64 / 32.0 * pj::DRAM_32;
+    EnergyRow {
+        precision: precision.to_string(),
+        scope,
+        compute_pj: compute,
+        memory_pj: memory,
+        multiplications: mults,
+        additions: adds,
+        binary_ops: bops,
+        param_bits: bits,
+    }
+}
+
+/// `sbdnet summary --energy`: the model at float (the baseline), w1, w1a1 and its own
+/// precision, whole network and pointwise convolutions only.
+fn energy(cfg: &sbdnet_nn::ModelConfig, json: bool) -> Result<()> {
+    let mut precisions = vec!["float".to_string(), "w1".to_string(), "w1a1".to_string()];
+    let own = cfg.quant.precision.name().to_string();
+    if !precisions.contains(&own) {
+        precisions.push(own);
+    }
+    let mut rows = Vec::new();
+    for p in &precisions {
+        let mut c = cfg.clone();
+        c.quant.precision = p.parse().map_err(anyhow::Error::msg)?;
+        let model = Model::new(c, 1, 0)?;
+        let s = sbdnet_nn::summary::summarize(&model);
+        let all: Vec<_> = s.layers.iter().collect();
+        let pw: Vec<_> = s.layers.iter().filter(|l| l.kind.starts_with("conv-pw")).collect();
+        rows.push(energy_of(&all, p, "network"));
+        rows.push(energy_of(&pw, p, "pointwise convs"));
+    }
+    let base = |scope: &str| {
+        rows.iter().find(|r| r.precision == "float" && r.scope == scope).map(|r| (r.compute_pj, r.memory_pj))
+    };
+    if json {
+        println!("{}", serde_json::json!({"model": cfg.name, "rows": rows}));
+        return Ok(());
+    }
+    println!("{} energy per image (pJ; table and assumptions in docs/ENERGY.md)", cfg.name);
+    println!(
+        "{:<10} {:<16} {:>14} {:>9} {:>14} {:>9}",
+        "precision", "scope", "compute", "saved", "weight fetch", "saved"
+    );
+    for r in &rows {
+        let (bc, bm) = base(r.scope).unwrap_or((r.compute_pj, r.memory_pj));
+        println!(
+            "{:<10} {:<16} {:>14.0} {:>8.1}% {:>14.0} {:>8.1}%",
+            r.precision,
+            r.scope,
+            r.compute_pj,
+            100.0 * (1.0 - r.compute_pj / bc),
+            r.memory_pj,
+            100.0 * (1.0 - r.memory_pj / bm)
+        );
     }
     Ok(())
 }

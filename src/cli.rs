@@ -191,6 +191,11 @@ pub struct SummaryArgs {
     /// Print one JSON object (`layers`, `total`, `compression`).
     #[arg(long)]
     pub json: bool,
+    /// Estimate energy per inference of the model at float, w1 (BD-Net) and w1a1 (and
+    /// the checkpoint's own precision), from the per-operation and per-access table in
+    /// docs/ENERGY.md.
+    #[arg(long)]
+    pub energy: bool,
 }
 
 /// Optimizers.
