@@ -329,7 +329,8 @@ fn conv_pixel<const CO: usize>(g: &ConvGeom, x: &[f32], wt: &[f32], b: usize, oy
     y[((b * g.oh + oy) * g.ow + ox) * CO..][..CO].copy_from_slice(&acc);
 }
 
-/// [`direct_conv`] for a fixed channel count: the accumulators stay in registers, and
+/// Direct convolution (zero padding, weights `[ky][kx][ci][co]`, raw sums into `y`, NHWC)
+/// for a fixed channel count: the accumulators stay in registers, and
 /// interior pixels (every tap inside the image) go four at a time so four independent sums
 /// hide the add latency.
 #[inline(always)]
@@ -390,41 +391,6 @@ sbdnet_kernels::simd_kernel! {
 sbdnet_kernels::simd_kernel! {
     fn direct_conv64(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
         direct_conv_fixed::<64>(g, x, wt, y)
-    }
-}
-
-sbdnet_kernels::simd_kernel! {
-    /// Direct convolution, zero padding, weights `[ky][kx][ci][co]`; raw sums into `y` (NHWC),
-    /// vectorized over output channels.
-    fn direct_conv(g: &ConvGeom, x: &[f32], wt: &[f32], y: &mut [f32]) {
-        let co = g.cout;
-        for b in 0..g.batch {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let yr = &mut y[((b * g.oh + oy) * g.ow + ox) * co..][..co];
-                    yr.fill(0.0);
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        for kx in 0..g.kw {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix < 0 || ix >= g.w as isize {
-                                continue;
-                            }
-                            let xr = &x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin..][..g.cin];
-                            let wr = &wt[(ky * g.kw + kx) * g.cin * co..][..g.cin * co];
-                            for (&xv, wrow) in xr.iter().zip(wr.chunks_exact(co)) {
-                                for (yv, &wv) in yr.iter_mut().zip(wrow) {
-                                    *yv += xv * wv;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -561,7 +527,9 @@ impl Plan {
                             quant.reserve(&conv);
                             Kernel::A8 { conv, stage }
                         }
-                        (Weights::Float { .. }, Kind::F32) if cv.groups == 1 && cv.cin * cv.k * cv.k <= 64 => {
+                        (Weights::Float { .. }, Kind::F32)
+                            if cv.groups == 1 && cv.cin * cv.k * cv.k <= 64 && matches!(cv.cout, 32 | 64) =>
+                        {
                             fmacs = macs;
                             let w = crate::reference::conv_weights_f32(model, name, cv)?;
                             let kt = cv.k * cv.k * cv.cin;
@@ -699,10 +667,10 @@ impl Plan {
             Kernel::SmallConv { g, wt, stage } => {
                 let g = ConvGeom { batch: n, ..*g };
                 let raw = &mut self.raw_f32[..g.out_len()];
-                match g.cout {
-                    32 => direct_conv32(&g, xf, wt, raw),
-                    64 => direct_conv64(&g, xf, wt, raw),
-                    _ => direct_conv(&g, xf, wt, raw),
+                if g.cout == 32 {
+                    direct_conv32(&g, xf, wt, raw)
+                } else {
+                    direct_conv64(&g, xf, wt, raw)
                 }
                 stage_f32(stage, raw, g.cout, yf, yb);
             }
