@@ -250,7 +250,8 @@ pub struct ModelArgs {
     /// Model: dscnn (depthwise-separable CNN), cnn (ordinary 3x3 convolutions, the float
     /// baseline), bdnet (dscnn with binary weights), mobilenet (MobileNet-V1 widths, 32x32),
     /// resnet20-ds (ResNet-20 with depthwise-separable blocks, 32x32), mlp (784-256-256-10 on
-    /// flattened images), mlp-wide (784-1024-1024-10).
+    /// flattened images), mlp-wide (784-1024-1024-10), vit-tiny (vision transformer: 7x7
+    /// patches on 28x28, width 192, 6 blocks of 3 heads, MLP ratio 4, mean pooling; float).
     #[arg(long, default_value = "dscnn")]
     pub model: String,
     /// Precision of every convolution but the first: float, w1 (binary weights: additions and
@@ -311,6 +312,19 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 0.3)]
     #[serde(default = "default_freeze")]
     pub freeze: f32,
+    /// diag: temperature of the importance softmax at the start of the soft phase.
+    #[arg(long, default_value_t = 5.0)]
+    #[serde(default = "default_t_start")]
+    pub t_start: f32,
+    /// diag: temperature at the end of the soft phase (cosine schedule between the two).
+    #[arg(long, default_value_t = 0.05)]
+    #[serde(default = "default_t_end")]
+    pub t_end: f32,
+    /// diag: multiplier of the importance scores' gradient (with SGD, their learning rate is
+    /// this times the weights').
+    #[arg(long, default_value_t = 1.0)]
+    #[serde(default = "default_alpha_lr")]
+    pub alpha_lr: f32,
 }
 
 fn default_sparsity() -> f64 {
@@ -330,6 +344,15 @@ fn default_candidates() -> f32 {
 }
 fn default_freeze() -> f32 {
     0.3
+}
+fn default_t_start() -> f32 {
+    5.0
+}
+fn default_t_end() -> f32 {
+    0.05
+}
+fn default_alpha_lr() -> f32 {
+    1.0
 }
 
 /// Kind of the hidden linear layers.
@@ -389,6 +412,9 @@ impl ModelArgs {
             stop: self.dst_stop,
             candidates: self.candidates,
             freeze: self.freeze,
+            t_start: self.t_start,
+            t_end: self.t_end,
+            alpha_lr: self.alpha_lr,
             ..sbdnet_nn::SparseSpec::new(kind, self.sparsity)
         };
         spec.validate().map_err(|e| anyhow::anyhow!("--linear {}: {e}", self.linear.name()))?;

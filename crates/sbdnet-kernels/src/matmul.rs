@@ -99,6 +99,82 @@ pub fn sgemm(
     GEMM_ACTIVE.fetch_sub(1, Ordering::SeqCst);
 }
 
+/// `C (+)= op(A) op(B)` on strided sub-matrices, single-threaded (for many small products run
+/// in parallel by the caller, e.g. attention over (image, head)).
+///
+/// Like [`sgemm`], but each operand's rows are `lda`, `ldb`, `ldc` floats apart (its leading
+/// dimension), so a head's slice of a token matrix is used in place: `A` is stored `[m][k]`
+/// with row stride `lda >= k` (`Trans::No`) or `[k][m]` with `lda >= m` (`Trans::Yes`); `B`
+/// alike with `k x n`; `C` is `[m][n]` with row stride `ldc >= n`.
+///
+/// # Panics
+/// If a stride is shorter than its row or a slice shorter than its strided shape.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_ld(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: Trans,
+    lda: usize,
+    b: &[f32],
+    tb: Trans,
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Stored rows and columns of each operand.
+    let dims = |t: Trans, r: usize, cc: usize| if t == Trans::No { (r, cc) } else { (cc, r) };
+    let need = |(rows, cols): (usize, usize), ld: usize| if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    let (sa, sb) = (dims(ta, m, k), dims(tb, k, n));
+    assert!(lda >= sa.1 && ldb >= sb.1 && ldc >= n, "sgemm_ld: a leading dimension is shorter than its row");
+    assert!(a.len() >= need(sa, lda) && b.len() >= need(sb, ldb), "sgemm_ld: an operand is too short");
+    assert!(c.len() >= need((m, n), ldc), "sgemm_ld: C is too short");
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let st = |t: Trans, ld: usize| if t == Trans::No { (1isize, ld as isize) } else { (ld as isize, 1isize) };
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (st(ta, lda), st(tb, ldb));
+    GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+    GEMM_ACTIVE.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: the asserts above bound every index: element (i, j) of op(A) is at
+    // i * a_rs + j * a_cs, whose largest value is the last element of A's stored shape; the
+    // same holds for B and for C (row stride ldc, column stride 1).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    GEMM_ACTIVE.fetch_sub(1, Ordering::SeqCst);
+}
+
 /// `C (+)= A^T B` for `A` stored `[k][m]` and `B` stored `[k][n]` with a long `k` (the
 /// weight gradient `dW = dY^T X` over all pixels of a batch), split into `threads` slices of
 /// `k` computed in parallel. `scratch` must hold [`split_k_scratch_len`] floats; partial
@@ -192,6 +268,42 @@ mod tests {
                         sgemm(m, n, k, &a, ta, &b, tb, &mut got, acc, 2);
                         for (g, w) in got.iter().zip(&want) {
                             assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_matches_reference_on_sub_matrices() {
+        let mut r = Rng::new(3);
+        let (m, n, k) = (5, 4, 6);
+        let (lda, ldb, ldc) = (9, 11, 7);
+        for ta in [Trans::No, Trans::Yes] {
+            for tb in [Trans::No, Trans::Yes] {
+                let a = rand_vec(&mut r, 12 * lda);
+                let b = rand_vec(&mut r, 12 * ldb);
+                let c0 = rand_vec(&mut r, m * ldc);
+                // Dense copies of the strided operands.
+                let (ar, ac) = if ta == Trans::No { (m, k) } else { (k, m) };
+                let (br, bc) = if tb == Trans::No { (k, n) } else { (n, k) };
+                let ad: Vec<f32> = (0..ar).flat_map(|i| a[i * lda..i * lda + ac].to_vec()).collect();
+                let bd: Vec<f32> = (0..br).flat_map(|i| b[i * ldb..i * ldb + bc].to_vec()).collect();
+                for acc in [false, true] {
+                    let mut want: Vec<f32> = (0..m).flat_map(|i| c0[i * ldc..i * ldc + n].to_vec()).collect();
+                    refmm(m, n, k, &ad, ta == Trans::Yes, &bd, tb == Trans::Yes, &mut want, acc);
+                    let mut got = c0.clone();
+                    sgemm_ld(m, n, k, &a, ta, lda, &b, tb, ldb, &mut got, ldc, acc);
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let g = got[i * ldc + j];
+                            if j < n {
+                                let w = want[i * n + j];
+                                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+                            } else {
+                                assert_eq!(g, c0[i * ldc + j], "padding column {j} was written");
+                            }
                         }
                     }
                 }

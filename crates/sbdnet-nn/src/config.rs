@@ -85,6 +85,31 @@ pub enum Block {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sparse: Option<SparseSpec>,
     },
+    /// Patch embedding (vision transformer): non-overlapping `patch x patch` patches, each
+    /// projected to `dim` features (dense, with bias), plus a learned position embedding; the
+    /// output is the token grid `(h / patch, w / patch, dim)`.
+    PatchEmbed {
+        /// Patch side (must divide the input's height and width).
+        patch: usize,
+        /// Token width.
+        dim: usize,
+    },
+    /// Pre-LayerNorm transformer encoder block on a token grid of width `dim`:
+    /// `x += proj(attention(qkv(ln1(x))))`, then `x += fc2(gelu(fc1(ln2(x))))`, with
+    /// multi-head self-attention over all tokens of an image and GELU in its tanh form. The
+    /// four token-wise linear layers (qkv `dim -> 3 dim`, proj `dim -> dim`, fc1
+    /// `dim -> mlp_ratio dim`, fc2 back) have biases and follow `sparse`.
+    Transformer {
+        /// Attention heads (must divide the width).
+        heads: usize,
+        /// Hidden width of the MLP as a multiple of the token width.
+        mlp_ratio: f32,
+        /// Sparse kind of the four linear layers; dense when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sparse: Option<SparseSpec>,
+    },
+    /// Layer normalization over the channels of every position (token), with scale and shift.
+    LayerNorm,
     /// Residual: `y = body(x) + shortcut(x)`, then the activation. The shortcut is the
     /// identity when shapes agree, else a strided 1x1 convolution + BN.
     Residual {
@@ -113,7 +138,7 @@ pub struct ModelConfig {
 }
 
 /// Names of the built-in models.
-pub const PRESETS: &[&str] = &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds", "mlp", "mlp-wide"];
+pub const PRESETS: &[&str] = &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds", "mlp", "mlp-wide", "vit-tiny"];
 
 impl ModelConfig {
     /// A built-in model, full precision, width 1 (see [`ModelConfig::build`]).
@@ -138,6 +163,12 @@ impl ModelConfig {
     /// - `mlp`: flatten, linear 256 + ReLU, linear 256 + ReLU, linear classifier (784-256-256-10
     ///   on 28x28 images); `mlp-wide`: the same with 1024 hidden units. Their hidden layers
     ///   become sparse with [`ModelConfig::with_hidden_linear`]; the classifier stays dense.
+    ///
+    /// - `vit-tiny`: a vision transformer: patch embedding (patch 7 when it divides the input
+    ///   size, as on 28x28 images: 16 tokens; else 4), width 192 (3 heads of 64; `width`
+    ///   scales the head width), 6 pre-LayerNorm encoder blocks with MLP ratio 4, a final
+    ///   LayerNorm, mean pooling over the tokens (no class token) and a linear classifier
+    ///   (see [`ModelConfig::vit`]). Float only.
     ///
     /// With binary activations (`w1a1`) the blocks' activation is Hardtanh (the binarizer that
     /// follows is the nonlinearity; Hardtanh keeps the sign information ReLU would drop).
@@ -165,6 +196,23 @@ impl ModelConfig {
             let fc = |out, act| Block::Linear { out, bias: true, act, sparse: None };
             let blocks = vec![Block::Flatten, fc(ch(hidden), act), fc(ch(hidden), act), fc(classes, Act::None)];
             return Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant });
+        }
+        if name == "vit-tiny" {
+            if quant.precision != Precision::Float {
+                return Err(NnError::Config(format!(
+                    "{name} is float only (got precision {})",
+                    quant.precision.name()
+                )));
+            }
+            let patch = [7, 4]
+                .into_iter()
+                .find(|&p| input[0].is_multiple_of(p) && input[1].is_multiple_of(p))
+                .ok_or_else(|| {
+                    NnError::Config(format!("{name}: input {}x{} is divisible by neither 7 nor 4", input[0], input[1]))
+                })?;
+            let mut cfg = Self::vit(input, classes, patch, 3 * ch(64), 6, 3, 4.0);
+            cfg.name = name.to_string();
+            return Ok(cfg);
         }
         let conv = |out, stride| Block::Conv { out: ch(out), kernel: 3, stride, act: Act::Relu };
         let ds = |out, stride| Block::DwSep { out: ch(out), kernel: 3, stride, act };
@@ -213,13 +261,36 @@ impl ModelConfig {
         Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant })
     }
 
+    /// A vision transformer named `vit`: patch embedding (`patch`, width `dim`), `depth`
+    /// pre-LayerNorm encoder blocks with `heads` heads and MLP ratio `mlp_ratio`, a final
+    /// LayerNorm, mean pooling over the tokens and a dense linear classifier.
+    pub fn vit(
+        input: [usize; 3],
+        classes: usize,
+        patch: usize,
+        dim: usize,
+        depth: usize,
+        heads: usize,
+        mlp_ratio: f32,
+    ) -> Self {
+        let mut blocks = vec![Block::PatchEmbed { patch, dim }];
+        blocks.extend((0..depth).map(|_| Block::Transformer { heads, mlp_ratio, sparse: None }));
+        blocks.extend([
+            Block::LayerNorm,
+            Block::GlobalAvgPool,
+            Block::Linear { out: classes, bias: true, act: Act::None, sparse: None },
+        ]);
+        ModelConfig { name: "vit".into(), input, classes, blocks, quant: QuantConfig::default() }
+    }
+
     /// Make every `Linear` block but the last one (the classifier, which stays dense) follow
-    /// `spec` (`None`: dense), including those inside residual bodies.
+    /// `spec` (`None`: dense), including those inside residual bodies, and so the linear
+    /// layers of every `Transformer` block.
     pub fn with_hidden_linear(mut self, spec: Option<SparseSpec>) -> Self {
         fn visit<'a>(blocks: &'a mut [Block], out: &mut Vec<&'a mut Option<SparseSpec>>) {
             for b in blocks {
                 match b {
-                    Block::Linear { sparse, .. } => out.push(sparse),
+                    Block::Linear { sparse, .. } | Block::Transformer { sparse, .. } => out.push(sparse),
                     Block::Residual { body, .. } => visit(body, out),
                     _ => {}
                 }
@@ -238,7 +309,7 @@ impl ModelConfig {
     pub fn has_sparse(&self) -> bool {
         fn any(blocks: &[Block]) -> bool {
             blocks.iter().any(|b| match b {
-                Block::Linear { sparse, .. } => sparse.is_some(),
+                Block::Linear { sparse, .. } | Block::Transformer { sparse, .. } => sparse.is_some(),
                 Block::Residual { body, .. } => any(body),
                 _ => false,
             })

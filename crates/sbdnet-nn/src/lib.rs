@@ -35,6 +35,7 @@ pub mod params;
 pub mod quant;
 pub mod sparse;
 pub mod summary;
+pub mod transformer;
 
 pub use config::{Act, Block, ModelConfig};
 pub use error::NnError;

@@ -11,7 +11,8 @@ use crate::loss::Loss;
 use crate::optim::Optimizer;
 use crate::params::ParamStore;
 use crate::quant::{BinAct, QuantConfig, WeightBinarizer};
-use crate::sparse::{DiagLinear, MaskedLinear, SparseInfo, SparseKind};
+use crate::sparse::{DiagLinear, MaskedLinear, SparseInfo, SparseKind, SparseSpec};
+use crate::transformer::{self as tf, Attention, LayerNorm, PatchEmbed};
 use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::pool as kpool;
 use sbdnet_kernels::rng::Rng;
@@ -75,6 +76,14 @@ pub enum Op {
     MaskedLinear(MaskedLinear),
     /// Sum of the two inputs.
     Add,
+    /// Patch embedding (vision transformer).
+    PatchEmbed(PatchEmbed),
+    /// Layer normalization over each position's channels.
+    LayerNorm(LayerNorm),
+    /// GELU (tanh form).
+    Gelu,
+    /// Multi-head self-attention over each image's tokens.
+    Attention(Attention),
 }
 
 impl Op {
@@ -99,6 +108,10 @@ impl Op {
             Op::MaskedLinear(l) if l.spec.kind == SparseKind::Rigl => "linear-rigl",
             Op::MaskedLinear(_) => "linear-set",
             Op::Add => "add",
+            Op::PatchEmbed(_) => "patch-embed",
+            Op::LayerNorm(_) => "layernorm",
+            Op::Gelu => "gelu",
+            Op::Attention(_) => "attention",
         }
     }
 }
@@ -317,6 +330,11 @@ impl Builder {
                     Act::Hardtanh => self.push(format!("{name}.act"), Op::Hardtanh, vec![y], os),
                 }
             }
+            Block::PatchEmbed { patch, dim } => self.patch_embed(name, x, *patch, *dim)?,
+            Block::Transformer { heads, mlp_ratio, sparse } => {
+                self.transformer(name, x, *heads, *mlp_ratio, sparse.as_ref())?
+            }
+            Block::LayerNorm => self.layer_norm(name, x),
             Block::Residual { body, act } => {
                 let mut y = x;
                 for (j, b) in body.iter().enumerate() {
@@ -343,6 +361,13 @@ impl Builder {
             }
         })
     }
+}
+
+/// Rows a linear layer with `inp` input features computes per image of shape `s`: 1 for a
+/// layer on the flattened image (`inp == s.len()`), the number of positions for a token-wise
+/// layer (`inp == s.c`, vision transformers).
+fn rows_per_image(s: Shape, inp: usize) -> usize {
+    s.len() / inp.max(1)
 }
 
 /// Split a buffer so that activation `out` is mutable and everything before it readable.
@@ -379,6 +404,9 @@ impl Model {
                 Block::GlobalAvgPool => "gap",
                 Block::Flatten => "flatten",
                 Block::Dropout { .. } => "dropout",
+                Block::PatchEmbed { .. } => "embed",
+                Block::Transformer { .. } => "blk",
+                Block::LayerNorm => "ln",
             };
             let n = counts.entry(base).or_insert(0);
             *n += 1;
@@ -436,6 +464,9 @@ impl Model {
                 Op::Pool(p) => p.plan(cap),
                 Op::Dropout(d) => d.plan(cap * s.len()),
                 Op::BinAct(b) => b.plan(cap * s.h * s.w),
+                Op::PatchEmbed(e) => e.plan(cap),
+                Op::LayerNorm(l) => l.plan(cap * s.h * s.w),
+                Op::Attention(a) => a.plan(cap),
                 _ => {}
             }
         }
@@ -502,9 +533,13 @@ impl Model {
                 Op::BinAct(b) => b.forward(x, y, p),
                 Op::Flatten => y.copy_from_slice(x),
                 Op::Dropout(d) => d.forward(x, y, train, &mut drop_rng),
-                Op::Linear(l) => l.forward(n, x, y, p),
-                Op::DiagLinear(l) => l.forward(n, x, y, p),
-                Op::MaskedLinear(l) => l.forward(n, x, y, p),
+                Op::Linear(l) => l.forward(n * rows_per_image(node.in_shape, l.inp), x, y, p),
+                Op::DiagLinear(l) => l.forward(n * rows_per_image(node.in_shape, l.inp), x, y, p),
+                Op::MaskedLinear(l) => l.forward(n * rows_per_image(node.in_shape, l.inp), x, y, p),
+                Op::PatchEmbed(e) => e.forward(n, x, y, p),
+                Op::LayerNorm(l) => l.forward(x, y, p),
+                Op::Gelu => tf::gelu_forward(x, y),
+                Op::Attention(a) => a.forward(n, x, y),
                 Op::Add => {
                     let (o1, l1) = in1.expect("add has two inputs");
                     y.copy_from_slice(x);
@@ -563,9 +598,13 @@ impl Model {
                     Op::BinAct(b) => b.backward(x, dy, dx, p, add0),
                     Op::Flatten => ew::write_or_add(dx, dy, add0),
                     Op::Dropout(d) => d.backward(dy, dx, true, add0),
-                    Op::Linear(l) => l.backward(n, x, dy, dx, p, add0),
-                    Op::DiagLinear(l) => l.backward(n, x, dy, dx, p, add0),
-                    Op::MaskedLinear(l) => l.backward(n, x, dy, dx, p, add0),
+                    Op::Linear(l) => l.backward(n * rows_per_image(node.in_shape, l.inp), x, dy, dx, p, add0),
+                    Op::DiagLinear(l) => l.backward(n * rows_per_image(node.in_shape, l.inp), x, dy, dx, p, add0),
+                    Op::MaskedLinear(l) => l.backward(n * rows_per_image(node.in_shape, l.inp), x, dy, dx, p, add0),
+                    Op::PatchEmbed(e) => e.backward(n, dy, dx, p, m0),
+                    Op::LayerNorm(l) => l.backward(x, dy, dx, p, add0),
+                    Op::Gelu => tf::gelu_backward(x, dy, dx, add0),
+                    Op::Attention(a) => a.backward(n, x, dy, dx, add0),
                     Op::Add => unreachable!("handled above"),
                 }
             }
@@ -647,9 +686,16 @@ impl Model {
             let (x, dy) = (&self.acts[xo..xo + xl], &self.dacts[yo..yo + yl]);
             let mut rng = Rng::derive(self.seed, 0x5A_0000 + i as u64, done as u64);
             let p = &mut self.params;
+            let in_shape = self.nodes[i].in_shape;
             match &mut self.nodes[i].op {
-                Op::DiagLinear(l) => l.after_step(done, total, n, x, dy, p, opt, &mut rng),
-                Op::MaskedLinear(l) => l.after_step(done, total, n, x, dy, p, opt, &mut rng),
+                Op::DiagLinear(l) => {
+                    let rows = n * rows_per_image(in_shape, l.inp);
+                    l.after_step(done, total, rows, x, dy, p, opt, &mut rng)
+                }
+                Op::MaskedLinear(l) => {
+                    let rows = n * rows_per_image(in_shape, l.inp);
+                    l.after_step(done, total, rows, x, dy, p, opt, &mut rng)
+                }
                 _ => {}
             }
         }
@@ -676,5 +722,94 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+/// Vision-transformer blocks (see [`crate::transformer`]).
+impl Builder {
+    fn patch_embed(&mut self, name: &str, x: usize, patch: usize, dim: usize) -> Result<usize, NnError> {
+        let s = self.shapes[x];
+        if patch == 0 || dim == 0 || !s.h.is_multiple_of(patch) || !s.w.is_multiple_of(patch) {
+            return Err(NnError::Config(format!("{name}: patch {patch} does not tile input {s} (or dim {dim} is 0)")));
+        }
+        let pl = patch * patch * s.c;
+        let bound = 1.0 / (pl as f32).sqrt();
+        let rng = &mut self.rng;
+        let weight =
+            self.params.add(format!("{name}.weight"), vec![dim, pl], true, || (rng.uniform() * 2.0 - 1.0) * bound);
+        let rng = &mut self.rng;
+        let bias = self.params.add(format!("{name}.bias"), vec![dim], false, || (rng.uniform() * 2.0 - 1.0) * bound);
+        let t = (s.h / patch) * (s.w / patch);
+        let rng = &mut self.rng;
+        let pos = self.params.add(format!("{name}.pos"), vec![t, dim], false, || rng.normal() * 0.02);
+        let out = Shape { h: s.h / patch, w: s.w / patch, c: dim };
+        let op = Op::PatchEmbed(PatchEmbed::new(s, patch, dim, weight, bias, pos));
+        Ok(self.push(name.to_string(), op, vec![x], out))
+    }
+
+    fn layer_norm(&mut self, name: &str, x: usize) -> usize {
+        let s = self.shapes[x];
+        let gamma = self.params.add(format!("{name}.gamma"), vec![s.c], false, || 1.0);
+        let beta = self.params.add(format!("{name}.beta"), vec![s.c], false, || 0.0);
+        self.push(name.to_string(), Op::LayerNorm(LayerNorm::new(s.c, gamma, beta)), vec![x], s)
+    }
+
+    /// A token-wise linear layer `s.c -> out` with bias, dense or `sparse`.
+    fn token_linear(
+        &mut self,
+        name: &str,
+        x: usize,
+        out: usize,
+        sparse: Option<&SparseSpec>,
+    ) -> Result<usize, NnError> {
+        let s = self.shapes[x];
+        let inp = s.c;
+        let (p, rng) = (&mut self.params, &mut self.rng);
+        let op = match sparse {
+            Some(spec) => match spec.kind {
+                SparseKind::Diag => DiagLinear::new(name, inp, out, true, *spec, p, rng).map(Op::DiagLinear),
+                SparseKind::Set | SparseKind::Rigl => {
+                    MaskedLinear::new(name, inp, out, true, *spec, p, rng).map(Op::MaskedLinear)
+                }
+            }
+            .map_err(|e| NnError::Config(format!("{name}: {e}")))?,
+            None => {
+                let bound = 1.0 / (inp as f32).sqrt();
+                let weight =
+                    p.add(format!("{name}.weight"), vec![out, inp], true, || (rng.uniform() * 2.0 - 1.0) * bound);
+                let bias = p.add(format!("{name}.bias"), vec![out], false, || (rng.uniform() * 2.0 - 1.0) * bound);
+                Op::Linear(Linear { inp, out, weight, bias: Some(bias), bin: None })
+            }
+        };
+        Ok(self.push(name.to_string(), op, vec![x], Shape { c: out, ..s }))
+    }
+
+    fn transformer(
+        &mut self,
+        name: &str,
+        x: usize,
+        heads: usize,
+        mlp_ratio: f32,
+        sparse: Option<&SparseSpec>,
+    ) -> Result<usize, NnError> {
+        let s = self.shapes[x];
+        let hidden = (mlp_ratio * s.c as f32).round() as usize;
+        if heads == 0 || !s.c.is_multiple_of(heads) || hidden == 0 || !mlp_ratio.is_finite() {
+            return Err(NnError::Config(format!(
+                "{name}: width {} must be a multiple of the heads ({heads}) and the MLP ratio ({mlp_ratio}) positive",
+                s.c
+            )));
+        }
+        let h = self.layer_norm(&format!("{name}.ln1"), x);
+        let qkv = self.token_linear(&format!("{name}.attn.qkv"), h, 3 * s.c, sparse)?;
+        let att = Op::Attention(Attention::new(s.h * s.w, s.c, heads));
+        let a = self.push(format!("{name}.attn"), att, vec![qkv], s);
+        let a = self.token_linear(&format!("{name}.attn.proj"), a, s.c, sparse)?;
+        let x1 = self.push(format!("{name}.add1"), Op::Add, vec![a, x], s);
+        let h = self.layer_norm(&format!("{name}.ln2"), x1);
+        let f = self.token_linear(&format!("{name}.mlp.fc1"), h, hidden, sparse)?;
+        let f = self.push(format!("{name}.mlp.gelu"), Op::Gelu, vec![f], self.shapes[f]);
+        let f = self.token_linear(&format!("{name}.mlp.fc2"), f, s.c, sparse)?;
+        Ok(self.push(format!("{name}.add2"), Op::Add, vec![f, x1], s))
     }
 }

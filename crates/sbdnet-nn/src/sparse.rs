@@ -26,7 +26,9 @@
 //!    `T0 = 5.0` to `T1 = 0.05`: `T(t) = T1 + (T0 - T1) (1 + cos(pi t / F)) / 2`. Gradients:
 //!    `dv_i = a_i dVeff_i`, `da_i = <v_i, dVeff_i>`, and through the clamp and the softmax
 //!    `dalpha_l = (K / T) s_l (g_l - sum_i s_i g_i)` with `s = softmax(alpha / T)`,
-//!    `g_i = da_i` where `K s_i < 1` and 0 where the clamp is active.
+//!    `g_i = da_i` where `K s_i < 1` and 0 where the clamp is active. The importance scores'
+//!    gradient is multiplied by [`SparseSpec::alpha_lr`] (default 1), their learning-rate
+//!    multiplier under SGD; `T0`, `T1` are [`SparseSpec::t_start`], [`SparseSpec::t_end`].
 //! 2. **Candidate refresh**, every `dT` steps ([`SparseSpec::update_every`], default 100)
 //!    during the soft phase, when `C < P`: the `K` candidates with the largest `alpha` are
 //!    protected; among the other `C - K`, the `r` with the smallest effective norm
@@ -120,6 +122,9 @@ fn d_t0() -> f32 {
 fn d_t1() -> f32 {
     0.05
 }
+fn d_alpha_lr() -> f32 {
+    1.0
+}
 
 /// A sparse linear layer's kind, sparsity and dynamic-sparse-training knobs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -149,6 +154,10 @@ pub struct SparseSpec {
     /// DynaDiag: final temperature.
     #[serde(default = "d_t1")]
     pub t_end: f32,
+    /// DynaDiag: multiplier of the importance scores' gradient (their learning rate relative
+    /// to the weights' under SGD).
+    #[serde(default = "d_alpha_lr")]
+    pub alpha_lr: f32,
 }
 
 impl SparseSpec {
@@ -164,6 +173,7 @@ impl SparseSpec {
             freeze: d_freeze(),
             t_start: d_t0(),
             t_end: d_t1(),
+            alpha_lr: d_alpha_lr(),
         }
     }
 
@@ -186,6 +196,9 @@ impl SparseSpec {
         }
         if !(self.t_start > 0.0 && self.t_end > 0.0 && self.t_start.is_finite()) {
             return Err(format!("temperatures must be positive, got {} -> {}", self.t_start, self.t_end));
+        }
+        if !(self.alpha_lr >= 0.0 && self.alpha_lr.is_finite()) {
+            return Err(format!("alpha learning-rate multiplier must be >= 0, got {}", self.alpha_lr));
         }
         Ok(())
     }
@@ -465,7 +478,7 @@ impl DiagLinear {
                 self.ga[i] = gi;
                 gs += gi * self.soft[i];
             }
-            let scale = kf / self.temp;
+            let scale = self.spec.alpha_lr * kf / self.temp;
             for ((g, &s), &gi) in p.grad[self.alpha.range()].iter_mut().zip(&self.soft).zip(&self.ga) {
                 *g += scale * s * (gi - gs);
             }

@@ -99,7 +99,8 @@ pub fn summarize(model: &Model) -> Summary {
             }
             Op::Linear(lin) => {
                 let params = lin.weight.len + lin.bias.map_or(0, |b| b.len);
-                let macs = lin.inp * lin.out;
+                // Per position for token-wise layers (vision transformers).
+                let macs = lin.inp * lin.out * (node.in_shape.len() / lin.inp.max(1));
                 l.params = params;
                 l.macs = macs;
                 let bias = lin.bias.map_or(0, |b| b.len);
@@ -125,11 +126,12 @@ pub fn summarize(model: &Model) -> Summary {
                     _ => unreachable!("matched above"),
                 };
                 let (nnz, bias) = (info.0.target_nnz, info.1.map_or(0, |b| b.len));
+                let rows = node.out_shape.h * node.out_shape.w;
                 l.params = nnz + bias;
-                l.macs = nnz;
+                l.macs = nnz * rows;
                 l.param_bits = 32 * l.params;
-                l.multiplications = nnz;
-                l.additions = nnz + bias;
+                l.multiplications = nnz * rows;
+                l.additions = (nnz + bias) * rows;
             }
             Op::BatchNorm(bn) => {
                 l.params = 2 * bn.c;
@@ -155,6 +157,25 @@ pub fn summarize(model: &Model) -> Summary {
                 l.multiplications = out_len;
             }
             Op::Add => l.additions = out_len,
+            Op::PatchEmbed(e) => {
+                l.params = e.weight.len + e.bias.len + e.pos.len;
+                l.param_bits = 32 * l.params;
+                l.macs = e.tokens() * e.dim * e.patch_len();
+                l.multiplications = l.macs;
+                l.additions = l.macs + 2 * out_len;
+            }
+            Op::LayerNorm(ln) => {
+                l.params = 2 * ln.c;
+                l.param_bits = 64 * ln.c;
+                l.multiplications = 2 * out_len;
+                l.additions = 3 * out_len;
+            }
+            Op::Attention(a) => {
+                // Q K^T and P V: 2 T^2 dim multiply-adds per image.
+                l.macs = 2 * a.tokens * a.tokens * a.dim;
+                l.multiplications = l.macs;
+                l.additions = l.macs;
+            }
             _ => {}
         }
         l.memory_float_bytes = 4 * l.params;

@@ -123,3 +123,19 @@ fn binary_weight_model_smooth_parameters() {
     let cfg = ModelConfig::build("dscnn", [8, 8, 1], 10, 0.25, quant).unwrap();
     check_only(cfg, 3, 5, |name| !name.starts_with("block") || name.contains("_bn"));
 }
+
+/// A tiny vision transformer (5 tokens of width 8, 2 heads, 2 blocks): patch embedding,
+/// LayerNorm, multi-head attention, GELU, residual adds, mean pooling, each layer's backward
+/// against finite differences, with dense, DynaDiag (soft phase: values and importance
+/// scores) and masked token-wise linear layers (at sparsity 0, so that every weight is on the
+/// mask: off the mask the gradient is zero by design, which tests/sparse.rs checks).
+#[test]
+fn vit_tiny_dims() {
+    use sbdnet_nn::sparse::{SparseKind, SparseSpec};
+    for sparse in [None, Some((SparseKind::Diag, 0.5)), Some((SparseKind::Rigl, 0.0))] {
+        let mut c = ModelConfig::vit([10, 2, 1], 3, 2, 8, 2, 2, 2.0);
+        c = c.with_hidden_linear(sparse.map(|(k, s)| SparseSpec::new(k, s)));
+        assert_eq!(c.has_sparse(), sparse.is_some());
+        check(c, 3, 6);
+    }
+}

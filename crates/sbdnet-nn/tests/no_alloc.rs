@@ -38,7 +38,7 @@ fn train_steps_do_not_allocate() {
     // deques may grow; the model's own code is what this test pins down.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     pool.install(|| {
-        for name in ["dscnn", "cnn"] {
+        for name in ["dscnn", "cnn", "vit-tiny"] {
             let cfg = ModelConfig::preset(name, [28, 28, 1], 10).unwrap();
             let mut m = Model::new(cfg, 8, 0).unwrap();
             let mut opt = Optimizer::new(OptimizerConfig::default(), m.params.len());

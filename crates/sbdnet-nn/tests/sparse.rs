@@ -301,3 +301,31 @@ fn bad_sparse_configs_are_errors() {
     let b: Block = serde_json::from_str(r#"{"type":"linear","out":3,"bias":true}"#).unwrap();
     assert_eq!(b, Block::Linear { out: 3, bias: true, act: Act::None, sparse: None });
 }
+
+/// `alpha_lr` scales the importance scores' gradient and nothing else.
+#[test]
+fn diag_alpha_lr_scales_only_the_importance_gradient() {
+    let grads = |alpha_lr: f32| {
+        let mut cfg = mlp(SparseKind::Diag, 0.8, 100);
+        for b in &mut cfg.blocks {
+            if let Block::Linear { sparse: Some(s), .. } = b {
+                s.alpha_lr = alpha_lr;
+            }
+        }
+        let mut m = Model::new(cfg, 5, 7).unwrap();
+        let (x, y) = data(5, 12, 4, 8);
+        m.train_step(&x, &y, &Loss::default()).unwrap();
+        m.params.tensors.iter().map(|t| (t.name.clone(), m.params.grad[t.range()].to_vec())).collect::<Vec<_>>()
+    };
+    let (g1, g3) = (grads(1.0), grads(3.0));
+    let mut alphas = 0;
+    for ((name, a), (_, b)) in g1.iter().zip(&g3) {
+        let k = if name.ends_with(".alpha") { 3.0 } else { 1.0 };
+        alphas += usize::from(k == 3.0);
+        assert!(a.iter().any(|&v| v != 0.0), "{name}: zero gradient");
+        for (&u, &v) in a.iter().zip(b) {
+            assert!((u * k - v).abs() <= 1e-6 * (1.0 + v.abs()), "{name}: {u} x {k} vs {v}");
+        }
+    }
+    assert_eq!(alphas, 2);
+}
