@@ -277,6 +277,11 @@ pub struct ModelArgs {
     #[arg(long)]
     #[serde(default)]
     pub float_dw_input: bool,
+    /// w1a1: real-valued shortcut (identity, or 2x2 average pool at stride 2) around each
+    /// binary convolution whose input and output channels agree, as in Bi-Real Net.
+    #[arg(long)]
+    #[serde(default)]
+    pub shortcut: bool,
     /// Hidden linear layers (the classifier stays dense): dense, diag (DynaDiag: cyclic
     /// diagonals chosen by learned importance), set (masked dense, magnitude prune + random
     /// regrow) or rigl (masked dense, magnitude prune + gradient regrow). All sparse kinds keep
@@ -394,6 +399,7 @@ impl ModelArgs {
             grad_scale: self.grad_scale,
             binarize_first_last: self.binarize_first_last,
             float_depthwise_input: self.float_dw_input,
+            real_shortcut: self.shortcut,
         })
     }
 
@@ -497,6 +503,12 @@ pub struct TrainArgs {
     /// Directory for checkpoint and metrics.jsonl (default: runs/<model>-<dataset>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Initialize the model from the checkpoint in DIR wherever tensor names and shapes agree
+    /// (two-stage training: e.g. a w1a1 model from a trained float or w1 one; the activation
+    /// thresholds it lacks start at 0). The schedule and optimizer start afresh.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub init: Option<PathBuf>,
     /// Continue the run saved in DIR from its last completed epoch (other options are taken
     /// from the saved run).
     #[arg(long, value_name = "DIR")]

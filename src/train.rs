@@ -109,6 +109,10 @@ fn default_lr(a: &TrainArgs) -> f32 {
     a.lr.unwrap_or(if a.optimizer == OptArg::Sgd { 0.1 } else { 2e-3 })
 }
 
+fn prose_wanted(a: &TrainArgs) -> bool {
+    !a.json && !a.quiet
+}
+
 /// Evaluate on a prepared set in batches of the model's capacity.
 fn evaluate(model: &mut Model, data: &Prepared) -> Result<(f32, f32)> {
     let cap = model.capacity();
@@ -185,6 +189,29 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     };
     let mut model = Model::new(cfg, batch, a.seed)?;
     let mut opt = Optimizer::new(optimizer_config(&a), model.params.len());
+    if let (Some(dir), None) = (&a.init, &resume) {
+        let ck = Checkpoint::read(dir).with_context(|| format!("--init: cannot read {}", dir.display()))?;
+        if ck.config.input != model.config.input || ck.config.classes != model.config.classes {
+            bail!(
+                "--init: the model in {} takes {:?} inputs with {} classes, this run {:?} with {}",
+                dir.display(),
+                ck.config.input,
+                ck.config.classes,
+                model.config.input,
+                model.config.classes
+            );
+        }
+        let (copied, skipped) = ck.apply_matching(&mut model);
+        anyhow::ensure!(copied > 0, "--init: no tensor of {} fits this model", dir.display());
+        if prose_wanted(&a) {
+            eprintln!(
+                "initialized {copied} tensors from {}; {} kept their initial values{}",
+                dir.display(),
+                skipped.len(),
+                if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join(", ")) }
+            );
+        }
+    }
     let mut start_epoch = 0;
     if let Some((ck, st, dir)) = &resume {
         ck.apply(&mut model, Some(&mut opt), &dir.join(checkpoint::WEIGHTS_FILE))?;

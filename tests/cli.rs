@@ -161,3 +161,25 @@ fn summary_counts_no_multiplications_in_binarized_layers() {
     assert!(v["compression"].as_f64().unwrap() > 8.0, "{}", v["compression"]);
     assert!((f["compression"].as_f64().unwrap() - 1.0).abs() < 1e-9);
 }
+
+#[test]
+fn w1a1_with_shortcuts_starts_from_a_float_run_and_learns() {
+    let (f, b) = (tmp("init-float"), tmp("init-w1a1"));
+    let (fs, bs) = (f.to_str().unwrap(), b.to_str().unwrap());
+    assert!(sbdnet(&["train", "--epochs", "3", "--threads", "2", "--quiet", "--out", fs]).status.success());
+    let args = ["train", "--precision", "w1a1", "--shortcut", "--lr", "1.0", "--epochs", "8", "--threads", "2"];
+    let mut a = args.to_vec();
+    a.extend(["--init", fs, "--json", "--out", bs]);
+    let v = json(&sbdnet(&a));
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "w1a1 with shortcuts from a float start reached only {acc}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quant"]["real_shortcut"], true);
+    // A missing --init directory is an error that names the option, not a panic.
+    let mut a = args.to_vec();
+    a.extend(["--init", "/nonexistent/sbdnet-run", "--quiet", "--out", bs]);
+    let out = sbdnet(&a);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--init") && !err.contains("panicked"), "{err}");
+}

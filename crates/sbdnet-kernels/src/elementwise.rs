@@ -293,23 +293,15 @@ crate::simd_kernel! {
 }
 
 crate::simd_kernel! {
-    fn sign_bwd_rows(x: &[f32], dy: &[f32], dx: &mut [f32], c: usize, t: &[f32], add: bool) {
-        let t = &t[..c];
+    /// One block of rows of the binary-activation backward: `g = dy * [|x - t| <= 1]`,
+    /// `dx (+)= g` and `s[ch] -= g`, in one pass over `x` and `dy`.
+    fn sign_bwd_rows(x: &[f32], dy: &[f32], dx: &mut [f32], c: usize, t: &[f32], add: bool, s: &mut [f32]) {
+        let (t, s) = (&t[..c], &mut s[..c]);
         for ((dr, gr), xr) in dx.chunks_exact_mut(c).zip(dy.chunks_exact(c)).zip(x.chunks_exact(c)) {
-            for (((d, &g), &x), &t) in dr.iter_mut().zip(gr).zip(xr).zip(t) {
+            for ((((d, &g), &x), &t), s) in dr.iter_mut().zip(gr).zip(xr).zip(t).zip(s.iter_mut()) {
                 let g = if (x - t).abs() <= 1.0 { g } else { 0.0 };
                 *d = if add { *d + g } else { g };
-            }
-        }
-    }
-}
-
-crate::simd_kernel! {
-    fn sign_dt_rows(x: &[f32], dy: &[f32], c: usize, t: &[f32], s: &mut [f32]) {
-        let (t, s) = (&t[..c], &mut s[..c]);
-        for (gr, xr) in dy.chunks_exact(c).zip(x.chunks_exact(c)) {
-            for (((s, &g), &x), &t) in s.iter_mut().zip(gr).zip(xr).zip(t) {
-                *s -= if (x - t).abs() <= 1.0 { g } else { 0.0 };
+                *s -= g;
             }
         }
     }
@@ -335,14 +327,22 @@ pub fn sign_threshold_backward(
     dt: &mut [f64],
     scratch: &mut [f32],
 ) {
+    // One pass: each block of rows writes its part of `dx` and its own partial sums, which are
+    // then added in block order (so the result does not depend on the thread count).
     let chunk = ROW_BLOCK * c;
-    dx.par_chunks_mut(chunk).enumerate().for_each(|(bi, dx)| {
+    let blocks = (x.len() / c).div_ceil(ROW_BLOCK);
+    let scratch = &mut scratch[..blocks * c];
+    scratch.par_chunks_mut(c).zip(dx.par_chunks_mut(chunk)).enumerate().for_each(|(bi, (s, dx))| {
+        s.fill(0.0);
         let o = bi * chunk;
-        sign_bwd_rows(&x[o..o + dx.len()], &dy[o..o + dx.len()], dx, c, t, add)
+        sign_bwd_rows(&x[o..o + dx.len()], &dy[o..o + dx.len()], dx, c, t, add, s)
     });
-    per_channel_reduce(x.len() / c, c, scratch, dt, None, |r, s, _| {
-        sign_dt_rows(&x[r.start * c..r.end * c], &dy[r.start * c..r.end * c], c, t, s)
-    });
+    dt[..c].fill(0.0);
+    for s in scratch.chunks_exact(c) {
+        for (d, &v) in dt.iter_mut().zip(s) {
+            *d += v as f64;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -382,5 +382,33 @@ mod tests {
         let mut dx = [0.0; 5];
         hardtanh_backward(&x, &[3.0; 5], &mut dx, -1.0, 1.0, true);
         assert_eq!(dx, [0.0, 3.0, 3.0, 3.0, 0.0]);
+    }
+
+    #[test]
+    fn sign_threshold_backward_matches_plain_loops() {
+        // Several blocks of rows (the last one partial) and both write and add modes.
+        let mut r = Rng::new(9);
+        let (rows, c) = (2 * ROW_BLOCK + 37, 24);
+        let x: Vec<f32> = (0..rows * c).map(|_| r.normal() * 1.5).collect();
+        let dy: Vec<f32> = (0..rows * c).map(|_| r.normal()).collect();
+        let t: Vec<f32> = (0..c).map(|_| r.normal() * 0.5).collect();
+        let mut scratch = vec![0.0f32; channel_sums_scratch_len(rows, c)];
+        for add in [false, true] {
+            let base: Vec<f32> = (0..rows * c).map(|_| r.normal()).collect();
+            let mut dx = base.clone();
+            let mut dt = vec![7.0f64; c];
+            sign_threshold_backward(&x, &dy, &mut dx, c, &t, add, &mut dt, &mut scratch);
+            let mut want_dt = vec![0.0f64; c];
+            for i in 0..rows * c {
+                let ch = i % c;
+                let g = if (x[i] - t[ch]).abs() <= 1.0 { dy[i] } else { 0.0 };
+                let want = if add { base[i] + g } else { g };
+                assert_eq!(dx[i], want, "dx[{i}] add={add}");
+                want_dt[ch] -= g as f64;
+            }
+            for ch in 0..c {
+                assert!((dt[ch] - want_dt[ch]).abs() < 1e-4 * (1.0 + want_dt[ch].abs()), "dt[{ch}]");
+            }
+        }
     }
 }

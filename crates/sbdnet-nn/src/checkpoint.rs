@@ -129,6 +129,29 @@ impl Checkpoint {
         v.get("state").cloned().filter(|s| !s.is_null())
     }
 
+    /// Initialize `model` from this checkpoint's parameters and buffers where names and shapes
+    /// agree (e.g. a binary-activation model from a trained float or binary-weight one: the
+    /// thresholds it adds keep their initial values). Returns how many of the model's tensors
+    /// were copied and the names of those that were not; optimizer state is not read.
+    pub fn apply_matching(&self, model: &mut Model) -> (usize, Vec<String>) {
+        let p = &mut model.params;
+        let (mut copied, mut skipped) = (0, Vec::new());
+        let mut copy = |t: &crate::params::TensorInfo, dst: &mut [f32]| match self.tensors.get(&t.name) {
+            Some((s, d)) if *s == t.shape => {
+                dst[t.range()].copy_from_slice(d);
+                copied += 1;
+            }
+            _ => skipped.push(t.name.clone()),
+        };
+        for t in &p.tensors {
+            copy(t, &mut p.data);
+        }
+        for t in &p.buffer_tensors {
+            copy(t, &mut p.buffers);
+        }
+        (copied, skipped)
+    }
+
     /// Copy the tensors into `model` (and `opt` if given), checking names and shapes.
     pub fn apply(&self, model: &mut Model, opt: Option<&mut Optimizer>, path: &Path) -> Result<(), NnError> {
         let get = |name: &str, shape: &[usize]| -> Result<&Vec<f32>, NnError> {

@@ -251,6 +251,44 @@ impl Builder {
         y
     }
 
+    /// Whether binary convolutions get real-valued shortcuts ([`QuantConfig::real_shortcut`]).
+    fn shortcuts(&self) -> bool {
+        self.quant.real_shortcut && self.quant.precision.binary_acts()
+    }
+
+    /// `act` after activation `x` (ReLU and Hardtanh as their own nodes).
+    fn act(&mut self, name: &str, x: usize, act: Act) -> usize {
+        let s = self.shapes[x];
+        match act {
+            Act::None => x,
+            Act::Relu => self.push(format!("{name}.relu"), Op::Relu, vec![x], s),
+            Act::Hardtanh => self.push(format!("{name}.act"), Op::Hardtanh, vec![x], s),
+        }
+    }
+
+    /// Bi-Real-style real-valued shortcut around a binary convolution (+ batch norm): `y + x`
+    /// when the shapes agree, `y + avgpool2x2(x)` when the convolution halved an even-sized
+    /// input with the same channels, else `y` unchanged. Only with [`Self::shortcuts`].
+    fn real_shortcut(&mut self, name: &str, x: usize, y: usize) -> usize {
+        if !self.shortcuts() {
+            return y;
+        }
+        let (xs, ys) = (self.shapes[x], self.shapes[y]);
+        let short = if xs == ys {
+            x
+        } else if xs.c == ys.c
+            && xs.h.is_multiple_of(2)
+            && xs.w.is_multiple_of(2)
+            && xs.h / 2 == ys.h
+            && xs.w / 2 == ys.w
+        {
+            self.push(format!("{name}.shortcut_pool"), Op::Pool(Pool::new(xs, 2, 2, false)), vec![x], ys)
+        } else {
+            return y;
+        };
+        self.push(format!("{name}.shortcut_add"), Op::Add, vec![y, short], ys)
+    }
+
     fn block(&mut self, name: &str, b: &Block, x: usize, classes_hint: usize) -> Result<usize, NnError> {
         let s = self.shapes[x];
         Ok(match b {
@@ -264,8 +302,16 @@ impl Builder {
                 // batch norm: the binarizer is the nonlinearity.
                 let inner = if self.quant.precision.binary_acts() { Act::None } else { *act };
                 let y = self.bn(&format!("{name}.dw_bn"), y, inner);
-                let y = self.conv(&format!("{name}.pw"), y, *out, 1, 1, 1)?;
-                self.bn(&format!("{name}.pw_bn"), y, *act)
+                let y = self.real_shortcut(&format!("{name}.dw"), x, y);
+                let z = self.conv(&format!("{name}.pw"), y, *out, 1, 1, 1)?;
+                if self.shortcuts() {
+                    // The block's activation follows the sum, as after a residual addition.
+                    let z = self.bn(&format!("{name}.pw_bn"), z, Act::None);
+                    let z = self.real_shortcut(&format!("{name}.pw"), y, z);
+                    self.act(&format!("{name}.pw_bn"), z, *act)
+                } else {
+                    self.bn(&format!("{name}.pw_bn"), z, *act)
+                }
             }
             Block::MaxPool { k, stride } | Block::AvgPool { k, stride } => {
                 if *k == 0 || *stride == 0 || *k > s.h || *k > s.w {

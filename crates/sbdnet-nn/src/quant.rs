@@ -80,6 +80,14 @@ pub struct QuantConfig {
     /// stay binary): a binary 3x3 depthwise output sees only 9 sign bits, which costs much
     /// accuracy; Larq Compute Engine likewise runs binarized depthwise layers on float inputs.
     pub float_depthwise_input: bool,
+    /// With binary activations, add a real-valued shortcut around each binary convolution of
+    /// a depthwise-separable block (after its batch norm), as in Bi-Real Net: the identity
+    /// where input and output shapes agree, a 2x2 average pool where a stride-2 depthwise
+    /// convolution halves an even-sized input; none where the channel count changes. The
+    /// float sums carry the information that a sign discards; at inference they cost one
+    /// addition per element.
+    #[serde(default)]
+    pub real_shortcut: bool,
 }
 
 impl Default for QuantConfig {
@@ -91,6 +99,7 @@ impl Default for QuantConfig {
             grad_scale: false,
             binarize_first_last: false,
             float_depthwise_input: false,
+            real_shortcut: false,
         }
     }
 }
