@@ -14,8 +14,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
-    let cfg = match &a.dir {
-        Some(dir) => sbdnet_nn::checkpoint::Checkpoint::read(dir)?.config,
+    let ck = a.dir.as_ref().map(|d| sbdnet_nn::checkpoint::Checkpoint::read(d)).transpose()?;
+    let cfg = match &ck {
+        Some(ck) => ck.config.clone(),
         None => {
             let default = match sbdnet_nn::ModelConfig::preferred_input_size(&a.m.model) {
                 Some(s) => format!("{s}x{s}x1"),
@@ -24,7 +25,11 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
             a.m.config(parse_input(a.input.as_deref().unwrap_or(&default))?, a.classes)?
         }
     };
-    let model = Model::new(cfg.clone(), 1, 0)?;
+    let mut model = Model::new(cfg.clone(), 1, 0)?;
+    if let (Some(ck), Some(dir)) = (&ck, &a.dir) {
+        // The weights matter for sparse layers (their group masks).
+        ck.apply(&mut model, None, &dir.join(sbdnet_nn::checkpoint::WEIGHTS_FILE))?;
+    }
     let s = sbdnet_nn::summary::summarize(&model);
     if a.json {
         let mut v = serde_json::to_value(&s)?;
@@ -42,16 +47,32 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
         cfg.input[2],
         cfg.classes
     );
+    let sparse = s.total.groups > 0;
+    let extra = |a: String, b: String| if sparse { format!(" {a:>13} {b:>8}") } else { String::new() };
     println!(
-        "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}",
-        "layer", "kind", "output", "params", "bits", "packed B", "MACs", "mults", "adds"
+        "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}{}",
+        "layer",
+        "kind",
+        "output",
+        "params",
+        "bits",
+        "packed B",
+        "MACs",
+        "mults",
+        "adds",
+        extra("zero groups".into(), "sparsity".into())
     );
     for l in s.layers.iter().chain(std::iter::once(&s.total)) {
         if l.name == "total" {
-            println!("{}", "-".repeat(130));
+            println!("{}", "-".repeat(if sparse { 153 } else { 130 }));
         }
+        let groups = if l.groups > 0 {
+            extra(format!("{}/{}", l.zero_groups, l.groups), format!("{:.1}%", 100.0 * l.sparsity))
+        } else {
+            extra(String::new(), String::new())
+        };
         println!(
-            "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}",
+            "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}{groups}",
             l.name,
             l.kind,
             l.output,
@@ -61,6 +82,15 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
             l.macs,
             l.multiplications,
             l.additions
+        );
+    }
+    if sparse {
+        println!(
+            "group-sparse layers: {} of {} groups zero ({:.1}% of their weights); {} additions removed per image",
+            s.total.zero_groups,
+            s.total.groups,
+            100.0 * s.total.sparsity,
+            s.total.additions_removed
         );
     }
     println!(
