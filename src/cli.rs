@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 /// sbdnet: train and run binarized, sparse-binarized and diagonal-sparse neural networks.
 ///
-/// Start with `sbdnet demo` (dscnn in float and with binary weights on the built-in 8x8
-/// digits, about 20 s), then `sbdnet data fetch mnist` and
-/// `sbdnet train --dataset mnist --precision w1 --epochs 15 --out runs/mnist-w1`;
-/// `sbdnet summary runs/mnist-w1` shows what binarization saves.
+/// Start with `sbdnet demo` (dscnn in float, with binary weights and with sparse binary
+/// weights on the built-in 8x8 digits, about 30 s), then `sbdnet data fetch mnist` and
+/// `sbdnet train --dataset mnist --precision sw1 --epochs 15 --out runs/mnist-sw1`;
+/// `sbdnet summary runs/mnist-sw1` shows what binarization and group sparsity save.
 #[derive(Parser, Debug)]
 #[command(name = "sbdnet", version, about, long_about)]
 pub struct Cli {
@@ -47,7 +47,8 @@ pub enum Command {
     Data(DataCommand),
     /// Draw figures (PNG) from training runs: learning curves, accuracy against a knob.
     Plot(crate::plot::PlotArgs),
-    /// Train dscnn at float and at w1 (binary weights) on the built-in digits and compare.
+    /// Train dscnn at float, w1 (binary weights) and sw1 (binary weights, 70% of the weight
+    /// groups pruned) on the built-in digits and compare.
     Demo(DemoArgs),
     /// Per-layer parameters, bits, memory, MACs, multiplications and additions of a model in
     /// its deployed form (of a checkpoint DIR, or of --model/--precision).

@@ -565,10 +565,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `sbdnet demo`: dscnn at float and at w1 on the built-in digits, side by side.
+/// `sbdnet demo`: dscnn at float, at w1 and at sw1 (70% group sparsity) on the built-in
+/// digits, side by side.
 pub fn demo(a: crate::cli::DemoArgs) -> Result<()> {
     let mut rows = Vec::new();
-    for precision in ["float", "w1"] {
+    for precision in ["float", "w1", "sw1"] {
         let mut args = TrainArgs::default_for("dscnn", "digits");
         args.m.precision = precision.to_string();
         args.epochs = Some(a.epochs);
@@ -584,13 +585,15 @@ pub fn demo(a: crate::cli::DemoArgs) -> Result<()> {
         println!("{}", serde_json::json!({ "runs": rows }));
         return Ok(());
     }
-    println!("\n{:<8} {:<10} {:>14} {:>9}", "model", "precision", "test accuracy", "seconds");
+    println!("\n{:<8} {:<10} {:>14} {:>16} {:>9}", "model", "precision", "test accuracy", "group sparsity", "seconds");
     for o in &rows {
-        println!("{:<8} {:<10} {:>13.2}% {:>9.1}", o.model, o.precision, 100.0 * o.test_accuracy, o.seconds);
+        let sp = o.sparsity.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s));
+        println!("{:<8} {:<10} {:>13.2}% {:>16} {:>9.1}", o.model, o.precision, 100.0 * o.test_accuracy, sp, o.seconds);
     }
     println!(
-        "binary weights (w1) cost {:+.2} points against float; checkpoints in {}",
+        "binary weights (w1) cost {:+.2} points against float, sparse binary weights (sw1) {:+.2}; checkpoints in {}",
         100.0 * (rows[1].test_accuracy - rows[0].test_accuracy),
+        100.0 * (rows[2].test_accuracy - rows[0].test_accuracy),
         a.out.display()
     );
     Ok(())

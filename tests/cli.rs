@@ -116,12 +116,14 @@ fn demo_trains_float_and_binary_weights_well_above_chance() {
     let dir = tmp("demo");
     let v = json(&sbdnet(&["demo", "--epochs", "12", "--threads", "2", "--json", "--out", dir.to_str().unwrap()]));
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 3);
     for r in runs {
         let acc = r["test_accuracy"].as_f64().unwrap();
         assert!(acc > 0.8, "{} reached only {acc}", r["precision"]);
     }
     assert_eq!(runs[1]["precision"], "w1");
+    assert_eq!(runs[2]["precision"], "sw1");
+    assert!((runs[2]["sparsity"].as_f64().unwrap() - 0.7).abs() < 0.01, "{}", runs[2]);
     // The deployed weights of every binarized layer of the saved w1 model take only +alpha
     // and -alpha (one alpha per layer by default).
     let ck = sbdnet_nn::checkpoint::Checkpoint::read(&dir.join("dscnn-w1")).unwrap();
