@@ -116,7 +116,7 @@ impl SparsePlan {
 
     /// After `done` optimizer steps: the pruning targets to apply now, if any.
     fn prune_now(&self, done: usize) -> Option<(f64, f64)> {
-        if done < self.t0 || done > self.t1 || !(done % self.every == 0 || done == self.t1) {
+        if done < self.t0 || done > self.t1 || !(done.is_multiple_of(self.every) || done == self.t1) {
             return None;
         }
         let f = |target| sbdnet_nn::group::cubic_sparsity(target, done, self.t0, self.t1);
