@@ -236,3 +236,20 @@ fn sparse_options_are_checked() {
         assert!(err.contains(needle) && !err.contains("panicked"), "{extra:?}: {err}");
     }
 }
+
+#[test]
+fn sw1_resume_gives_bit_identical_weights_and_masks() {
+    let (a, b) = (tmp("sw1-straight"), tmp("sw1-resumed"));
+    let common = ["train", "--precision", "sw1", "--epochs", "4", "--batch-size", "64", "--prune-every", "7"];
+    let mut straight = common.to_vec();
+    straight.extend(["--threads", "1", "--quiet", "--out", a.to_str().unwrap()]);
+    assert!(sbdnet(&straight).status.success());
+    let mut first = common.to_vec();
+    first.extend(["--threads", "1", "--quiet", "--out", b.to_str().unwrap(), "--stop-after", "2"]);
+    assert!(sbdnet(&first).status.success());
+    let out = sbdnet(&["train", "--resume", b.to_str().unwrap(), "--quiet", "--threads", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ta, tb) = (tensors(&a), tensors(&b));
+    assert_eq!(ta.iter().filter(|(k, _)| k.ends_with(".group_mask")).count(), 8);
+    assert_eq!(ta, tb, "resumed sw1 run differs from the uninterrupted one");
+}
