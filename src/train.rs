@@ -292,6 +292,17 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         );
         None
     };
+    if let Some(plan) = &sparse_plan {
+        let f = model.pointwise_fraction(plan.target, plan.dw_target);
+        anyhow::ensure!(
+            f < 1.0,
+            "--target-sparsity {} with --dw-sparsity {} would prune every group of every pointwise layer \
+             (the depthwise kernels hold too large a share of {}'s grouped weights); lower --target-sparsity or raise --dw-sparsity",
+            plan.target,
+            plan.dw_target,
+            model.config.name
+        );
+    }
     let loss_fn = Loss { label_smoothing: a.label_smoothing };
     let (shift, flip) = augmentation(kind, a.augment);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;

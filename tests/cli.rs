@@ -219,7 +219,8 @@ fn sw1_learns_digits_with_the_requested_group_sparsity() {
 
 #[test]
 fn sparse_options_are_checked() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (&["--precision", "sw1", "--target-sparsity", "0.99", "--finetune-epochs", "0"], "every pointwise layer"),
         (&["--precision", "w1", "--target-sparsity", "0.5"], "sw1"),
         (&["--precision", "sw1", "--target-sparsity", "1.5"], "--target-sparsity"),
         (&["--precision", "sw1", "--finetune-epochs", "1"], "--finetune-epochs"),

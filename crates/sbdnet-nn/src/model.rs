@@ -763,7 +763,9 @@ impl Model {
 
     /// The fraction of groups to prune in every pointwise (and ordinary) sparse layer so that
     /// a fraction `total` of all grouped weights is zero when the depthwise layers are pruned
-    /// at `dw_fraction` (clamped to `[0, 1]`; `total` itself when there is no depthwise layer).
+    /// at `dw_fraction` (`total` itself when there is no depthwise layer). Not clamped: a value
+    /// of 1 or more means the target cannot be met without silencing every pointwise layer
+    /// ([`Model::prune_groups`] clamps it to `[0, 1]`; the trainer refuses such targets).
     pub fn pointwise_fraction(&self, total: f64, dw_fraction: f64) -> f64 {
         let (mut dw, mut other) = (0usize, 0usize);
         for (_, _, g, d) in self.grouped() {
@@ -772,7 +774,7 @@ impl Model {
         if other == 0 {
             return total;
         }
-        ((total * (dw + other) as f64 - dw_fraction * dw as f64) / other as f64).clamp(0.0, 1.0)
+        (total * (dw + other) as f64 - dw_fraction * dw as f64) / other as f64
     }
 
     /// Prune groups to exact zero so that a fraction `total` of all grouped weights is zero:
@@ -784,7 +786,7 @@ impl Model {
     /// optimizer state (`opt`: momentum, Adam moments) are zeroed. Returns the groups pruned
     /// by this call.
     pub fn prune_groups(&mut self, total: f64, dw_fraction: f64, eps: f32, opt: Option<&mut Optimizer>) -> usize {
-        let fraction = self.pointwise_fraction(total, dw_fraction);
+        let fraction = self.pointwise_fraction(total, dw_fraction).clamp(0.0, 1.0);
         let layers: Vec<_> = self.grouped().map(|(_, w, g, dw)| (w, g, dw)).collect();
         let p = &mut self.params;
         let mut pruned = 0;

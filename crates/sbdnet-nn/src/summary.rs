@@ -18,7 +18,8 @@
 //!   stores one sign bit per surviving weight, one mask bit per group and 32 bits per `alpha`;
 //!   a pruned group removes its `out_h * out_w * |g|` additions (`additions_removed`), and
 //!   `sparsity` is the fraction of the layer's weights in pruned groups (`zero_groups`
-//!   groups). Under `total`, `sparsity` is over the weights of all grouped layers;
+//!   groups); with binary activations, `binary_ops` likewise counts only the surviving
+//!   weights. Under `total`, `sparsity` is over the weights of all grouped layers;
 //! - sparse linear layers (DynaDiag, SET, RigL): only the deployed non-zeros count, the budget
 //!   `K * D` (DynaDiag's soft phase trains up to `C * D` candidates, but the deployed layer
 //!   keeps `K` diagonals), as parameters, MACs, multiplications and additions (plus the bias).
@@ -113,7 +114,7 @@ pub fn summarize(model: &Model) -> Summary {
                             zero_weights += g.zero_weights;
                         }
                         if binary_in {
-                            l.binary_ops = macs;
+                            l.binary_ops = l.additions;
                         }
                     }
                     None => {
