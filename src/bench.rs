@@ -18,8 +18,9 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
     if let Some(path) = a.dir.as_ref().filter(|p| p.is_file()) {
         return crate::infer::deployed_summary(path, a.json);
     }
-    let cfg = match &a.dir {
-        Some(dir) => sbdnet_nn::checkpoint::Checkpoint::read(dir)?.config,
+    let ck = a.dir.as_ref().map(|d| sbdnet_nn::checkpoint::Checkpoint::read(d)).transpose()?;
+    let cfg = match &ck {
+        Some(ck) => ck.config.clone(),
         None => {
             let default = match sbdnet_nn::ModelConfig::preferred_input_size(&a.m.model) {
                 Some(s) => format!("{s}x{s}x1"),
@@ -28,10 +29,14 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
             a.m.config(parse_input(a.input.as_deref().unwrap_or(&default))?, a.classes)?
         }
     };
-    if a.energy {
-        return energy(&cfg, a.json);
+    let mut model = Model::new(cfg.clone(), 1, 0)?;
+    if let (Some(ck), Some(dir)) = (&ck, &a.dir) {
+        // The weights matter for sparse layers (their group masks).
+        ck.apply(&mut model, None, &dir.join(sbdnet_nn::checkpoint::WEIGHTS_FILE))?;
     }
-    let model = Model::new(cfg.clone(), 1, 0)?;
+    if a.energy {
+        return energy(&cfg, &model, a.json);
+    }
     let s = sbdnet_nn::summary::summarize(&model);
     if a.json {
         let mut v = serde_json::to_value(&s)?;
@@ -49,16 +54,32 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
         cfg.input[2],
         cfg.classes
     );
+    let sparse = s.total.groups > 0;
+    let extra = |a: String, b: String| if sparse { format!(" {a:>13} {b:>8}") } else { String::new() };
     println!(
-        "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}",
-        "layer", "kind", "output", "params", "bits", "packed B", "MACs", "mults", "adds"
+        "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}{}",
+        "layer",
+        "kind",
+        "output",
+        "params",
+        "bits",
+        "packed B",
+        "MACs",
+        "mults",
+        "adds",
+        extra("zero groups".into(), "sparsity".into())
     );
     for l in s.layers.iter().chain(std::iter::once(&s.total)) {
         if l.name == "total" {
-            println!("{}", "-".repeat(130));
+            println!("{}", "-".repeat(if sparse { 153 } else { 130 }));
         }
+        let groups = if l.groups > 0 {
+            extra(format!("{}/{}", l.zero_groups, l.groups), format!("{:.1}%", 100.0 * l.sparsity))
+        } else {
+            extra(String::new(), String::new())
+        };
         println!(
-            "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}",
+            "{:<22} {:<26} {:>10} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11}{groups}",
             l.name,
             l.kind,
             l.output,
@@ -68,6 +89,15 @@ pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
             l.macs,
             l.multiplications,
             l.additions
+        );
+    }
+    if sparse {
+        println!(
+            "group-sparse layers: {} of {} groups zero ({:.1}% of their weights); {} additions removed per image",
+            s.total.zero_groups,
+            s.total.groups,
+            100.0 * s.total.sparsity,
+            s.total.additions_removed
         );
     }
     println!(
@@ -239,18 +269,23 @@ fn energy_of(layers: &[&sbdnet_nn::summary::LayerSummary], precision: &str, scop
 
 /// `sbdnet summary --energy`: the model at float (the baseline), w1, w1a1 and its own
 /// precision, whole network and pointwise convolutions only.
-fn energy(cfg: &sbdnet_nn::ModelConfig, json: bool) -> Result<()> {
+fn energy(cfg: &sbdnet_nn::ModelConfig, own_model: &Model, json: bool) -> Result<()> {
     let mut precisions = vec!["float".to_string(), "w1".to_string(), "w1a1".to_string()];
     let own = cfg.quant.precision.name().to_string();
     if !precisions.contains(&own) {
-        precisions.push(own);
+        precisions.push(own.clone());
     }
     let mut rows = Vec::new();
     for p in &precisions {
-        let mut c = cfg.clone();
-        c.quant.precision = p.parse().map_err(anyhow::Error::msg)?;
-        let model = Model::new(c, 1, 0)?;
-        let s = sbdnet_nn::summary::summarize(&model);
+        // The model's own precision with its weights (a sparse checkpoint's zero groups);
+        // the others from the architecture.
+        let s = if *p == own {
+            sbdnet_nn::summary::summarize(own_model)
+        } else {
+            let mut c = cfg.clone();
+            c.quant.precision = p.parse().map_err(anyhow::Error::msg)?;
+            sbdnet_nn::summary::summarize(&Model::new(c, 1, 0)?)
+        };
         let all: Vec<_> = s.layers.iter().collect();
         let pw: Vec<_> = s.layers.iter().filter(|l| l.kind.starts_with("conv-pw")).collect();
         rows.push(energy_of(&all, p, "network"));

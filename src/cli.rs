@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 /// sbdnet: train and run binarized, sparse-binarized and diagonal-sparse neural networks.
 ///
-/// Start with `sbdnet demo` (dscnn in float and with binary weights on the built-in 8x8
-/// digits, about 20 s), then `sbdnet data fetch mnist` and
-/// `sbdnet train --dataset mnist --precision w1 --epochs 15 --out runs/mnist-w1`;
-/// `sbdnet summary runs/mnist-w1` shows what binarization saves.
+/// Start with `sbdnet demo` (dscnn in float, with binary weights and with sparse binary
+/// weights on the built-in 8x8 digits, about 30 s), then `sbdnet data fetch mnist` and
+/// `sbdnet train --dataset mnist --precision sw1 --epochs 15 --out runs/mnist-sw1`;
+/// `sbdnet summary runs/mnist-sw1` shows what binarization and group sparsity save.
 #[derive(Parser, Debug)]
 #[command(name = "sbdnet", version, about, long_about)]
 pub struct Cli {
@@ -50,7 +50,8 @@ pub enum Command {
     Data(DataCommand),
     /// Draw figures (PNG) from training runs: learning curves, accuracy against a knob.
     Plot(crate::plot::PlotArgs),
-    /// Train dscnn at float and at w1 (binary weights) on the built-in digits and compare.
+    /// Train dscnn at float, w1 (binary weights) and sw1 (binary weights, 70% of the weight
+    /// groups pruned) on the built-in digits and compare.
     Demo(DemoArgs),
     /// Per-layer parameters, bits, memory, MACs, multiplications and additions of a model in
     /// its deployed form (of a checkpoint DIR, or of --model/--precision).
@@ -255,9 +256,15 @@ pub struct ModelArgs {
     #[arg(long, default_value = "dscnn")]
     pub model: String,
     /// Precision of every convolution but the first: float, w1 (binary weights: additions and
-    /// subtractions only) or w1a1 (binary weights and activations: XNOR + popcount).
+    /// subtractions only), w1a1 (binary weights and activations: XNOR + popcount), sw1 / sw1a1
+    /// (w1 / w1a1 with whole groups of weights pruned to zero: Sparse BD-Net).
     #[arg(long, default_value = "float")]
     pub precision: String,
+    /// sw1/sw1a1: input channels per weight group of a pointwise (or ordinary) convolution; a
+    /// depthwise group is one whole kernel.
+    #[arg(long, default_value_t = sbdnet_nn::quant::DEFAULT_GROUP_SIZE)]
+    #[serde(default = "default_group_size")]
+    pub group_size: usize,
     /// Channel multiplier (0.5, 1, 2, ...).
     #[arg(long, default_value_t = 1.0)]
     pub width: f32,
@@ -332,6 +339,9 @@ pub struct ModelArgs {
     pub alpha_lr: f32,
 }
 
+fn default_group_size() -> usize {
+    sbdnet_nn::quant::DEFAULT_GROUP_SIZE
+}
 fn default_sparsity() -> f64 {
     0.9
 }
@@ -392,6 +402,7 @@ impl ModelArgs {
     pub fn quant(&self) -> anyhow::Result<sbdnet_nn::QuantConfig> {
         let precision: sbdnet_nn::Precision = self.precision.parse().map_err(anyhow::Error::msg)?;
         anyhow::ensure!(self.ste_clip >= 0.0, "--ste-clip must be >= 0 (0 turns clipping off)");
+        anyhow::ensure!(self.group_size >= 1, "--group-size must be at least 1");
         Ok(sbdnet_nn::QuantConfig {
             precision,
             alpha_per_channel: self.alpha == AlphaArg::Channel,
@@ -400,6 +411,7 @@ impl ModelArgs {
             binarize_first_last: self.binarize_first_last,
             float_depthwise_input: self.float_dw_input,
             real_shortcut: self.shortcut,
+            group_size: self.group_size,
         })
     }
 
@@ -494,6 +506,10 @@ pub struct TrainArgs {
     /// Data augmentation.
     #[arg(long, value_enum, default_value_t = AugArg::Auto)]
     pub augment: AugArg,
+    #[command(flatten)]
+    #[serde(default)]
+    #[allow(missing_docs)]
+    pub sparse: SparseTrainArgs,
     /// Seed for initialization, shuffling, augmentation and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -657,4 +673,76 @@ pub enum DataCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How sw1/sw1a1 layers are pruned.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PruneArg {
+    /// Clipped group lasso with weight penalty clipping (Sparse BD-Net), then pruning of the
+    /// weakest groups on the schedule.
+    Wpc,
+    /// Plain magnitude pruning of groups on the same schedule: no lasso, no clipping (the
+    /// baseline).
+    Magnitude,
+}
+
+/// Group-sparse training options (precisions sw1 and sw1a1; see docs/SPARSE.md).
+#[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct SparseTrainArgs {
+    /// sw1/sw1a1: pruning method (default wpc).
+    #[arg(long, value_enum)]
+    pub prune: Option<PruneArg>,
+    /// sw1/sw1a1: fraction of the grouped layers' weights in zero groups at the end of the
+    /// pruning window (default 0.7); depthwise layers take --dw-sparsity, the pointwise (and
+    /// ordinary) convolutions, uniformly, the rest.
+    #[arg(long)]
+    pub target_sparsity: Option<f64>,
+    /// sw1/sw1a1: fraction of zero groups in depthwise convolutions, whose groups are whole
+    /// kernels (a pruned kernel silences its channel).
+    #[arg(long, default_value_t = 0.0)]
+    pub dw_sparsity: f64,
+    /// sw1/sw1a1, wpc: group-lasso strength lambda (after its warm-up).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lasso_lambda: f32,
+    /// sw1/sw1a1, wpc: weight penalty clipping ratio r: only groups with norm below
+    /// r * (the layer's mean group norm) are penalized.
+    #[arg(long, default_value_t = 0.6)]
+    pub wpc_ratio: f32,
+    /// sw1/sw1a1, wpc: epochs over which lambda rises linearly from 0.
+    #[arg(long, default_value_t = 1.0)]
+    pub lasso_warmup_epochs: f32,
+    /// sw1/sw1a1: epoch at which gradual pruning starts (the cubic schedule reaches the target
+    /// when fine-tuning starts).
+    #[arg(long, default_value_t = 1.0)]
+    pub prune_start_epochs: f32,
+    /// sw1/sw1a1: last epochs, trained with the mask frozen and no lasso (default: a quarter
+    /// of the run, at least 1).
+    #[arg(long)]
+    pub finetune_epochs: Option<usize>,
+    /// sw1/sw1a1: steps between pruning updates.
+    #[arg(long, default_value_t = 50)]
+    pub prune_every: usize,
+    /// sw1/sw1a1: also prune, at every update, each group whose root mean square latent weight
+    /// is below this threshold (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub prune_eps: f32,
+}
+
+impl Default for SparseTrainArgs {
+    fn default() -> Self {
+        SparseTrainArgs {
+            prune: None,
+            target_sparsity: None,
+            dw_sparsity: 0.0,
+            lasso_lambda: 2e-3,
+            wpc_ratio: 0.6,
+            lasso_warmup_epochs: 1.0,
+            prune_start_epochs: 1.0,
+            finetune_epochs: None,
+            prune_every: 50,
+            prune_eps: 0.0,
+        }
+    }
 }

@@ -103,7 +103,7 @@ impl Exporter<'_> {
         let (weights, alpha) = match &cv.bin {
             Some(b) => {
                 let mut b = b.clone();
-                b.binarize(latent);
+                b.binarize(latent, &self.model.params.buffers);
                 let depthwise = cv.groups > 1;
                 let mut packed =
                     vec![0u64; if depthwise { binary::dw_weight_words(&g) } else { binary::conv_weight_words(&g) }];
@@ -113,7 +113,17 @@ impl Exporter<'_> {
                     binary::pack_conv_weights(&g, latent, &mut packed);
                 }
                 let bits = self.put(format!("{name}.bits"), TensorData::U64(packed));
-                (Weights::Binary { bits, mask: None, group_size: None }, b.alpha.clone())
+                // A sparse layer's group mask, one byte per group, as the checkpoint orders it.
+                let (mask, group_size) = match &b.groups {
+                    Some(g) => {
+                        let m: Vec<u8> =
+                            self.model.params.buffers[g.mask.range()].iter().map(|&v| u8::from(v != 0.0)).collect();
+                        let gs = (!depthwise).then(|| self.model.config.quant.group_size.min(cin));
+                        (Some(self.put(format!("{name}.mask"), TensorData::U8(m))), gs)
+                    }
+                    None => (None, None),
+                };
+                (Weights::Binary { bits, mask, group_size }, b.alpha.clone())
             }
             None => {
                 if bits_in {

@@ -3,6 +3,8 @@
 //! - `sbdnet plot curves RUN_DIR... -o curves.png`: learning curves from each run's `metrics.jsonl`.
 //! - `sbdnet plot xy --csv data.csv --x COL --y COL [--group COL] -o out.png`: lines and points from a CSV.
 //! - `sbdnet plot heatmap --csv matrix.csv -o out.png`: a numeric matrix as a colored grid.
+//! - `sbdnet plot layer RUN_DIR --layer NAME [--mask] -o out.png`: a layer's |W| (or, with
+//!   `--mask`, a sw1/sw1a1 layer's group mask) as a grid, with the matrix as CSV beside it.
 //!
 //! Text is drawn with a TrueType font loaded at run time (`SBDNET_FONT`, else a few usual system
 //! paths); without one the figure is drawn without any text and a warning says so.
@@ -51,6 +53,10 @@ pub struct LayerArgs {
     /// Output PNG file (the CSV goes beside it, same name with .csv).
     #[arg(short, long, value_name = "PNG")]
     pub out: PathBuf,
+    /// Draw the layer's group mask instead of |W| (sw1/sw1a1 checkpoints): one row per output
+    /// channel, one column per group of that channel, 1 = kept, 0 = pruned.
+    #[arg(long)]
+    pub mask: bool,
 }
 
 /// The metric `sbdnet plot curves` draws.
@@ -187,6 +193,25 @@ fn layer(a: LayerArgs) -> Result<()> {
         format!("no layer '{}' in {}; its layers are: {}", a.layer, a.dir.display(), names.join(", "))
     })?;
     let p = &model.params;
+    if a.mask {
+        let Op::Conv(c) = &model.nodes[idx].op else {
+            bail!("layer '{}' has no group mask (only convolutions of sw1/sw1a1 models have one)", a.layer)
+        };
+        let g =
+            c.bin.as_ref().and_then(|b| b.groups).with_context(|| {
+                format!("layer '{}' has no group mask (train with --precision sw1 or sw1a1)", a.layer)
+            })?;
+        let mask = &p.buffers[g.mask.range()];
+        let cols = mask.len() / c.cout.max(1);
+        let zero = mask.iter().filter(|&&m| m == 0.0).count();
+        let title = format!(
+            "{} mask, G={}: {:.1}% zero",
+            a.layer,
+            g.layout.glen,
+            100.0 * zero as f64 / mask.len().max(1) as f64
+        );
+        return write_matrix_png(&a.out, c.cout, cols, mask, title, "group (input channels / G)", "output channel");
+    }
     let (rows, cols, w): (usize, usize, Vec<f32>) = match &mut model.nodes[idx].op {
         Op::DiagLinear(l) => {
             let w = l.dense_weight(p);
@@ -205,10 +230,16 @@ fn layer(a: LayerArgs) -> Result<()> {
         }
         other => bail!("layer '{}' is a {} layer, which has no weight matrix", a.layer, other.kind()),
     };
-    let csv = a.out.with_extension("csv");
+    let title = format!("|W| of {} ({} x {})", a.layer, rows, cols);
+    write_matrix_png(&a.out, rows, cols, &w, title, "input", "output")
+}
+
+/// Write `|m|` (`rows x cols`) as CSV beside `out` and draw it as a heatmap into `out`.
+fn write_matrix_png(out: &Path, rows: usize, cols: usize, m: &[f32], title: String, x: &str, y: &str) -> Result<()> {
+    let csv = out.with_extension("csv");
     let mut text = String::with_capacity(rows * cols * 8);
     for r in 0..rows {
-        let line: Vec<String> = w[r * cols..(r + 1) * cols].iter().map(|v| format!("{}", v.abs())).collect();
+        let line: Vec<String> = m[r * cols..(r + 1) * cols].iter().map(|v| format!("{}", v.abs())).collect();
         text.push_str(&line.join(","));
         text.push('\n');
     }
@@ -218,10 +249,10 @@ fn layer(a: LayerArgs) -> Result<()> {
     std::fs::write(&csv, text).with_context(|| format!("cannot write {}", csv.display()))?;
     heatmap(HeatmapArgs {
         csv,
-        out: a.out.clone(),
-        title: Some(format!("|W| of {} ({} x {})", a.layer, rows, cols)),
-        xlabel: "input".into(),
-        ylabel: "output".into(),
+        out: out.to_path_buf(),
+        title: Some(title),
+        xlabel: x.into(),
+        ylabel: y.into(),
         gray: false,
     })
 }

@@ -1,6 +1,6 @@
 //! `sbdnet train`, `sbdnet eval`, `sbdnet data`.
 
-use crate::cli::{AugArg, DataCommand, EvalArgs, OptArg, SchedArg, TrainArgs};
+use crate::cli::{AugArg, DataCommand, EvalArgs, OptArg, PruneArg, SchedArg, SparseTrainArgs, TrainArgs};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sbdnet_data::{Dataset, DatasetKind};
@@ -45,6 +45,83 @@ struct EpochMetrics {
     /// Per sparse layer: name, kind, nnz, budget, dense size.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     sparse_layers: Vec<sbdnet_nn::SparseInfo>,
+    /// sw1/sw1a1: fraction of the grouped layers' weights in pruned groups, end of epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sparsity: Option<f64>,
+    /// sw1/sw1a1: pruned groups (all layers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zero_groups: Option<usize>,
+    /// sw1/sw1a1: mean group-lasso penalty sum_layers R over the epoch's steps (without lambda).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lasso: Option<f64>,
+    /// sw1/sw1a1: lambda at the epoch's last step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lambda: Option<f32>,
+}
+
+/// The group-sparse schedule of a sw1/sw1a1 run, in optimizer steps (see docs/SPARSE.md).
+#[derive(Clone, Copy, Debug)]
+struct SparsePlan {
+    method: PruneArg,
+    target: f64,
+    dw_target: f64,
+    lambda: f32,
+    ratio: f32,
+    eps: f32,
+    lasso_warmup: usize,
+    /// Pruning window `[t0, t1]`; from `t1` on the mask is frozen and the lasso off.
+    t0: usize,
+    t1: usize,
+    every: usize,
+}
+
+impl SparsePlan {
+    fn new(s: &SparseTrainArgs, epochs: usize, spe: usize) -> Result<Self> {
+        let target = s.target_sparsity.unwrap_or(0.7);
+        anyhow::ensure!((0.0..1.0).contains(&target), "--target-sparsity must be in [0, 1), got {target}");
+        anyhow::ensure!((0.0..1.0).contains(&s.dw_sparsity), "--dw-sparsity must be in [0, 1), got {}", s.dw_sparsity);
+        anyhow::ensure!(s.lasso_lambda >= 0.0 && s.lasso_lambda.is_finite(), "--lasso-lambda must be >= 0");
+        anyhow::ensure!(s.wpc_ratio > 0.0 && s.wpc_ratio.is_finite(), "--wpc-ratio must be > 0");
+        anyhow::ensure!(s.prune_every >= 1, "--prune-every must be at least 1");
+        anyhow::ensure!(s.prune_eps >= 0.0, "--prune-eps must be >= 0");
+        let ft = s.finetune_epochs.unwrap_or((epochs / 4).max(1));
+        anyhow::ensure!(
+            ft < epochs,
+            "--finetune-epochs ({ft}) must be less than --epochs ({epochs}): pruning needs at least one epoch"
+        );
+        let t1 = (epochs - ft) * spe;
+        let t0 = ((s.prune_start_epochs.max(0.0) * spe as f32) as usize).min(t1 / 2);
+        Ok(SparsePlan {
+            method: s.prune.unwrap_or(PruneArg::Wpc),
+            target,
+            dw_target: s.dw_sparsity,
+            lambda: s.lasso_lambda,
+            ratio: s.wpc_ratio,
+            eps: s.prune_eps,
+            lasso_warmup: (s.lasso_warmup_epochs.max(0.0) * spe as f32) as usize,
+            t0,
+            t1,
+            every: s.prune_every,
+        })
+    }
+
+    /// lambda for step `t` (0-based): linear warm-up, constant, 0 when fine-tuning (and for
+    /// the magnitude baseline).
+    fn lambda(&self, t: usize) -> f32 {
+        if self.method == PruneArg::Magnitude || t >= self.t1 {
+            return 0.0;
+        }
+        self.lambda * ((t + 1) as f32 / self.lasso_warmup.max(1) as f32).min(1.0)
+    }
+
+    /// After `done` optimizer steps: the pruning targets to apply now, if any.
+    fn prune_now(&self, done: usize) -> Option<(f64, f64)> {
+        if done < self.t0 || done > self.t1 || !(done.is_multiple_of(self.every) || done == self.t1) {
+            return None;
+        }
+        let f = |target| sbdnet_nn::group::cubic_sparsity(target, done, self.t0, self.t1);
+        Some((f(self.target), f(self.dw_target)))
+    }
 }
 
 pub fn data_dir(opt: &Option<PathBuf>) -> PathBuf {
@@ -233,6 +310,26 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         total_steps: epochs * steps_per_epoch,
         steps_per_epoch,
     };
+    let sparse_plan = if model.config.quant.precision.sparse() {
+        Some(SparsePlan::new(&a.sparse, epochs, steps_per_epoch)?)
+    } else {
+        anyhow::ensure!(
+            a.sparse.prune.is_none() && a.sparse.target_sparsity.is_none(),
+            "--prune and --target-sparsity need --precision sw1 or sw1a1 (group-sparse binary weights)"
+        );
+        None
+    };
+    if let Some(plan) = &sparse_plan {
+        let f = model.pointwise_fraction(plan.target, plan.dw_target);
+        anyhow::ensure!(
+            f < 1.0,
+            "--target-sparsity {} with --dw-sparsity {} would prune every group of every pointwise layer \
+             (the depthwise kernels hold too large a share of {}'s grouped weights); lower --target-sparsity or raise --dw-sparsity",
+            plan.target,
+            plan.dw_target,
+            model.config.name
+        );
+    }
     let loss_fn = Loss { label_smoothing: a.label_smoothing };
     let (shift, flip) = augmentation(kind, a.augment);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
@@ -287,6 +384,7 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
             ProgressBar::hidden()
         };
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut lasso_sum = 0.0f64;
         for s in 0..steps_per_epoch {
             for j in 0..batch {
                 let idx = order[s * batch + j];
@@ -320,7 +418,17 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
                     schedule.base_lr
                 );
             }
+            if let Some(plan) = &sparse_plan {
+                let lambda = plan.lambda(global_step);
+                if plan.method == PruneArg::Wpc {
+                    lasso_sum += model.group_penalty(lambda, plan.ratio);
+                }
+            }
             opt.step(&mut model.params, lr);
+            if let Some((f, fdw)) = sparse_plan.as_ref().and_then(|p| p.prune_now(global_step + 1)) {
+                let eps = sparse_plan.as_ref().map_or(0.0, |p| p.eps);
+                model.prune_groups(f, fdw, eps, Some(&mut opt));
+            }
             model.after_step(global_step + 1, schedule.total_steps, &mut opt);
             loss_sum += st.loss as f64 * st.n as f64;
             correct += st.correct;
@@ -363,6 +471,21 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
             lr: schedule.lr((epoch + 1) * steps_per_epoch - 1),
             nnz: None,
             sparse_layers: model.sparse_layers(),
+            sparsity: None,
+            zero_groups: None,
+            lasso: sparse_plan.map(|_| lasso_sum / steps_per_epoch.max(1) as f64),
+            lambda: sparse_plan.map(|p| p.lambda((epoch + 1) * steps_per_epoch - 1)),
+        };
+        let groups = model.group_layers();
+        let m = if groups.is_empty() {
+            m
+        } else {
+            let (w, z) = groups.iter().fold((0, 0), |(w, z), g| (w + g.weights, z + g.zero_weights));
+            EpochMetrics {
+                sparsity: Some(z as f64 / w.max(1) as f64),
+                zero_groups: Some(groups.iter().map(|g| g.zero_groups).sum()),
+                ..m
+            }
         };
         let m = EpochMetrics {
             nnz: (!m.sparse_layers.is_empty()).then(|| m.sparse_layers.iter().map(|l| l.nnz).sum()),
@@ -387,6 +510,10 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
                     format!("  nnz {z} (budget {budget})")
                 }
                 None => String::new(),
+            };
+            let nnz = match m.sparsity {
+                Some(sp) => format!("{nnz}  group sparsity {:.1}%", 100.0 * sp),
+                None => nnz,
             };
             eprintln!(
                 "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  {:.0} img/s  {:.1}s{nnz}",
@@ -419,6 +546,8 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         parameters: model.params.len(),
         linear: a.m.linear.name().to_string(),
         nnz: m.nnz,
+        sparsity: m.sparsity,
+        zero_groups: m.zero_groups,
         out: out.display().to_string(),
     };
     Ok(outcome)
@@ -441,6 +570,12 @@ pub struct Outcome {
     linear: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     nnz: Option<usize>,
+    /// sw1/sw1a1: fraction of the grouped layers' weights in pruned groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sparsity: Option<f64>,
+    /// sw1/sw1a1: pruned groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zero_groups: Option<usize>,
     out: String,
 }
 
@@ -450,8 +585,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(&o)?);
     } else {
+        let sparsity = match o.sparsity {
+            Some(sp) => format!(", group sparsity {:.1}%", 100.0 * sp),
+            None => String::new(),
+        };
         println!(
-            "{} {} on {}: test accuracy {:.2}% after {} epochs ({:.1} s); checkpoint in {}",
+            "{} {} on {}: test accuracy {:.2}%{sparsity} after {} epochs ({:.1} s); checkpoint in {}",
             o.model,
             o.precision,
             o.dataset,
@@ -464,10 +603,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `sbdnet demo`: dscnn at float and at w1 on the built-in digits, side by side.
+/// `sbdnet demo`: dscnn at float, at w1 and at sw1 (70% group sparsity) on the built-in
+/// digits, side by side.
 pub fn demo(a: crate::cli::DemoArgs) -> Result<()> {
     let mut rows = Vec::new();
-    for precision in ["float", "w1"] {
+    for precision in ["float", "w1", "sw1"] {
         let mut args = TrainArgs::default_for("dscnn", "digits");
         args.m.precision = precision.to_string();
         args.epochs = Some(a.epochs);
@@ -483,13 +623,15 @@ pub fn demo(a: crate::cli::DemoArgs) -> Result<()> {
         println!("{}", serde_json::json!({ "runs": rows }));
         return Ok(());
     }
-    println!("\n{:<8} {:<10} {:>14} {:>9}", "model", "precision", "test accuracy", "seconds");
+    println!("\n{:<8} {:<10} {:>14} {:>16} {:>9}", "model", "precision", "test accuracy", "group sparsity", "seconds");
     for o in &rows {
-        println!("{:<8} {:<10} {:>13.2}% {:>9.1}", o.model, o.precision, 100.0 * o.test_accuracy, o.seconds);
+        let sp = o.sparsity.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s));
+        println!("{:<8} {:<10} {:>13.2}% {:>16} {:>9.1}", o.model, o.precision, 100.0 * o.test_accuracy, sp, o.seconds);
     }
     println!(
-        "binary weights (w1) cost {:+.2} points against float; checkpoints in {}",
+        "binary weights (w1) cost {:+.2} points against float, sparse binary weights (sw1) {:+.2}; checkpoints in {}",
         100.0 * (rows[1].test_accuracy - rows[0].test_accuracy),
+        100.0 * (rows[2].test_accuracy - rows[0].test_accuracy),
         a.out.display()
     );
     Ok(())

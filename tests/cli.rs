@@ -116,12 +116,14 @@ fn demo_trains_float_and_binary_weights_well_above_chance() {
     let dir = tmp("demo");
     let v = json(&sbdnet(&["demo", "--epochs", "12", "--threads", "2", "--json", "--out", dir.to_str().unwrap()]));
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 3);
     for r in runs {
         let acc = r["test_accuracy"].as_f64().unwrap();
         assert!(acc > 0.8, "{} reached only {acc}", r["precision"]);
     }
     assert_eq!(runs[1]["precision"], "w1");
+    assert_eq!(runs[2]["precision"], "sw1");
+    assert!((runs[2]["sparsity"].as_f64().unwrap() - 0.7).abs() < 0.01, "{}", runs[2]);
     // The deployed weights of every binarized layer of the saved w1 model take only +alpha
     // and -alpha (one alpha per layer by default).
     let ck = sbdnet_nn::checkpoint::Checkpoint::read(&dir.join("dscnn-w1")).unwrap();
@@ -182,4 +184,95 @@ fn w1a1_with_shortcuts_starts_from_a_float_run_and_learns() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--init") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn sw1_learns_digits_with_the_requested_group_sparsity() {
+    let dir = tmp("sw1");
+    let d = dir.to_str().unwrap();
+    let args = ["train", "--precision", "sw1", "--target-sparsity", "0.6", "--group-size", "8", "--epochs", "12"];
+    let mut args = args.to_vec();
+    args.extend(["--batch-size", "64", "--prune-every", "10", "--threads", "2", "--out", d, "--json"]);
+    let v = json(&sbdnet(&args));
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.8, "dscnn sw1 on digits reached only {acc}");
+    let sp = v["sparsity"].as_f64().unwrap();
+    assert!((sp - 0.6).abs() < 0.01, "group sparsity {sp}, asked for 0.6");
+    // Per epoch: sparsity rises on the cubic schedule and is frozen for the last 3 (fine-tune).
+    let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let sps: Vec<f64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["sparsity"].as_f64().unwrap())
+        .collect();
+    assert!(sps.windows(2).all(|w| w[0] <= w[1]) && sps[0] < 0.3 && sps[8..].iter().all(|&s| s == sp), "{sps:?}");
+    let e = json(&sbdnet(&["eval", d, "--json", "--threads", "2"]));
+    assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-6, "eval {e} vs train {acc}");
+    // The summary of the checkpoint: per-layer and total sparsity and zero groups.
+    let s = json(&sbdnet(&["summary", d, "--json"]));
+    assert!((s["total"]["sparsity"].as_f64().unwrap() - sp).abs() < 1e-9, "{}", s["total"]);
+    assert_eq!(s["total"]["zero_groups"], v["zero_groups"]);
+    let layers = s["layers"].as_array().unwrap();
+    let pw: Vec<_> = layers.iter().filter(|l| l["kind"] == "conv-pw/sw1").collect();
+    assert_eq!(pw.len(), 4);
+    for l in &pw {
+        let (macs, adds, removed) = (l["macs"].as_u64(), l["additions"].as_u64(), l["additions_removed"].as_u64());
+        assert!(l["sparsity"].as_f64().unwrap() > 0.6 && l["zero_groups"].as_u64().unwrap() > 0, "{l}");
+        assert_eq!(adds.unwrap() + removed.unwrap(), macs.unwrap(), "{l}");
+        assert!(l["param_bits"].as_u64().unwrap() < l["params"].as_u64().unwrap(), "packed sparse form: {l}");
+    }
+    // Pruned groups are exactly zero in the saved latent weights.
+    let ck = sbdnet_nn::checkpoint::Checkpoint::read(&dir).unwrap();
+    let mut model = sbdnet_nn::Model::new(ck.config.clone(), 2, 0).unwrap();
+    ck.apply(&mut model, None, &dir).unwrap();
+    let mut zero = 0;
+    for node in &model.nodes {
+        let sbdnet_nn::model::Op::Conv(c) = &node.op else { continue };
+        let Some(g) = c.bin.as_ref().and_then(|b| b.groups) else { continue };
+        let w = &model.params.data[c.weight.range()];
+        for (r, &m) in g.layout.ranges().zip(&model.params.buffers[g.mask.range()]) {
+            if m == 0.0 {
+                zero += 1;
+                assert!(w[r].iter().all(|&x| x == 0.0), "{}: a pruned group is not zero", node.name);
+            }
+        }
+    }
+    assert_eq!(Some(zero), v["zero_groups"].as_u64());
+}
+
+#[test]
+fn sparse_options_are_checked() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--precision", "sw1", "--target-sparsity", "0.99", "--finetune-epochs", "0"], "every pointwise layer"),
+        (&["--precision", "w1", "--target-sparsity", "0.5"], "sw1"),
+        (&["--precision", "sw1", "--target-sparsity", "1.5"], "--target-sparsity"),
+        (&["--precision", "sw1", "--finetune-epochs", "1"], "--finetune-epochs"),
+        (&["--precision", "sw1", "--group-size", "0"], "--group-size"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["train", "--epochs", "1", "--quiet", "--out"];
+        let dir = tmp("sparse-bad");
+        args.push(dir.to_str().unwrap());
+        args.extend(extra);
+        let out = sbdnet(&args);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle) && !err.contains("panicked"), "{extra:?}: {err}");
+    }
+}
+
+#[test]
+fn sw1_resume_gives_bit_identical_weights_and_masks() {
+    let (a, b) = (tmp("sw1-straight"), tmp("sw1-resumed"));
+    let common = ["train", "--precision", "sw1", "--epochs", "4", "--batch-size", "64", "--prune-every", "7"];
+    let mut straight = common.to_vec();
+    straight.extend(["--threads", "1", "--quiet", "--out", a.to_str().unwrap()]);
+    assert!(sbdnet(&straight).status.success());
+    let mut first = common.to_vec();
+    first.extend(["--threads", "1", "--quiet", "--out", b.to_str().unwrap(), "--stop-after", "2"]);
+    assert!(sbdnet(&first).status.success());
+    let out = sbdnet(&["train", "--resume", b.to_str().unwrap(), "--quiet", "--threads", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ta, tb) = (tensors(&a), tensors(&b));
+    assert_eq!(ta.iter().filter(|(k, _)| k.ends_with(".group_mask")).count(), 8);
+    assert_eq!(ta, tb, "resumed sw1 run differs from the uninterrupted one");
 }

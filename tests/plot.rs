@@ -170,3 +170,27 @@ fn layer_of_a_trained_diag_model_is_drawn_with_its_diagonals() {
     let out = sbdnet(&["plot", "layer", r, "--layer", "fc2.relu", "-o", png.to_str().unwrap()], &[]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no weight matrix"));
 }
+
+#[test]
+fn group_mask_of_a_sw1_layer_is_drawn() {
+    let d = tmp("mask");
+    let run = d.join("run");
+    let r = run.to_str().unwrap();
+    let train = ["train", "--precision", "sw1", "--target-sparsity", "0.5", "--epochs", "2", "--prune-every", "5"];
+    let mut train = train.to_vec();
+    train.extend(["--prune-start-epochs", "0", "--quiet", "--threads", "1", "--out", r]);
+    ok(&sbdnet(&train, &[]));
+    let png = d.join("mask.png");
+    let args = ["plot", "layer", r, "--layer", "block4.pw", "--mask", "-o", png.to_str().unwrap()];
+    ok(&sbdnet(&args, &[("SBDNET_FONT", "none")]));
+    assert_png(&png);
+    // block4.pw: 128 -> 256 channels, G = 16: a 256 x 8 grid of 0/1, about half of it zero.
+    let csv = std::fs::read_to_string(d.join("mask.csv")).unwrap();
+    let rows: Vec<Vec<f32>> = csv.lines().map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    assert_eq!((rows.len(), rows[0].len()), (256, 8));
+    assert!(rows.iter().flatten().all(|&v| v == 0.0 || v == 1.0));
+    let zeros = rows.iter().flatten().filter(|&&v| v == 0.0).count();
+    assert!(zeros > 900 && zeros < 1200, "{zeros} of 2048 groups zero");
+    let out = sbdnet(&["plot", "layer", r, "--layer", "conv1", "--mask", "-o", png.to_str().unwrap()], &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no group mask"));
+}

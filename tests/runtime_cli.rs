@@ -6,13 +6,17 @@ use common::{json, sbdnet, tmp};
 
 fn train(precision: &str, dir: &std::path::Path) {
     let d = dir.to_str().unwrap();
-    let out = sbdnet(&["train", "--precision", precision, "--epochs", "3", "--threads", "2", "--out", d, "--json"]);
+    let mut args = vec!["train", "--precision", precision, "--epochs", "3", "--threads", "2", "--out", d, "--json"];
+    if precision.starts_with("sw") {
+        args.extend(["--target-sparsity", "0.5"]);
+    }
+    let out = sbdnet(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
 fn exported_models_agree_with_training_and_bench_reports_latency() {
-    for precision in ["w1a1", "w1", "float"] {
+    for precision in ["w1a1", "w1", "float", "sw1a1"] {
         let dir = tmp(&format!("rt-{precision}"));
         train(precision, &dir);
         let d = dir.to_str().unwrap();
@@ -49,8 +53,14 @@ fn exported_models_agree_with_training_and_bench_reports_latency() {
                 assert!(l["binary_ops"].as_u64().unwrap() > 0, "{l}");
             }
         }
-        if precision == "w1a1" {
+        if precision.ends_with("w1a1") {
             assert!(s["total"]["binary_ops"].as_u64().unwrap() > 0);
+        }
+        if precision == "sw1a1" {
+            // Zero groups are skipped: fewer binary operations than the dense layers' MACs.
+            let pw: Vec<_> =
+                s["layers"].as_array().unwrap().iter().filter(|l| l["kernel"] == "bpw-sparse-xnor").collect();
+            assert!(!pw.is_empty(), "{s}");
         }
         let onnx = dir.join("model.onnx");
         json(&sbdnet(&["export", d, "--format", "onnx", "-o", onnx.to_str().unwrap(), "--json"]));

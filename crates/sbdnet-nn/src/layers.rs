@@ -72,7 +72,7 @@ impl Conv2d {
         let g = self.geom(n);
         self.ensure_scratch(&g);
         let w = &p.data[self.weight.range()];
-        let w = WeightBinarizer::forward_weights(&mut self.bin, w);
+        let w = WeightBinarizer::forward_weights(&mut self.bin, w, &p.buffers);
         conv::conv2d_forward(&g, x, w, y, &mut self.col, &mut self.scratch);
     }
 
@@ -86,7 +86,7 @@ impl Conv2d {
             Some(b) => {
                 b.dwb.fill(0.0);
                 conv::conv2d_backward(&g, x, &b.wb, dy, dx, &mut b.dwb, &self.col, &mut self.scratch, mode);
-                b.backward(&p.data[r.clone()], &mut p.grad[r]);
+                b.backward(&p.data[r.clone()], &mut p.grad[r], &p.buffers);
             }
             None => {
                 let (w, dw) = (&p.data[r.clone()], &mut p.grad[r]);
@@ -254,7 +254,7 @@ impl Linear {
     pub fn forward(&mut self, n: usize, x: &[f32], y: &mut [f32], p: &ParamStore) {
         let t = sbdnet_kernels::threads();
         let w = &p.data[self.weight.range()];
-        let w = WeightBinarizer::forward_weights(&mut self.bin, w);
+        let w = WeightBinarizer::forward_weights(&mut self.bin, w, &p.buffers);
         sgemm(n, self.out, self.inp, x, Trans::No, w, Trans::Yes, y, false, t);
         if let Some(b) = self.bias {
             let b = &p.data[b.range()];
@@ -270,7 +270,7 @@ impl Linear {
             Some(b) => {
                 sgemm(n, self.inp, self.out, dy, Trans::No, &b.wb, Trans::No, dx, add, t);
                 sgemm(self.out, self.inp, n, dy, Trans::Yes, x, Trans::No, &mut b.dwb, false, t);
-                b.backward(&p.data[wr.clone()], &mut p.grad[wr]);
+                b.backward(&p.data[wr.clone()], &mut p.grad[wr], &p.buffers);
             }
             None => {
                 sgemm(n, self.inp, self.out, dy, Trans::No, &p.data[wr.clone()], Trans::No, dx, add, t);

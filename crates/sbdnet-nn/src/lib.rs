@@ -27,6 +27,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod layers;
 pub mod loss;
 pub mod model;
@@ -40,7 +41,7 @@ pub mod transformer;
 pub use config::{Act, Block, ModelConfig};
 pub use error::NnError;
 pub use loss::Loss;
-pub use model::{Model, Node, Shape, StepStats};
+pub use model::{GroupInfo, Model, Node, Shape, StepStats};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule, ScheduleKind};
 pub use params::ParamStore;
 pub use quant::{Precision, QuantConfig};

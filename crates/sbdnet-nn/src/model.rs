@@ -6,11 +6,12 @@
 
 use crate::config::{Act, Block, ModelConfig};
 use crate::error::NnError;
+use crate::group::{self, GroupLayout};
 use crate::layers::{BatchNorm2d, Conv2d, Dropout, Linear, Pool};
 use crate::loss::Loss;
 use crate::optim::Optimizer;
 use crate::params::ParamStore;
-use crate::quant::{BinAct, QuantConfig, WeightBinarizer};
+use crate::quant::{BinAct, Groups, QuantConfig, WeightBinarizer};
 use crate::sparse::{DiagLinear, MaskedLinear, SparseInfo, SparseKind, SparseSpec};
 use crate::transformer::{self as tf, Attention, LayerNorm, PatchEmbed};
 use sbdnet_kernels::elementwise as ew;
@@ -153,6 +154,32 @@ pub struct Profile {
     pub steps: u64,
 }
 
+/// Group sparsity of one sparse binarized layer (precisions `sw1`, `sw1a1`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct GroupInfo {
+    /// Layer name.
+    pub name: String,
+    /// Whether its groups are whole depthwise kernels.
+    pub depthwise: bool,
+    /// Weights per group (the last group of a row may be shorter).
+    pub group_len: usize,
+    /// Groups.
+    pub groups: usize,
+    /// Groups pruned to zero.
+    pub zero_groups: usize,
+    /// Weights.
+    pub weights: usize,
+    /// Weights in pruned groups.
+    pub zero_weights: usize,
+}
+
+impl GroupInfo {
+    /// Fraction of the layer's weights in pruned groups.
+    pub fn sparsity(&self) -> f64 {
+        self.zero_weights as f64 / self.weights.max(1) as f64
+    }
+}
+
 /// A network with its parameters and planned activation memory.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -225,8 +252,24 @@ impl Builder {
         let q = self.quant;
         let mut x = x;
         if q.precision.binary_weights() && (!first || q.binarize_first_last) {
-            conv.bin = Some(WeightBinarizer::new(&q, cout, w.len));
+            let mut bin = WeightBinarizer::new(&q, cout, w.len);
             let depthwise = groups > 1 && groups == s.c;
+            if q.precision.sparse() {
+                if q.group_size == 0 {
+                    return Err(NnError::Config("the group size must be at least 1".into()));
+                }
+                // Depthwise: one group per k x k kernel; otherwise G consecutive input channels
+                // of one output channel at one kernel position (see `crate::group`).
+                let (layout, shape) = if depthwise {
+                    (GroupLayout::new(w.len, k * k, k * k), vec![cout, 1, 1, 1])
+                } else {
+                    let l = GroupLayout::new(w.len, s.c / groups, q.group_size);
+                    (l, vec![cout, k, k, l.per_unit])
+                };
+                let mask = self.params.add_buffer(format!("{name}.group_mask"), shape, 1.0);
+                bin.groups = Some(Groups { layout, mask });
+            }
+            conv.bin = Some(bin);
             if q.precision.binary_acts() && !(depthwise && q.float_depthwise_input) {
                 let t = self.params.add(format!("{name}.act_threshold"), vec![s.c], false, || 0.0);
                 x = self.push(format!("{name}.binact"), Op::BinAct(BinAct::new(s.c, t)), vec![x], s);
@@ -757,6 +800,118 @@ impl Model {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The grouped layers (sparse precisions): node index, weight, groups.
+    fn grouped(&self) -> impl Iterator<Item = (usize, crate::params::ParamId, Groups, bool)> + '_ {
+        self.nodes.iter().enumerate().filter_map(|(i, node)| match &node.op {
+            Op::Conv(c) => c.bin.as_ref().and_then(|b| b.groups).map(|g| {
+                let depthwise = c.groups > 1 && c.groups == c.input.c;
+                (i, c.weight, g, depthwise)
+            }),
+            _ => None,
+        })
+    }
+
+    /// Group sparsity of every sparse binarized layer, in order (empty for other precisions).
+    pub fn group_layers(&self) -> Vec<GroupInfo> {
+        self.grouped()
+            .map(|(i, _, g, depthwise)| {
+                let mask = &self.params.buffers[g.mask.range()];
+                let mut info = GroupInfo {
+                    name: self.nodes[i].name.clone(),
+                    depthwise,
+                    group_len: g.layout.glen,
+                    groups: g.layout.groups(),
+                    weights: g.layout.len,
+                    ..Default::default()
+                };
+                for (r, &m) in g.layout.ranges().zip(mask) {
+                    if m == 0.0 {
+                        info.zero_groups += 1;
+                        info.zero_weights += r.len();
+                    }
+                }
+                info
+            })
+            .collect()
+    }
+
+    /// Add `lambda * dR/dW` of the clipped group lasso with weight penalty clipping of every
+    /// sparse binarized layer into the gradients (call it after [`Model::train_step`], before
+    /// the optimizer step) and return `sum_layers R` (without `lambda`). `r` sets each layer's
+    /// threshold `tau = r * mean_g ||W_g||_2`; see [`crate::group`] for the exact rule.
+    pub fn group_penalty(&mut self, lambda: f32, r: f32) -> f64 {
+        let layers: Vec<_> = self.grouped().map(|(_, w, g, _)| (w, g)).collect();
+        let p = &mut self.params;
+        let mut total = 0.0;
+        for (w, g) in layers {
+            let mask = &p.buffers[g.mask.range()];
+            let s = group::penalty(&p.data[w.range()], &g.layout, mask, r, lambda, &mut p.grad[w.range()]);
+            total += s.value;
+        }
+        total
+    }
+
+    /// The fraction of groups to prune in every pointwise (and ordinary) sparse layer so that
+    /// a fraction `total` of all grouped weights is zero when the depthwise layers are pruned
+    /// at `dw_fraction` (`total` itself when there is no depthwise layer). Not clamped: a value
+    /// of 1 or more means the target cannot be met without silencing every pointwise layer
+    /// ([`Model::prune_groups`] clamps it to `[0, 1]`; the trainer refuses such targets).
+    pub fn pointwise_fraction(&self, total: f64, dw_fraction: f64) -> f64 {
+        let (mut dw, mut other) = (0usize, 0usize);
+        for (_, _, g, d) in self.grouped() {
+            *(if d { &mut dw } else { &mut other }) += g.layout.len;
+        }
+        if other == 0 {
+            return total;
+        }
+        (total * (dw + other) as f64 - dw_fraction * dw as f64) / other as f64
+    }
+
+    /// Prune groups to exact zero so that a fraction `total` of all grouped weights is zero:
+    /// depthwise layers (whose groups are whole kernels) lose a fraction `dw_fraction` of their
+    /// groups, every other sparse layer the same fraction of its groups, chosen by
+    /// [`Model::pointwise_fraction`]; in each layer the weakest groups by root mean square of
+    /// the latent weights go first. When `eps > 0`, every group whose root mean square is
+    /// below `eps` goes too. Groups never come back. The weights of pruned groups and their
+    /// optimizer state (`opt`: momentum, Adam moments) are zeroed. Returns the groups pruned
+    /// by this call.
+    pub fn prune_groups(&mut self, total: f64, dw_fraction: f64, eps: f32, opt: Option<&mut Optimizer>) -> usize {
+        let fraction = self.pointwise_fraction(total, dw_fraction).clamp(0.0, 1.0);
+        let layers: Vec<_> = self.grouped().map(|(_, w, g, dw)| (w, g, dw)).collect();
+        let p = &mut self.params;
+        let mut pruned = 0;
+        for &(w, g, dw) in &layers {
+            let f = if dw { dw_fraction } else { fraction };
+            let target = (f.clamp(0.0, 1.0) * g.layout.groups() as f64).round() as usize;
+            let mask = &mut p.buffers[g.mask.range()];
+            pruned += group::prune_to(&p.data[w.range()], &g.layout, mask, target).len();
+            if eps > 0.0 {
+                pruned += group::prune_below(&p.data[w.range()], &g.layout, mask, eps).len();
+            }
+        }
+        self.apply_group_masks(opt);
+        pruned
+    }
+
+    /// Zero the weights, gradients and optimizer state (`opt`) of every pruned group, e.g.
+    /// after loading weights from elsewhere. Training keeps them zero by itself: pruned
+    /// weights get no gradient, so with zero optimizer state they never move.
+    pub fn apply_group_masks(&mut self, mut opt: Option<&mut Optimizer>) {
+        let layers: Vec<_> = self.grouped().map(|(_, w, g, _)| (w, g)).collect();
+        let p = &mut self.params;
+        for (w, g) in layers {
+            let mask = &p.buffers[g.mask.range()];
+            group::apply_mask(&mut p.data[w.range()], &g.layout, mask);
+            group::apply_mask(&mut p.grad[w.range()], &g.layout, mask);
+            if let Some(o) = opt.as_deref_mut() {
+                group::apply_mask(&mut o.m[w.range()], &g.layout, mask);
+                if !o.v.is_empty() {
+                    group::apply_mask(&mut o.v[w.range()], &g.layout, mask);
+                }
+            }
+        }
     }
 
     /// Rebuild the sparse layers' patterns from their buffers (offsets, masks): needed after

@@ -14,6 +14,7 @@
 //! threshold `t_c`; backward is the clipped identity `dL/dx = dL/da * [|x - t_c| <= 1]`,
 //! `dL/dt_c = -sum dL/da * [|x - t_c| <= 1]`.
 
+use crate::group::GroupLayout;
 use crate::params::{ParamId, ParamStore};
 use sbdnet_kernels::elementwise as ew;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,11 @@ pub enum Precision {
     W1,
     /// Binary weights and binary activations (XNOR + popcount at inference).
     W1A1,
+    /// Sparse binary weights (Sparse BD-Net, SPEC 1.3): `w1` with whole groups of weights
+    /// pruned to exact zero (see [`crate::group`]), float activations.
+    SW1,
+    /// Sparse binary weights and binary activations.
+    SW1A1,
 }
 
 impl Precision {
@@ -38,7 +44,11 @@ impl Precision {
     }
     /// Binary activations?
     pub fn binary_acts(self) -> bool {
-        self == Precision::W1A1
+        matches!(self, Precision::W1A1 | Precision::SW1A1)
+    }
+    /// Group-sparse binary weights (`sw1`, `sw1a1`)?
+    pub fn sparse(self) -> bool {
+        matches!(self, Precision::SW1 | Precision::SW1A1)
     }
     /// Lower-case name.
     pub fn name(self) -> &'static str {
@@ -46,6 +56,8 @@ impl Precision {
             Precision::Float => "float",
             Precision::W1 => "w1",
             Precision::W1A1 => "w1a1",
+            Precision::SW1 => "sw1",
+            Precision::SW1A1 => "sw1a1",
         }
     }
 }
@@ -57,7 +69,9 @@ impl std::str::FromStr for Precision {
             "float" | "fp32" => Ok(Precision::Float),
             "w1" => Ok(Precision::W1),
             "w1a1" => Ok(Precision::W1A1),
-            _ => Err(format!("unknown precision '{s}': choose float, w1 or w1a1")),
+            "sw1" => Ok(Precision::SW1),
+            "sw1a1" => Ok(Precision::SW1A1),
+            _ => Err(format!("unknown precision '{s}': choose float, w1, w1a1, sw1 or sw1a1")),
         }
     }
 }
@@ -88,7 +102,13 @@ pub struct QuantConfig {
     /// addition per element.
     #[serde(default)]
     pub real_shortcut: bool,
+    /// Sparse precisions: input channels per group of a pointwise (or ordinary) convolution,
+    /// `G` (a depthwise group is one whole kernel). See [`crate::group`].
+    pub group_size: usize,
 }
+
+/// Default `G`.
+pub const DEFAULT_GROUP_SIZE: usize = 16;
 
 impl Default for QuantConfig {
     fn default() -> Self {
@@ -100,6 +120,7 @@ impl Default for QuantConfig {
             binarize_first_last: false,
             float_depthwise_input: false,
             real_shortcut: false,
+            group_size: DEFAULT_GROUP_SIZE,
         }
     }
 }
@@ -122,6 +143,20 @@ pub struct WeightBinarizer {
     pub wb: Vec<f32>,
     /// `dL/dWb`.
     pub dwb: Vec<f32>,
+    /// Sparse precisions: the layer's groups and their mask (a buffer of the
+    /// [`ParamStore`]); masked weights are 0 in `Wb`, get no gradient and do not count in
+    /// `alpha`.
+    pub groups: Option<Groups>,
+}
+
+/// The groups of a sparse binarized layer: their layout and the mask buffer (one `0.0` /
+/// `1.0` per group, in [`ParamStore::buffers`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Groups {
+    /// How the weight is cut.
+    pub layout: GroupLayout,
+    /// The mask buffer.
+    pub mask: ParamId,
 }
 
 impl WeightBinarizer {
@@ -135,41 +170,78 @@ impl WeightBinarizer {
             alpha: vec![0.0; rows],
             wb: vec![0.0; len],
             dwb: vec![0.0; len],
+            groups: None,
         }
     }
 
-    /// Compute `alpha` and `Wb` from the latent weights `w`.
-    pub fn binarize(&mut self, w: &[f32]) {
+    /// Compute `alpha` and `Wb` from the latent weights `w` (`buffers`: the model's buffers,
+    /// where a sparse layer's group mask lives). With groups, masked weights are 0 in `Wb` and
+    /// `alpha` is the mean `|W|` over the surviving weights only (of the layer or of the
+    /// output channel; 0 when none survive).
+    pub fn binarize(&mut self, w: &[f32], buffers: &[f32]) {
         let per_row = w.len() / self.rows;
-        if self.per_channel {
-            for (r, row) in w.chunks_exact(per_row).enumerate() {
-                self.alpha[r] = row.iter().map(|v| v.abs()).sum::<f32>() / per_row as f32;
+        match self.groups {
+            None if self.per_channel => {
+                for (r, row) in w.chunks_exact(per_row).enumerate() {
+                    self.alpha[r] = row.iter().map(|v| v.abs()).sum::<f32>() / per_row as f32;
+                }
             }
-        } else {
-            let a = w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64;
-            self.alpha.fill(a as f32);
+            None => {
+                let a = w.iter().map(|v| v.abs() as f64).sum::<f64>() / w.len().max(1) as f64;
+                self.alpha.fill(a as f32);
+            }
+            Some(g) => {
+                // Sums and counts of the surviving weights, per output channel (a group never
+                // crosses a channel: its row `unit` divides the channel's `per_row`).
+                let mask = &buffers[g.mask.range()];
+                self.alpha.fill(0.0);
+                self.dwb[..self.rows].fill(0.0); // counts, in scratch that backward overwrites
+                for (range, &m) in g.layout.ranges().zip(mask) {
+                    if m != 0.0 {
+                        let r = range.start / per_row;
+                        self.dwb[r] += range.len() as f32;
+                        self.alpha[r] += w[range].iter().map(|v| v.abs()).sum::<f32>();
+                    }
+                }
+                if self.per_channel {
+                    for (a, &c) in self.alpha.iter_mut().zip(&self.dwb[..self.rows]) {
+                        *a = if c > 0.0 { *a / c } else { 0.0 };
+                    }
+                } else {
+                    let s = self.alpha.iter().map(|&a| a as f64).sum::<f64>();
+                    let c = self.dwb[..self.rows].iter().map(|&c| c as f64).sum::<f64>();
+                    self.alpha.fill(if c > 0.0 { (s / c) as f32 } else { 0.0 });
+                }
+            }
         }
         for ((row, wb), &a) in w.chunks_exact(per_row).zip(self.wb.chunks_exact_mut(per_row)).zip(&self.alpha) {
             for (b, &v) in wb.iter_mut().zip(row) {
                 *b = if v >= 0.0 { a } else { -a };
             }
         }
+        if let Some(g) = self.groups {
+            crate::group::apply_mask(&mut self.wb, &g.layout, &buffers[g.mask.range()]);
+        }
     }
 
     /// The weights a layer computes with: `Wb` (freshly binarized from the latent `w`) when
     /// the layer has a binarizer, else `w` itself.
-    pub fn forward_weights<'a>(bin: &'a mut Option<WeightBinarizer>, w: &'a [f32]) -> &'a [f32] {
+    pub fn forward_weights<'a>(bin: &'a mut Option<WeightBinarizer>, w: &'a [f32], buffers: &[f32]) -> &'a [f32] {
         match bin {
             Some(b) => {
-                b.binarize(w);
+                b.binarize(w, buffers);
                 &b.wb
             }
             None => w,
         }
     }
 
-    /// Straight-through estimator: add `dL/dWb` (masked and scaled) into `grad`.
-    pub fn backward(&self, w: &[f32], grad: &mut [f32]) {
+    /// Straight-through estimator: add `dL/dWb` (masked and scaled) into `grad`. Weights of
+    /// masked groups get nothing.
+    pub fn backward(&mut self, w: &[f32], grad: &mut [f32], buffers: &[f32]) {
+        if let Some(g) = self.groups {
+            crate::group::apply_mask(&mut self.dwb, &g.layout, &buffers[g.mask.range()]);
+        }
         let per_row = w.len() / self.rows;
         for (r, ((g, d), wr)) in
             grad.chunks_exact_mut(per_row).zip(self.dwb.chunks_exact(per_row)).zip(w.chunks_exact(per_row)).enumerate()
@@ -236,23 +308,23 @@ mod tests {
         let q = QuantConfig { precision: Precision::W1, ..Default::default() };
         let w = [0.5f32, -1.5, 0.0, -0.25, 2.0, 1.0];
         let mut b = WeightBinarizer::new(&q, 2, 6);
-        b.binarize(&w);
+        b.binarize(&w, &[]);
         let a = (0.5 + 1.5 + 0.0 + 0.25 + 2.0 + 1.0) / 6.0;
         assert_eq!(b.wb, vec![a, -a, a, -a, a, a]);
         b.dwb.copy_from_slice(&[1.0; 6]);
         let mut g = [0.0; 6];
-        b.backward(&w, &mut g);
+        b.backward(&w, &mut g, &[]);
         assert_eq!(g, [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]);
 
         let q = QuantConfig { alpha_per_channel: true, grad_scale: true, ste_clip: None, ..q };
         let mut b = WeightBinarizer::new(&q, 2, 6);
-        b.binarize(&w);
+        b.binarize(&w, &[]);
         let (a0, a1) = (2.0f32 / 3.0, 3.25f32 / 3.0);
         assert_eq!(b.alpha, vec![a0, a1]);
         assert_eq!(b.wb, vec![a0, -a0, a0, -a1, a1, a1]);
         b.dwb.copy_from_slice(&[1.0; 6]);
         let mut g = [0.0; 6];
-        b.backward(&w, &mut g);
+        b.backward(&w, &mut g, &[]);
         assert!((g[0] - 1.0 / a0).abs() < 1e-6 && (g[5] - 1.0 / a1).abs() < 1e-6);
     }
 

@@ -14,6 +14,12 @@
 //!   binary activation itself is free;
 //! - global average pooling: one addition per input value and one multiplication per channel;
 //!   average pooling likewise; max pooling, ReLU, Hardtanh: comparisons only;
+//! - sparse binary weights (`sw1`, `sw1a1`; see [`crate::group`]): the packed sparse form
+//!   stores one sign bit per surviving weight, one mask bit per group and 32 bits per `alpha`;
+//!   a pruned group removes its `out_h * out_w * |g|` additions (`additions_removed`), and
+//!   `sparsity` is the fraction of the layer's weights in pruned groups (`zero_groups`
+//!   groups); with binary activations, `binary_ops` likewise counts only the surviving
+//!   weights. Under `total`, `sparsity` is over the weights of all grouped layers;
 //! - sparse linear layers (DynaDiag, SET, RigL): only the deployed non-zeros count, the budget
 //!   `K * D` (DynaDiag's soft phase trains up to `C * D` candidates, but the deployed layer
 //!   keeps `K` diagonals), as parameters, MACs, multiplications and additions (plus the bias).
@@ -46,6 +52,14 @@ pub struct LayerSummary {
     pub additions: usize,
     /// XNOR + popcount steps (binary-activation layers).
     pub binary_ops: usize,
+    /// Weight groups (sparse binary layers; 0 elsewhere).
+    pub groups: usize,
+    /// Groups pruned to zero.
+    pub zero_groups: usize,
+    /// Fraction of the weights in pruned groups.
+    pub sparsity: f64,
+    /// Additions the pruned groups remove (already subtracted from `additions`).
+    pub additions_removed: usize,
 }
 
 /// Whole-model summary.
@@ -62,6 +76,8 @@ pub struct Summary {
 /// Summarize `model` (see the module documentation for the counting rules).
 pub fn summarize(model: &Model) -> Summary {
     let nodes = &model.nodes;
+    let grouped = model.group_layers();
+    let (mut grouped_weights, mut zero_weights) = (0usize, 0usize);
     let mut layers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         let out = node.out_shape;
@@ -86,8 +102,19 @@ pub fn summarize(model: &Model) -> Summary {
                         l.param_bits = params + 32 * alphas;
                         l.additions = macs;
                         l.kind += if binary_in { "/w1a1" } else { "/w1" };
+                        if let Some(g) = grouped.iter().find(|g| g.name == node.name) {
+                            l.kind.insert(l.kind.len() - if binary_in { 4 } else { 2 }, 's');
+                            l.groups = g.groups;
+                            l.zero_groups = g.zero_groups;
+                            l.sparsity = g.sparsity();
+                            l.param_bits = params - g.zero_weights + g.groups + 32 * alphas;
+                            l.additions_removed = out.h * out.w * g.zero_weights;
+                            l.additions = macs - l.additions_removed;
+                            grouped_weights += g.weights;
+                            zero_weights += g.zero_weights;
+                        }
                         if binary_in {
-                            l.binary_ops = macs;
+                            l.binary_ops = l.additions;
                         }
                     }
                     None => {
@@ -192,7 +219,11 @@ pub fn summarize(model: &Model) -> Summary {
         total.multiplications += l.multiplications;
         total.additions += l.additions;
         total.binary_ops += l.binary_ops;
+        total.groups += l.groups;
+        total.zero_groups += l.zero_groups;
+        total.additions_removed += l.additions_removed;
     }
+    total.sparsity = zero_weights as f64 / grouped_weights.max(1) as f64;
     let compression = (32 * total.params) as f64 / total.param_bits.max(1) as f64;
     Summary { layers, total, compression }
 }

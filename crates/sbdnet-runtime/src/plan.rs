@@ -509,6 +509,7 @@ impl Plan {
                             } else if cv.k == 1 && cv.stride == 1 && cv.pad == 0 {
                                 let gs = group_size.unwrap_or(1);
                                 let mut p = SparsePointwise::new(cv.cin, cv.cout, &w, m, gs);
+                                bmacs = (y.h * y.w * p.kept_weights()) as u64;
                                 if let Stage::Threshold(thr) = &stage {
                                     p = p.with_thresholds(thr);
                                 }

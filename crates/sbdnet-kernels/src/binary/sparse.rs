@@ -82,6 +82,12 @@ impl SparsePointwise {
         self.cout
     }
 
+    /// Surviving weights (input channels kept, summed over output channels): the binary
+    /// multiply-accumulates per pixel.
+    pub fn kept_weights(&self) -> usize {
+        self.kept.iter().map(|&k| k as usize).sum()
+    }
+
     /// Surviving input words stored over all output channels (the work per pixel).
     pub fn kept_words(&self) -> usize {
         self.entries.len()
