@@ -43,7 +43,7 @@ fn penalty_gradient_matches_finite_differences() {
     let (mut checked, mut failures) = (0, Vec::new());
     for i in 0..120 {
         let g = i / 20 * 3 + (i % 20) / 8;
-        let mut fd = |h: f32| {
+        let fd = |h: f32| {
             let mut wp = w.clone();
             wp[i] += h;
             let up = r_fixed(&wp, &l, &mask, tau);
