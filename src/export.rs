@@ -37,7 +37,21 @@ fn act_into_threshold(act: Act, t: f32) -> std::result::Result<f32, bool> {
 }
 
 /// A BatchNorm's gamma, beta, running mean and sigma = sqrt(var + eps).
-type BnParts = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+struct Bn {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    mean: Vec<f32>,
+    sigma: Vec<f32>,
+}
+
+impl Bn {
+    /// Channel `c`'s affine as the training graph's eval computes it:
+    /// `scale = gamma * rstd`, `shift = beta - mean * scale`.
+    fn affine(&self, c: usize) -> (f32, f32) {
+        let s = self.gamma[c] * (1.0 / self.sigma[c]);
+        (s, self.beta[c] - self.mean[c] * s)
+    }
+}
 
 struct Exporter<'a> {
     model: &'a Model,
@@ -53,14 +67,18 @@ struct Exporter<'a> {
 
 impl Exporter<'_> {
     fn param(&self, name: &str) -> Result<&[f32]> {
-        let p = &self.model.params;
-        if let Some(t) = p.tensors.iter().find(|t| t.name == name) {
-            return Ok(&p.data[t.range()]);
-        }
-        if let Some(t) = p.buffer_tensors.iter().find(|t| t.name == name) {
-            return Ok(&p.buffers[t.range()]);
-        }
-        bail!("the model has no tensor {name}")
+        self.model.params.find(name).with_context(|| format!("the model has no tensor {name}"))
+    }
+
+    /// The BatchNorm layer `name`'s parameters and running statistics.
+    fn bn(&self, name: &str, eps: f32) -> Result<Bn> {
+        let var = self.param(&format!("{name}.running_var"))?;
+        Ok(Bn {
+            gamma: self.param(&format!("{name}.gamma"))?.to_vec(),
+            beta: self.param(&format!("{name}.beta"))?.to_vec(),
+            mean: self.param(&format!("{name}.running_mean"))?.to_vec(),
+            sigma: var.iter().map(|v| (v + eps).sqrt()).collect(),
+        })
     }
 
     fn put(&mut self, name: String, d: TensorData) -> String {
@@ -136,25 +154,19 @@ impl Exporter<'_> {
         // BatchNorm, activation, binarization that follow.
         let mut j = i;
         let (mut scale, mut bias) = (alpha.clone(), vec![0.0f32; cout]);
-        let mut bn_parts: Option<BnParts> = None;
+        let mut bn_parts: Option<Bn> = None;
         let mut act = Act::None;
         if let Some(Op::BatchNorm(bn)) = self.sole_next(j).map(|n| &n.op) {
-            let bn_name = &self.model.nodes[j + 1].name;
-            let gamma = self.param(&format!("{bn_name}.gamma"))?.to_vec();
-            let beta = self.param(&format!("{bn_name}.beta"))?.to_vec();
-            let mean = self.param(&format!("{bn_name}.running_mean"))?.to_vec();
-            let var = self.param(&format!("{bn_name}.running_var"))?.to_vec();
-            let sigma: Vec<f32> = var.iter().map(|v| (v + bn.eps).sqrt()).collect();
+            let parts = self.bn(&self.model.nodes[j + 1].name, bn.eps)?;
             for c in 0..cout {
-                // As the training graph's eval: scale = gamma * rstd, shift = beta - mean * scale.
-                let s = gamma[c] * (1.0 / sigma[c]);
+                let (s, shift) = parts.affine(c);
                 scale[c] = s * alpha[c];
-                bias[c] = beta[c] - mean[c] * s;
+                bias[c] = shift;
             }
             if bn.relu {
                 act = Act::Relu;
             }
-            bn_parts = Some((gamma, beta, mean, sigma));
+            bn_parts = Some(parts);
             j += 1;
         }
         if act == Act::None {
@@ -182,7 +194,7 @@ impl Exporter<'_> {
                     let st = match act_into_threshold(act, t[c]) {
                         Err(always) => SignThreshold { thr: if always { i32::MIN } else { i32::MAX }, negative: false },
                         Ok(te) => match &bn_parts {
-                            Some((gm, bt, mn, sg)) => fold_bn_sign(alpha[c], gm[c], bt[c], mn[c], sg[c], te),
+                            Some(b) => fold_bn_sign(alpha[c], b.gamma[c], b.beta[c], b.mean[c], b.sigma[c], te),
                             None => fold_bn_sign(alpha[c], 1.0, 0.0, 0.0, 1.0, te),
                         },
                     };
@@ -222,12 +234,8 @@ impl Exporter<'_> {
                 return Ok(i);
             }
             Op::BatchNorm(bn) => {
-                let g = self.param(&format!("{name}.gamma"))?;
-                let b = self.param(&format!("{name}.beta"))?;
-                let m = self.param(&format!("{name}.running_mean"))?;
-                let v = self.param(&format!("{name}.running_var"))?;
-                let scale: Vec<f32> = (0..c).map(|k| g[k] * (1.0 / (v[k] + bn.eps).sqrt())).collect();
-                let bias: Vec<f32> = (0..c).map(|k| b[k] - m[k] * scale[k]).collect();
+                let parts = self.bn(&name, bn.eps)?;
+                let (scale, bias): (Vec<f32>, Vec<f32>) = (0..c).map(|k| parts.affine(k)).unzip();
                 let act = if bn.relu { Act::Relu } else { Act::None };
                 let scale = self.put(format!("{name}.scale"), TensorData::F32(scale));
                 let bias = self.put(format!("{name}.bias"), TensorData::F32(bias));

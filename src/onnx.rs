@@ -6,7 +6,7 @@
 //! `float` model), not an emulation of the binary one. The protobuf is written by hand (a
 //! few message types; no protobuf dependency).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sbdnet_nn::model::Op;
 use sbdnet_nn::Model;
 
@@ -136,15 +136,7 @@ impl Graph {
 /// The ONNX bytes of `model`'s float architecture.
 pub fn to_onnx(model: &Model) -> Result<Vec<u8>> {
     let p = &model.params;
-    let get = |name: &str| -> Result<&[f32]> {
-        if let Some(t) = p.tensors.iter().find(|t| t.name == name) {
-            return Ok(&p.data[t.range()]);
-        }
-        if let Some(t) = p.buffer_tensors.iter().find(|t| t.name == name) {
-            return Ok(&p.buffers[t.range()]);
-        }
-        bail!("no tensor {name}")
-    };
+    let get = |name: &str| -> Result<&[f32]> { p.find(name).with_context(|| format!("no tensor {name}")) };
     let mut g = Graph { nodes: Vec::new(), inits: Vec::new() };
     // Name of the ONNX value holding each training activation.
     let mut names: Vec<String> = vec!["input".to_string()];

@@ -95,6 +95,11 @@ impl ParamStore {
         self.tensors.iter().find(|t| t.name == name).map(|t| &self.data[t.range()])
     }
 
+    /// Parameter or non-trained state (buffer) tensor by name.
+    pub fn find(&self, name: &str) -> Option<&[f32]> {
+        self.get(name).or_else(|| self.buffer_tensors.iter().find(|t| t.name == name).map(|t| &self.buffers[t.range()]))
+    }
+
     /// Zero all gradients (one fill).
     pub fn zero_grad(&mut self) {
         self.grad.fill(0.0);
