@@ -394,6 +394,76 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
+/// The pointwise kernels on bits (dense word-major and sparse with skipped groups): one
+/// way to run them, threaded over rows.
+trait PointwiseBits: Sync {
+    fn cin(&self) -> usize;
+    fn cout(&self) -> usize;
+    /// Integer dot products of `rows` pixels.
+    fn dots(&self, x: &[u64], rows: usize, out: &mut [i32]);
+    /// Packed sign bits through the kernel's thresholds (`scratch`: `cout` values).
+    fn packed(&self, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]);
+}
+
+impl PointwiseBits for PackedPointwise {
+    fn cin(&self) -> usize {
+        PackedPointwise::cin(self)
+    }
+    fn cout(&self) -> usize {
+        PackedPointwise::cout(self)
+    }
+    fn dots(&self, x: &[u64], rows: usize, out: &mut [i32]) {
+        self.forward(x, rows, out)
+    }
+    fn packed(&self, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
+        self.forward_packed(x, rows, out, scratch)
+    }
+}
+
+impl PointwiseBits for SparsePointwise {
+    fn cin(&self) -> usize {
+        SparsePointwise::cin(self)
+    }
+    fn cout(&self) -> usize {
+        SparsePointwise::cout(self)
+    }
+    fn dots(&self, x: &[u64], rows: usize, out: &mut [i32]) {
+        self.forward(x, rows, out)
+    }
+    fn packed(&self, x: &[u64], rows: usize, out: &mut [u64], _scratch: &mut [i32]) {
+        self.forward_packed(x, rows, out)
+    }
+}
+
+/// Run a pointwise kernel on `rows` packed pixels `xb` through its stage: packed bits
+/// straight from the kernel for thresholds, else integer sums in `raw` and the stage.
+fn run_pointwise(
+    p: &impl PointwiseBits,
+    stage: &Stage,
+    xb: &[u64],
+    rows: usize,
+    raw: &mut [i32],
+    yf: &mut [f32],
+    yb: &mut [u64],
+) {
+    let (wd, od, co) = (binary::words(p.cin()), binary::words(p.cout()), p.cout());
+    let chunk = rows_per_thread(rows);
+    match stage {
+        Stage::Threshold(_) => yb
+            .par_chunks_mut(chunk * od)
+            .zip(raw.par_chunks_mut(co))
+            .enumerate()
+            .for_each(|(k, (o, s))| p.packed(&xb[k * chunk * wd..], o.len() / od, o, s)),
+        _ => {
+            let raw = &mut raw[..rows * co];
+            raw.par_chunks_mut(chunk * co)
+                .enumerate()
+                .for_each(|(k, o)| p.dots(&xb[k * chunk * wd..], o.len() / co, o));
+            stage_i32(stage, raw, co, yf, yb);
+        }
+    }
+}
+
 /// Rows per parallel task: all of them on one thread (no task overhead at batch 1), else an
 /// even split over the pool's threads.
 fn rows_per_thread(rows: usize) -> usize {
@@ -681,49 +751,14 @@ impl Plan {
                 conv2d_forward(&g, xf, w, raw, &mut self.col, &mut self.scratch);
                 stage_f32(stage, raw, g.cout, yf, yb);
             }
-            Kernel::BinPw { p, stage } => {
-                let rows = n * yo.h * yo.w;
-                let (wd, od, co) = (binary::words(p.cin()), binary::words(p.cout()), p.cout());
-                let chunk = rows_per_thread(rows);
-                match stage {
-                    Stage::Threshold(_) => yb
-                        .par_chunks_mut(chunk * od)
-                        .zip(self.raw_i32.par_chunks_mut(co))
-                        .enumerate()
-                        .for_each(|(k, (o, s))| p.forward_packed(&xb[k * chunk * wd..], o.len() / od, o, s)),
-                    _ => {
-                        let raw = &mut self.raw_i32[..rows * co];
-                        raw.par_chunks_mut(chunk * co)
-                            .enumerate()
-                            .for_each(|(k, o)| p.forward(&xb[k * chunk * wd..], o.len() / co, o));
-                        stage_i32(stage, raw, co, yf, yb);
-                    }
-                }
-            }
+            Kernel::BinPw { p, stage } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
             Kernel::BinConv { g, w, stage } => {
                 let g = ConvGeom { batch: n, ..*g };
                 let raw = &mut self.raw_i32[..g.out_len()];
                 binary::bconv_forward(&g, xb, w, raw);
                 stage_i32(stage, raw, g.cout, yf, yb);
             }
-            Kernel::SparsePw { p, stage } => {
-                let rows = n * yo.h * yo.w;
-                let (wd, od, co) = (binary::words(p.cin()), binary::words(p.cout()), p.cout());
-                let chunk = rows_per_thread(rows);
-                match stage {
-                    Stage::Threshold(_) => yb
-                        .par_chunks_mut(chunk * od)
-                        .enumerate()
-                        .for_each(|(k, o)| p.forward_packed(&xb[k * chunk * wd..], o.len() / od, o)),
-                    _ => {
-                        let raw = &mut self.raw_i32[..rows * co];
-                        raw.par_chunks_mut(chunk * co)
-                            .enumerate()
-                            .for_each(|(k, o)| p.forward(&xb[k * chunk * wd..], o.len() / co, o));
-                        stage_i32(stage, raw, co, yf, yb);
-                    }
-                }
-            }
+            Kernel::SparsePw { p, stage } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
             Kernel::BinDw { g, w, stage, packed, zero } => {
                 let g = ConvGeom { batch: n, ..*g };
                 match packed {
