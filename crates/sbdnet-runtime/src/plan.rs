@@ -85,6 +85,13 @@ enum Kernel {
         p: SparsePointwise,
         stage: Stage,
     },
+    /// Sparse binary k x k conv on bits (neither pointwise nor depthwise): unpacked input,
+    /// float convolution with `+-1` / `0` weights.
+    SparseConvBits {
+        g: ConvGeom,
+        w: Vec<f32>,
+        stage: Stage,
+    },
     /// Dense binary conv on bits.
     BinConv {
         g: ConvGeom,
@@ -136,6 +143,7 @@ impl Kernel {
             Kernel::FloatConv { .. } => "conv-f32",
             Kernel::BinPw { .. } => "bpw-xnor",
             Kernel::SparsePw { .. } => "bpw-sparse-xnor",
+            Kernel::SparseConvBits { .. } => "bconv-sparse-unpacked",
             Kernel::BinConv { .. } => "bconv-xnor",
             Kernel::BinDw { packed: Some(_), .. } => "bdw-bitsliced",
             Kernel::BinDw { .. } => "bdw-xnor",
@@ -195,6 +203,8 @@ pub struct Plan {
     raw_f32: Vec<f32>,
     col: Vec<f32>,
     scratch: Vec<f32>,
+    /// Bits input unpacked to `+-1.0` (sparse k x k layers on bits).
+    unpacked: Vec<f32>,
     quant: QuantScratch,
     /// Per-step info and time.
     pub info: Vec<StepInfo>,
@@ -516,7 +526,7 @@ impl Plan {
         let vals = &model.values;
         let mut steps = Vec::new();
         let mut info = Vec::new();
-        let (mut raw_len, mut col_len, mut scratch_len) = (0usize, 0usize, 0usize);
+        let (mut raw_len, mut col_len, mut scratch_len, mut unpacked_len) = (0usize, 0usize, 0usize, 0usize);
         let mut quant = QuantScratch::default();
         for (i, l) in model.graph.layers.iter().enumerate() {
             let name = l.name.as_str();
@@ -585,10 +595,13 @@ impl Plan {
                                 }
                                 Kernel::SparsePw { p, stage }
                             } else {
-                                return Err(graph_err(
-                                    name,
-                                    "a sparse binary k x k convolution on bits has no kernel yet (pointwise and depthwise do)",
-                                ));
+                                // Other sparse k x k layers: the input bits as +-1 floats through
+                                // the float convolution with +-1 / 0 weights (exact integer sums).
+                                let w = crate::reference::conv_weights_f32(model, name, cv)?;
+                                col_len = col_len.max(g.col_len());
+                                scratch_len = scratch_len.max(g.kh * g.kw * g.cin);
+                                unpacked_len = unpacked_len.max(g.in_len());
+                                Kernel::SparseConvBits { g, w, stage }
                             }
                         }
                         (Weights::Binary { .. }, Kind::F32) if opts.a8 == A8Mode::Int8 => {
@@ -681,6 +694,7 @@ impl Plan {
             raw_f32: vec![0.0; raw_len],
             col: vec![0.0; col_len],
             scratch: vec![0.0; scratch_len],
+            unpacked: vec![0.0; unpacked_len],
             quant,
             info,
             profile: false,
@@ -752,6 +766,18 @@ impl Plan {
                 stage_f32(stage, raw, g.cout, yf, yb);
             }
             Kernel::BinPw { p, stage } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
+            Kernel::SparseConvBits { g, w, stage } => {
+                let g = ConvGeom { batch: n, ..*g };
+                let x = &mut self.unpacked[..g.in_len()];
+                binary::unpack(xb, g.cin, x);
+                let raw = &mut self.raw_f32[..g.out_len()];
+                conv2d_forward(&g, x, w, raw, &mut self.col, &mut self.scratch);
+                let ints = &mut self.raw_i32[..g.out_len()];
+                for (i, &v) in ints.iter_mut().zip(raw.iter()) {
+                    *i = v as i32;
+                }
+                stage_i32(stage, ints, g.cout, yf, yb);
+            }
             Kernel::BinConv { g, w, stage } => {
                 let g = ConvGeom { batch: n, ..*g };
                 let raw = &mut self.raw_i32[..g.out_len()];

@@ -82,8 +82,19 @@ fn model(s: &Spec) -> DeployedModel {
     let mut wb = vec![0u64; binary::dw_weight_words(&g)];
     pack_depthwise_weights(&g, &wf, &mut wb);
     t.insert("dw.bits".into(), TensorData::U64(wb));
+    let mut dw_group_size = None;
     let dw_mask = s.sparse_dw.then(|| {
-        t.insert("dw.mask".into(), TensorData::U8((0..s.c1).map(|_| u8::from(rng.uniform() < 0.6)).collect()));
+        let keep: Vec<u8> = (0..s.c1).map(|_| u8::from(rng.uniform() < 0.6)).collect();
+        // With one channel, groups = cin = 1 makes the layer an ordinary convolution: its mask
+        // is per tap ([cout][k*k][ceil(cin / G)]), so the channel's one kernel-wide group is
+        // written as 9 equal tap groups of size 1.
+        let mask = if s.c1 == 1 {
+            dw_group_size = Some(1);
+            vec![keep[0]; 9]
+        } else {
+            keep
+        };
+        t.insert("dw.mask".into(), TensorData::U8(mask));
         "dw.mask".to_string()
     });
     let out_dw = if s.bits {
@@ -98,7 +109,7 @@ fn model(s: &Spec) -> DeployedModel {
         stride: s.stride,
         pad: 1,
         groups: s.c1,
-        weights: Weights::Binary { bits: "dw.bits".into(), mask: dw_mask, group_size: None },
+        weights: Weights::Binary { bits: "dw.bits".into(), mask: dw_mask, group_size: dw_group_size },
         output: out_dw,
     };
     layers.push(Layer { name: "dw".into(), inputs: vec![1], op: Op::Conv(dw) });
@@ -265,4 +276,11 @@ fn loader_rejects_damaged_files_without_panicking() {
     let mut t = m.tensors.clone();
     t.insert("pw.thr".into(), TensorData::I32(vec![0; 3]));
     assert!(DeployedModel::new(m.graph.clone(), t).is_err());
+}
+
+#[test]
+fn one_channel_sparse_depthwise_is_an_ordinary_convolution() {
+    for bits in [true, false] {
+        check(&Spec { cin: 1, h: 5, c1: 1, c2: 3, stride: 1, group: 0, sparse_dw: true, bits, seed: 7 }, 2);
+    }
 }
