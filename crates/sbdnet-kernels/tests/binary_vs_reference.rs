@@ -12,8 +12,8 @@ use sbdnet_kernels::conv::ConvGeom;
 use sbdnet_kernels::reference;
 use sbdnet_kernels::rng::Rng;
 
-const IMPLS: [BinaryImpl; 4] =
-    [BinaryImpl::Reference, BinaryImpl::Portable, BinaryImpl::Popcnt, BinaryImpl::Avx2Shuffle];
+const IMPLS: [BinaryImpl; 5] =
+    [BinaryImpl::Reference, BinaryImpl::Portable, BinaryImpl::Popcnt, BinaryImpl::Avx2Shuffle, BinaryImpl::Avx512];
 
 fn impls() -> impl Iterator<Item = BinaryImpl> {
     IMPLS.into_iter().filter(|i| i.available())

@@ -95,7 +95,7 @@ fn row_body<P: PopXor>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row:
 fn rows(imp: BinaryImpl, g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
     match imp {
         #[cfg(target_arch = "x86_64")]
-        BinaryImpl::Popcnt => {
+        BinaryImpl::Popcnt | BinaryImpl::Avx512 => {
             #[target_feature(enable = "popcnt")]
             unsafe fn popcnt(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
                 row_body::<Scalar>(g, x, w, out, row)

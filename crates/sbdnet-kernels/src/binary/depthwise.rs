@@ -279,7 +279,7 @@ macro_rules! dispatch_row {
     ($imp:expr, $f:ident, $out:ty, ($($a:ident : $t:ty),*)) => {{
         match $imp {
             #[cfg(target_arch = "x86_64")]
-            BinaryImpl::Popcnt => {
+            BinaryImpl::Popcnt | BinaryImpl::Avx512 => {
                 #[target_feature(enable = "popcnt")]
                 unsafe fn k($($a: $t),*, out: $out, row: usize) {
                     $f($($a),*, out, row)
@@ -306,12 +306,25 @@ macro_rules! dispatch_row {
     }};
 }
 
+/// Run `f(row, out_row)` over the rows of `out` (`row_len` values each): threaded with rayon
+/// when the pool has more than one thread, a plain loop otherwise (a one-thread pool's task
+/// splitting costs microseconds on these small layers).
+fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    if row_len == 0 {
+        return;
+    }
+    if crate::threads() <= 1 {
+        out.chunks_mut(row_len).enumerate().for_each(|(row, o)| f(row, o));
+    } else {
+        out.par_chunks_mut(row_len).enumerate().for_each(|(row, o)| f(row, o));
+    }
+}
+
 /// Integer output, threaded over output rows; `imp` is not `Reference`.
 pub(super) fn bdw_forward(imp: BinaryImpl, g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32]) {
     let f: fn(&ConvGeom, &[u64], &[u64], &mut [i32], usize) =
         dispatch_row!(imp, row_i32, &mut [i32], (g: &ConvGeom, x: &[u64], w: &[u64]));
-    let row_len = g.ow * g.cin;
-    out[..g.out_len()].par_chunks_mut(row_len).enumerate().for_each(|(row, o)| f(g, x, w, o, row));
+    for_rows(&mut out[..g.out_len()], g.ow * g.cin, |row, o| f(g, x, w, o, row));
 }
 
 /// Packed output through thresholds, threaded over output rows; `imp` is not `Reference`.
@@ -324,7 +337,167 @@ pub(super) fn bdw_forward_packed(
     out: &mut [u64],
 ) {
     type Row = fn(&ConvGeom, &[u64], &[u64], &DwThresholds, &mut [u64], usize);
-    let f: Row = dispatch_row!(imp, row_packed, &mut [u64], (g: &ConvGeom, x: &[u64], w: &[u64], thr: &DwThresholds));
+    let f: Row = match imp {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only run when the CPU reports avx512f (`BinaryImpl::available`).
+        BinaryImpl::Avx512 => |g, x, w, thr, out, row| unsafe { avx512::row_packed(g, x, w, thr, out, row) },
+        _ => dispatch_row!(imp, row_packed, &mut [u64], (g: &ConvGeom, x: &[u64], w: &[u64], thr: &DwThresholds)),
+    };
     let row_len = g.ow * words(g.cin);
-    out[..g.batch * g.oh * row_len].par_chunks_mut(row_len).enumerate().for_each(|(row, o)| f(g, x, w, thr, o, row));
+    for_rows(&mut out[..g.batch * g.oh * row_len], row_len, |row, o| f(g, x, w, thr, o, row));
+}
+
+/// The packed kernel on 8 output pixels per 512-bit register.
+///
+/// Lane `p` of a register holds word `wi` of output pixel `ox0 + p`. A tap's input words
+/// come from one masked load (one word per pixel, stride 1) or a masked gather (otherwise);
+/// lanes whose tap falls in the padding, or past the row's end, are masked off and their
+/// agree vector forced to zero by a zero-masked ternary-logic XNOR. The carry-save adders and
+/// the bit-sliced comparison are one `vpternlogq` per full adder output, borrow step and
+/// output bit. Border pixels see fewer valid taps, so their lanes take the bound of their own
+/// tap count; the rest is the scalar kernel's arithmetic, lane for lane.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::super::conv::valid_taps;
+    use super::super::{word_mask, words, DwThresholds};
+    use crate::conv::ConvGeom;
+    use std::arch::x86_64::*;
+
+    /// `vpternlogq` truth tables (operands `a`, `b`, `c` = 0xF0, 0xCC, 0xAA).
+    const XNOR_AB: i32 = 0xC3;
+    const XOR3: i32 = 0x96;
+    const MAJ3: i32 = 0xE8;
+    /// Borrow of `a - k` after this plane: `(!a & k) | (!(a ^ k) & borrow)`.
+    const BORROW: i32 = 0x8E;
+    /// Output bit: `!(borrow ^ not_negative) & word_mask` (`ge = !borrow`).
+    const OUT: i32 = 0x82;
+
+    #[inline(always)]
+    unsafe fn csa(a: __m512i, b: __m512i, c: __m512i) -> (__m512i, __m512i) {
+        (_mm512_ternarylogic_epi64::<XOR3>(a, b, c), _mm512_ternarylogic_epi64::<MAJ3>(a, b, c))
+    }
+
+    /// As the scalar `count9`.
+    #[inline(always)]
+    unsafe fn count9(f: &[__m512i; 9]) -> [__m512i; 4] {
+        let (s1, c1) = csa(f[0], f[1], f[2]);
+        let (s2, c2) = csa(f[3], f[4], f[5]);
+        let (s3, c3) = csa(f[6], f[7], f[8]);
+        let (ones, c4) = csa(s1, s2, s3);
+        let (t, c5) = csa(c1, c2, c3);
+        let (twos, c6) = (_mm512_xor_si512(t, c4), _mm512_and_si512(t, c4));
+        let (fours, eights) = (_mm512_xor_si512(c5, c6), _mm512_and_si512(c5, c6));
+        [ones, twos, fours, eights]
+    }
+
+    /// One output row (`row = b * oh + oy`; `out`: `ow * words(c)` words).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_packed(
+        g: &ConvGeom,
+        x: &[u64],
+        w: &[u64],
+        thr: &DwThresholds,
+        out: &mut [u64],
+        row: usize,
+    ) {
+        let (c, wd) = (g.cin, words(g.cin));
+        let (b, oy) = (row / g.oh, row % g.oh);
+        let xi = &x[b * g.h * g.w * wd..][..g.h * g.w * wd];
+        let (ky0, ky1) = valid_taps(oy, g.stride, g.pad, 3, g.h);
+        let rows_valid = ky1 - ky0;
+        let contiguous = wd == 1 && g.stride == 1;
+        let st = (g.stride * wd) as i64;
+        let in_lanes = _mm512_setr_epi64(0, st, 2 * st, 3 * st, 4 * st, 5 * st, 6 * st, 7 * st);
+        let o = wd as i64;
+        let out_lanes = _mm512_setr_epi64(0, o, 2 * o, 3 * o, 4 * o, 5 * o, 6 * o, 7 * o);
+        let xp = xi.as_ptr() as *const i64;
+        // Output columns whose tap column kx lies inside the image: lo[kx] <= ox < hi[kx].
+        let (s, pad) = (g.stride as isize, g.pad as isize);
+        let lo: [isize; 3] =
+            std::array::from_fn(|kx| ((pad - kx as isize).max(0) as usize).div_ceil(s as usize) as isize);
+        let hi: [isize; 3] = std::array::from_fn(|kx| {
+            let last = g.w as isize - 1 + pad - kx as isize;
+            if last < 0 {
+                0
+            } else {
+                last / s + 1
+            }
+        });
+        // Lanes p < n.
+        let below = |n: isize| -> u8 {
+            if n <= 0 {
+                0
+            } else if n >= 8 {
+                0xff
+            } else {
+                (1u8 << n) - 1
+            }
+        };
+        let mut ox0 = 0;
+        while ox0 < g.ow {
+            let np = (g.ow - ox0).min(8);
+            let kstore = below(np as isize);
+            let o0 = ox0 as isize;
+            let kcol: [u8; 3] = std::array::from_fn(|kx| below(hi[kx] - o0) & !below(lo[kx] - o0) & kstore);
+            let all9 = rows_valid == 3 && kcol.iter().all(|&k| k == kstore);
+            // Valid taps per lane (border chunks only).
+            let mut v = [0usize; 8];
+            if !all9 {
+                for (p, vp) in v.iter_mut().enumerate().take(np) {
+                    *vp = rows_valid * kcol.iter().filter(|&&k| k >> p & 1 == 1).count();
+                }
+            }
+            for wi in 0..wd {
+                let mut f = [_mm512_setzero_si512(); 9];
+                for ky in ky0..ky1 {
+                    let iy = oy * g.stride + ky - g.pad;
+                    for kx in 0..3 {
+                        let k = kcol[kx];
+                        if k == 0 {
+                            continue;
+                        }
+                        let wv = _mm512_set1_epi64(w[(ky * 3 + kx) * wd + wi] as i64);
+                        // Input word of lane 0 (may lie before the image: that lane is masked).
+                        let base = ((iy * g.w + ox0 * g.stride) as isize + kx as isize - g.pad as isize) * wd as isize
+                            + wi as isize;
+                        let xv = if contiguous {
+                            _mm512_maskz_loadu_epi64(k, xp.wrapping_offset(base))
+                        } else {
+                            let idx = _mm512_add_epi64(_mm512_set1_epi64(base as i64), in_lanes);
+                            _mm512_mask_i64gather_epi64::<8>(_mm512_setzero_si512(), k, idx, xp)
+                        };
+                        f[ky * 3 + kx] = _mm512_maskz_ternarylogic_epi64::<XNOR_AB>(k, xv, wv, wv);
+                    }
+                }
+                let a = count9(&f);
+                let bound = |plane: usize| -> __m512i {
+                    if all9 {
+                        _mm512_set1_epi64(thr.planes[9 * wd + wi][plane] as i64)
+                    } else {
+                        let mut l = [0i64; 8];
+                        for (p, lp) in l.iter_mut().enumerate().take(np) {
+                            *lp = thr.planes[v[p] * wd + wi][plane] as i64;
+                        }
+                        _mm512_loadu_epi64(l.as_ptr())
+                    }
+                };
+                let mut borrow = _mm512_setzero_si512();
+                for (plane, &ap) in a.iter().enumerate() {
+                    borrow = _mm512_ternarylogic_epi64::<BORROW>(ap, bound(plane), borrow);
+                }
+                let bits = _mm512_ternarylogic_epi64::<OUT>(
+                    borrow,
+                    _mm512_set1_epi64(thr.not_negative[wi] as i64),
+                    _mm512_set1_epi64(word_mask(c, wi) as i64),
+                );
+                let op = out.as_mut_ptr().add(ox0 * wd + wi) as *mut i64;
+                if wd == 1 {
+                    _mm512_mask_storeu_epi64(op, kstore, bits);
+                } else {
+                    _mm512_mask_i64scatter_epi64::<8>(op, kstore, out_lanes, bits);
+                }
+            }
+            ox0 += 8;
+        }
+    }
 }

@@ -50,8 +50,10 @@
 //! `reference` runs the `+-1` loops, `portable` the packed code with `u64::count_ones` for the
 //! baseline target, and `avx2` the packed code compiled with the `POPCNT` instruction
 //! ([`BinaryImpl::Popcnt`], measured faster here than the AVX2 `vpshufb` nibble-table popcount
-//! [`BinaryImpl::Avx2Shuffle`] for these run lengths; both are kept and tested). Work is
-//! split over output rows with rayon (batch 1 included).
+//! [`BinaryImpl::Avx2Shuffle`] for these run lengths; both are kept and tested), or
+//! [`BinaryImpl::Avx512`] where the CPU has AVX-512 (the depthwise kernel then takes 8
+//! pixels per register). Work is split over output rows with rayon (batch 1 included) when
+//! the pool has more than one thread.
 //!
 //! ```
 //! use sbdnet_kernels::binary::{bconv_forward, pack_conv_weights, pack_signs, words};
@@ -284,6 +286,10 @@ pub enum BinaryImpl {
     /// Packed kernels with an AVX2 `vpshufb` nibble-table popcount for runs of 4+ words
     /// (x86_64 with `avx2` and `popcnt`).
     Avx2Shuffle,
+    /// `Popcnt` where the CPU also has AVX-512 (`avx512f`, `avx512vpopcntdq`): the packed
+    /// depthwise kernel runs on 8 pixels per 512-bit register with ternary-logic adders and
+    /// masked loads for the borders; the other kernels run as `Popcnt`.
+    Avx512,
 }
 
 impl BinaryImpl {
@@ -295,18 +301,26 @@ impl BinaryImpl {
             BinaryImpl::Popcnt => is_x86_feature_detected!("popcnt"),
             #[cfg(target_arch = "x86_64")]
             BinaryImpl::Avx2Shuffle => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt"),
+            #[cfg(target_arch = "x86_64")]
+            BinaryImpl::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vpopcntdq")
+                    && is_x86_feature_detected!("popcnt")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
     /// The implementation for this process: from [`kernel_path`] (`SBDNET_KERNEL`), with the
-    /// `avx2` path mapped to [`BinaryImpl::Popcnt`] (the faster one here) when available.
+    /// `avx2` path mapped to [`BinaryImpl::Avx512`] where the CPU has it, else to
+    /// [`BinaryImpl::Popcnt`] (faster here than [`BinaryImpl::Avx2Shuffle`]) when available.
     pub fn current() -> BinaryImpl {
         static IMPL: OnceLock<BinaryImpl> = OnceLock::new();
         *IMPL.get_or_init(|| match kernel_path() {
             KernelPath::Reference => BinaryImpl::Reference,
             KernelPath::Portable => BinaryImpl::Portable,
+            KernelPath::Avx2 if BinaryImpl::Avx512.available() => BinaryImpl::Avx512,
             KernelPath::Avx2 if BinaryImpl::Popcnt.available() => BinaryImpl::Popcnt,
             KernelPath::Avx2 => BinaryImpl::Portable,
         })

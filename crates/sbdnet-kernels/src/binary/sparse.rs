@@ -139,7 +139,10 @@ impl SparsePointwise {
 fn run(f: impl FnOnce()) {
     #[cfg(target_arch = "x86_64")]
     {
-        if matches!(super::BinaryImpl::current(), super::BinaryImpl::Popcnt | super::BinaryImpl::Avx2Shuffle) {
+        if matches!(
+            super::BinaryImpl::current(),
+            super::BinaryImpl::Popcnt | super::BinaryImpl::Avx2Shuffle | super::BinaryImpl::Avx512
+        ) {
             #[target_feature(enable = "popcnt")]
             unsafe fn popcnt(f: impl FnOnce()) {
                 f()
