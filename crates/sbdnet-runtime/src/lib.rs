@@ -11,6 +11,7 @@
 //!   depthwise, add/subtract-only kernels for binary weights on 8-bit activations.
 #![deny(missing_docs)]
 
+mod conv_sign;
 pub mod error;
 pub mod format;
 pub mod graph;

@@ -68,6 +68,8 @@ enum Kernel {
         g: ConvGeom,
         wt: Vec<f32>,
         stage: Stage,
+        /// Sign output fused into the convolution on AVX-512 ([`crate::conv_sign`]).
+        fused: bool,
     },
     /// Float weights (or unpacked binary ones) on `f32`.
     FloatConv {
@@ -139,6 +141,7 @@ enum Kernel {
 impl Kernel {
     fn name(&self) -> &'static str {
         match self {
+            Kernel::SmallConv { fused: true, .. } => "conv-f32-direct-sign512",
             Kernel::SmallConv { .. } => "conv-f32-direct",
             Kernel::FloatConv { .. } => "conv-f32",
             Kernel::BinPw { .. } => "bpw-xnor",
@@ -623,7 +626,13 @@ impl Plan {
                                     wt[k * cv.cout + co] = w[co * kt + k];
                                 }
                             }
-                            Kernel::SmallConv { g, wt, stage }
+                            let fused = matches!(stage, Stage::Sign { .. })
+                                && crate::conv_sign::available()
+                                && wt.iter().all(|v| v.is_finite());
+                            if fused {
+                                unpacked_len = unpacked_len.max(crate::conv_sign::padded_len(&g));
+                            }
+                            Kernel::SmallConv { g, wt, stage, fused }
                         }
                         (_, Kind::F32) => {
                             fmacs = macs;
@@ -749,7 +758,12 @@ impl Plan {
         let yb_len = if yo.kind == Kind::Bits { n * yo.storage() } else { 0 };
         let (yf, yb) = (&mut yf[..yf_len], &mut yb[..yb_len]);
         match &step.kernel {
-            Kernel::SmallConv { g, wt, stage } => {
+            Kernel::SmallConv { g, wt, stage: Stage::Sign { scale, bias, act, t }, fused: true } => {
+                let g = ConvGeom { batch: n, ..*g };
+                let st = crate::conv_sign::SignStage { scale, bias, t, act: *act as u8 };
+                crate::conv_sign::conv_sign(&g, xf, wt, &st, &mut self.unpacked, yb);
+            }
+            Kernel::SmallConv { g, wt, stage, .. } => {
                 let g = ConvGeom { batch: n, ..*g };
                 let raw = &mut self.raw_f32[..g.out_len()];
                 if g.cout == 32 {
