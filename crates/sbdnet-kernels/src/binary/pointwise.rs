@@ -51,7 +51,11 @@ impl PwImpl {
             #[cfg(target_arch = "x86_64")]
             PwImpl::Popcnt => is_x86_feature_detected!("popcnt"),
             #[cfg(target_arch = "x86_64")]
-            PwImpl::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vpopcntdq"),
+            PwImpl::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vpopcntdq")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -229,7 +233,7 @@ mod avx512 {
     /// through the thresholds (popcount bounds, compared in registers). Output channels go in
     /// passes of 64 (one output word); within a pass the bounds stay in registers and every
     /// pixel's accumulators live in 8 registers.
-    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
     pub(super) unsafe fn forward(
         p: &PackedPointwise,
         x: &[u64],
@@ -246,20 +250,27 @@ mod avx512 {
         while b0 < blocks {
             let nb = REGS.min(blocks - b0);
             let mut bound = [_mm512_setzero_si512(); REGS];
-            let mut pos_mask = [0u8; REGS];
+            // Over the pass's output word: lanes whose bit is `(a <= K) XOR 1`, valid lanes.
+            let (mut pos_word, mut valid_word) = (0u64, 0u64);
             if bits.is_some() {
                 for i in 0..nb {
                     bound[i] = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
                     let m = p.cout.saturating_sub((b0 + i) * LANES).min(LANES);
                     let valid = if m == LANES { 0xff } else { (1u8 << m) - 1 };
-                    pos_mask[i] = !p.neg_mask[b0 + i] & valid;
+                    pos_word |= u64::from(!p.neg_mask[b0 + i] & valid) << (8 * i);
+                    valid_word |= u64::from(valid) << (8 * i);
                 }
             }
             let wblk = wt.add(b0 * LANES);
             for r in 0..rows {
                 let xr = x.as_ptr().add(r * wd);
+                // The first word sets the accumulators, the others add.
                 let mut acc = [_mm512_setzero_si512(); REGS];
-                for j in 0..wd {
+                let xv = _mm512_set1_epi64(*xr as i64);
+                for (i, a) in acc.iter_mut().enumerate().take(nb) {
+                    *a = _mm512_popcnt_epi64(_mm512_xor_si512(xv, _mm512_loadu_si512(wblk.add(i * LANES) as *const _)));
+                }
+                for j in 1..wd {
                     let xv = _mm512_set1_epi64(*xr.add(j) as i64);
                     let wrow = wblk.add(j * p.cpad);
                     for (i, a) in acc.iter_mut().enumerate().take(nb) {
@@ -269,15 +280,12 @@ mod avx512 {
                 }
                 match bits.as_deref_mut() {
                     Some(b) => {
+                        // bit = (a <= K) XOR positive, masked to the valid lanes
                         let mut word = 0u64;
                         for i in 0..nb {
-                            // bit = (a <= K) XOR positive, masked to the valid lanes
-                            let le = _mm512_cmple_epi64_mask(acc[i], bound[i]);
-                            let m = p.cout.saturating_sub((b0 + i) * LANES).min(LANES);
-                            let valid = if m == LANES { 0xff } else { (1u8 << m) - 1 };
-                            word |= (((le ^ pos_mask[i]) & valid) as u64) << (8 * i);
+                            word |= u64::from(_mm512_cmple_epi64_mask(acc[i], bound[i])) << (8 * i);
                         }
-                        *b.get_unchecked_mut(r * od + b0 / REGS) = word;
+                        *b.get_unchecked_mut(r * od + b0 / REGS) = (word ^ pos_word) & valid_word;
                     }
                     None => {
                         for (i, a) in acc.iter().enumerate().take(nb) {
