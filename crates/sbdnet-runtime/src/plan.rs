@@ -116,7 +116,8 @@ enum Kernel {
     Linear {
         inp: usize,
         out: usize,
-        w: Vec<f32>,
+        /// `[inp][out]`.
+        wt: Vec<f32>,
         b: Option<Vec<f32>>,
     },
     Binarize {
@@ -497,17 +498,47 @@ fn affine_rows(x: &[f32], c: usize, scale: &[f32], bias: &[f32], act: Act, y: &m
     }
 }
 
+sbdnet_kernels::simd_kernel! {
+    /// `y = act(scale[c] * x + bias[c])` over rows of `c` integer sums (one loop per
+    /// activation, so each vectorizes).
+    fn affine_i32(raw: &[i32], c: usize, scale: &[f32], bias: &[f32], act: Act, out: &mut [f32]) {
+        #[inline(always)]
+        fn run(raw: &[i32], c: usize, scale: &[f32], bias: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+            for (yr, xr) in out.chunks_exact_mut(c).zip(raw.chunks_exact(c)) {
+                for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
+                    *y = f(s * x as f32 + b);
+                }
+            }
+        }
+        match act {
+            Act::None => run(raw, c, scale, bias, out, |v| Act::None.apply(v)),
+            Act::Relu => run(raw, c, scale, bias, out, |v| Act::Relu.apply(v)),
+            Act::Hardtanh => run(raw, c, scale, bias, out, |v| Act::Hardtanh.apply(v)),
+        }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// Global average pooling of NHWC `x` (`pixels` per image, `c` channels) into `y`.
+    fn gap_rows(x: &[f32], pixels: usize, c: usize, y: &mut [f32]) {
+        for (b, yr) in y.chunks_exact_mut(c).enumerate() {
+            yr.fill(0.0);
+            for p in 0..pixels {
+                for (y, &v) in yr.iter_mut().zip(&x[(b * pixels + p) * c..][..c]) {
+                    *y += v;
+                }
+            }
+            let inv = 1.0 / pixels as f32;
+            yr.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
 /// Apply a stage to integer raw sums.
 fn stage_i32(stage: &Stage, raw: &[i32], c: usize, out_f: &mut [f32], out_b: &mut [u64]) {
     match stage {
         Stage::Threshold(thr) => binary::threshold_pack(raw, c, thr, out_b),
-        Stage::Affine { scale, bias, act } => {
-            for (yr, xr) in out_f.chunks_exact_mut(c).zip(raw.chunks_exact(c)) {
-                for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
-                    *y = act.apply(s * x as f32 + b);
-                }
-            }
-        }
+        Stage::Affine { scale, bias, act } => affine_i32(raw, c, scale, bias, *act, out_f),
         Stage::Sign { scale, bias, act, t } => {
             let wd = binary::words(c);
             for (or, xr) in out_b.chunks_exact_mut(wd).zip(raw.chunks_exact(c)) {
@@ -652,7 +683,16 @@ impl Plan {
                         Some(b) => Some(f32s(t, name, b, *out)?.to_vec()),
                         None => None,
                     };
-                    Kernel::Linear { inp: *inp, out: *out, w: f32s(t, name, weight, inp * out)?.to_vec(), b }
+                    // Transposed to [inp][out]: the outputs' sums advance together (independent
+                    // chains), each still adding its products in input order.
+                    let w = f32s(t, name, weight, inp * out)?;
+                    let mut wt = vec![0.0; inp * out];
+                    for o in 0..*out {
+                        for i in 0..*inp {
+                            wt[i * out + o] = w[o * inp + i];
+                        }
+                    }
+                    Kernel::Linear { inp: *inp, out: *out, wt, b }
                 }
                 Op::Binarize { t: th } => Kernel::Binarize { t: f32s(t, name, th, x.c)?.to_vec() },
                 Op::Affine { scale, bias, act } => Kernel::Affine {
@@ -832,15 +872,18 @@ impl Plan {
                 conv.forward(n, xf, raw, &mut self.quant);
                 stage_f32(stage, raw, yo.c, yf, yb);
             }
-            Kernel::Linear { inp, out, w, b } => {
+            Kernel::Linear { inp, out, wt, b } => {
                 for (xr, yr) in xf.chunks_exact(*inp).zip(yf.chunks_exact_mut(*out)) {
-                    for (o, y) in yr.iter_mut().enumerate() {
-                        let wr = &w[o * inp..][..*inp];
-                        let mut s = 0.0f32;
-                        for (&a, &b) in xr.iter().zip(wr) {
-                            s += a * b;
+                    yr.fill(0.0);
+                    for (&a, wr) in xr.iter().zip(wt.chunks_exact(*out)) {
+                        for (s, &w) in yr.iter_mut().zip(wr) {
+                            *s += a * w;
                         }
-                        *y = s + b.as_ref().map_or(0.0, |b| b[o]);
+                    }
+                    if let Some(b) = b {
+                        for (s, &bv) in yr.iter_mut().zip(b) {
+                            *s += bv;
+                        }
                     }
                 }
             }
@@ -874,19 +917,7 @@ impl Plan {
                     }
                 }
             }
-            Kernel::Gap => {
-                let (pixels, c) = (xi.h * xi.w, xi.c);
-                for (b, yr) in yf.chunks_exact_mut(c).enumerate() {
-                    yr.fill(0.0);
-                    for p in 0..pixels {
-                        for (y, &v) in yr.iter_mut().zip(&xf[(b * pixels + p) * c..][..c]) {
-                            *y += v;
-                        }
-                    }
-                    let inv = 1.0 / pixels as f32;
-                    yr.iter_mut().for_each(|v| *v *= inv);
-                }
-            }
+            Kernel::Gap => gap_rows(xf, xi.h * xi.w, xi.c, yf),
             Kernel::Copy => yf.copy_from_slice(xf),
             Kernel::Add => {
                 let other = &f_lo[step.inputs[1]][..yf.len()];

@@ -51,11 +51,7 @@ impl PwImpl {
             #[cfg(target_arch = "x86_64")]
             PwImpl::Popcnt => is_x86_feature_detected!("popcnt"),
             #[cfg(target_arch = "x86_64")]
-            PwImpl::Avx512 => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vpopcntdq")
-            }
+            PwImpl::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vpopcntdq"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -233,7 +229,7 @@ mod avx512 {
     /// through the thresholds (popcount bounds, compared in registers). Output channels go in
     /// passes of 64 (one output word); within a pass the bounds stay in registers and every
     /// pixel's accumulators live in 8 registers.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
+    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
     pub(super) unsafe fn forward(
         p: &PackedPointwise,
         x: &[u64],
