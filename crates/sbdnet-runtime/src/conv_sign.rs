@@ -4,8 +4,9 @@
 //! `vcmpps` writes the sign bits straight into a mask register, so the raw sums never reach
 //! memory.
 //!
-//! The arithmetic is the plan's scalar path's, operation for operation: products added in
-//! tap order `(ky, kx, ci)` without fused multiply-add, then `scale * x + bias`, the
+//! The arithmetic is the plan's scalar path's and the reference executor's, operation for
+//! operation: products accumulated with fused multiply-add (`f32::mul_add`, one rounding per
+//! tap) in tap order `(ky, kx, ci)`, then `scale * x + bias` (not fused), the
 //! activation, `> t`. A tap in the zero padding adds `0 * w` (a signed zero) where the scalar
 //! path skips it (the input is copied into a zero-padded buffer first, so the inner loops
 //! have no border cases); that changes at most the sign of an exact zero sum, which no
@@ -112,7 +113,7 @@ mod avx512 {
                                 for p in 0..P {
                                     let xv = _mm512_set1_ps(*row.add(px[p] + kx * c + ci));
                                     for j in 0..NV {
-                                        acc[p][j] = _mm512_add_ps(acc[p][j], _mm512_mul_ps(xv, wv[j]));
+                                        acc[p][j] = _mm512_fmadd_ps(xv, wv[j], acc[p][j]);
                                     }
                                 }
                             }
@@ -171,7 +172,7 @@ mod tests {
                                 }
                                 for ci in 0..g.cin {
                                     let xv = x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin + ci];
-                                    s += xv * wt[((ky * g.kw + kx) * g.cin + ci) * g.cout + co];
+                                    s = xv.mul_add(wt[((ky * g.kw + kx) * g.cin + ci) * g.cout + co], s);
                                 }
                             }
                         }
@@ -214,7 +215,7 @@ mod tests {
             let (scale, bias, mut t) = (v(cout, 1.0), v(cout, 0.3), v(cout, 0.5));
             let act = (case % 3) as u8;
             // Thresholds equal to one pixel's exact value in most channels: a sum rounded
-            // in any other order (fused multiply-add, another tap order) flips that bit.
+            // in any other way (separate multiply and add, another tap order) flips that bit.
             let (ys, _) = plain(&g, &x, &wt, &SignStage { scale: &scale, bias: &bias, t: &t, act });
             let pixels = ys.len() / cout;
             for (co, tc) in t.iter_mut().enumerate() {

@@ -57,7 +57,9 @@ pub fn conv_weights_f32(m: &DeployedModel, name: &str, cv: &Conv) -> Result<Vec<
     })
 }
 
-/// Plain convolution of `n` NHWC images with OHWI weights (zero padding), raw sums.
+/// Plain convolution of `n` NHWC images with OHWI weights (zero padding), raw sums: each
+/// sum starts at 0 and takes its valid taps in `(ky, kx, ci)` order with fused multiply-add
+/// (`f32::mul_add`), the rule the planned first-layer kernels follow exactly.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_raw(cv: &Conv, x: &[f32], xi: ValueInfo, yo: ValueInfo, w: &[f32], n: usize, out: &mut [f32]) {
     let cpg = cv.cin / cv.groups;
@@ -81,7 +83,7 @@ pub fn conv_raw(cv: &Conv, x: &[f32], xi: ValueInfo, yo: ValueInfo, w: &[f32], n
                             let xo = ((b * xi.h + iy as usize) * xi.w + ix as usize) * xi.c + g * cpg;
                             let wo = ((co * cv.k + ky) * cv.k + kx) * cpg;
                             for ci in 0..cpg {
-                                s += x[xo + ci] * w[wo + ci];
+                                s = x[xo + ci].mul_add(w[wo + ci], s);
                             }
                         }
                     }
