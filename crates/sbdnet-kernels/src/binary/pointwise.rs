@@ -249,8 +249,8 @@ mod avx512 {
             // Over the pass's output word: lanes whose bit is `(a <= K) XOR 1`, valid lanes.
             let (mut pos_word, mut valid_word) = (0u64, 0u64);
             if bits.is_some() {
-                for i in 0..nb {
-                    bound[i] = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
+                for (i, bd) in bound.iter_mut().enumerate().take(nb) {
+                    *bd = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
                     let m = p.cout.saturating_sub((b0 + i) * LANES).min(LANES);
                     let valid = if m == LANES { 0xff } else { (1u8 << m) - 1 };
                     pos_word |= u64::from(!p.neg_mask[b0 + i] & valid) << (8 * i);
