@@ -71,9 +71,17 @@ pub struct PackedPointwise {
     neg: Vec<bool>,
     /// `neg` as one byte per block of 8 channels.
     neg_mask: Vec<u8>,
-    /// Per padded channel, the bound `K` on the popcount `a` (`s = cin - 2a`): the output bit
+    /// Per padded channel, the bound `K` on the popcount `a` (`s = kept - 2a`): the output bit
     /// (`1` = `-1`) is `a > K` for a positive threshold and `a <= K` for a flipped one.
     bound: Vec<i64>,
+    /// Masked (group-sparse) weights only: `[words(cin)][cpad]` bit masks of the kept input
+    /// channels (`(x ^ w) & m` is popcounted), else empty.
+    mt: Vec<u64>,
+    /// Kept input channels per padded channel (`cin` when dense).
+    kept: Vec<i64>,
+    /// Masked only: `[pass of 64 channels][word]`, bit `i` set when channel block `i` of the
+    /// pass keeps any channel of the word; a zero byte skips the word for the whole pass.
+    live: Vec<u8>,
 }
 
 impl PackedPointwise {
@@ -98,7 +106,45 @@ impl PackedPointwise {
             neg: Vec::new(),
             neg_mask: Vec::new(),
             bound: Vec::new(),
+            mt: Vec::new(),
+            kept: vec![cin as i64; cpad],
+            live: Vec::new(),
         }
+    }
+
+    /// Group-sparse weights: packed OHWI weights `[cout][words(cin)]` and, per weight word,
+    /// the bit mask of its kept input channels (`[cout][words(cin)]`). The dot product sums
+    /// over kept channels only: `s = kept - 2 * popcount((x ^ w) & m)`; a word whose tile
+    /// (64 output channels, one input word) is all pruned is skipped.
+    pub fn new_masked(cin: usize, cout: usize, w: &[u64], masks: &[u64]) -> Self {
+        let wd = words(cin);
+        assert!(masks.len() >= cout * wd, "pointwise masks: {} words, need {}", masks.len(), cout * wd);
+        let mut p = Self::new(cin, cout, w);
+        let cpad = p.cpad;
+        p.mt = vec![0u64; wd * cpad];
+        for co in 0..cout {
+            let mut n = 0;
+            for j in 0..wd {
+                let m = masks[co * wd + j];
+                p.mt[j * cpad + co] = m;
+                n += m.count_ones() as i64;
+            }
+            p.kept[co] = n;
+        }
+        let passes = cpad.div_ceil(LANES * 8);
+        p.live = vec![0u8; passes * wd];
+        for co in 0..cout {
+            for j in 0..wd {
+                if p.mt[j * cpad + co] != 0 {
+                    p.live[(co / (LANES * 8)) * wd + j] |= 1 << ((co / LANES) % 8);
+                }
+            }
+        }
+        p
+    }
+
+    fn masked(&self) -> bool {
+        !self.mt.is_empty()
     }
 
     /// Attach output thresholds (one per output channel) for [`Self::forward_packed`].
@@ -108,12 +154,12 @@ impl PackedPointwise {
         self.neg = (0..self.cpad).map(|c| thr.get(c).is_some_and(|t| t.negative)).collect();
         self.neg_mask =
             self.neg.chunks(LANES).map(|b| b.iter().enumerate().fold(0u8, |m, (l, &n)| m | (n as u8) << l)).collect();
-        // s > thr <=> 2a < cin - thr <=> a <= ceil((cin - thr) / 2) - 1: bit = a > K.
-        // s < thr <=> 2a > cin - thr <=> a >= floor((cin - thr) / 2) + 1: bit = a <= K.
-        let cin = self.cin as i64;
+        // With n = kept[c] (cin when dense):
+        // s > thr <=> 2a < n - thr <=> a <= ceil((n - thr) / 2) - 1: bit = a > K.
+        // s < thr <=> 2a > n - thr <=> a >= floor((n - thr) / 2) + 1: bit = a <= K.
         self.bound = (0..self.cpad)
             .map(|c| {
-                let d = cin - self.thr[c];
+                let d = self.kept[c] - self.thr[c];
                 if self.neg[c] {
                     d.div_euclid(2)
                 } else {
@@ -165,7 +211,8 @@ impl PackedPointwise {
 
     /// Packed sign bits through the thresholds of [`Self::with_thresholds`]: output bit =
     /// [`SignThreshold::bit`] of the dot product; `out`: `rows * words(cout)` words, padding
-    /// bits `0`. `scratch`: at least `cout` values (used by the non-AVX-512 paths).
+    /// bits `0`. `scratch`: at least `cout` values on the non-AVX-512 paths (unused, may be
+    /// empty, on AVX-512).
     pub fn forward_packed(&self, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
         self.forward_packed_with(PwImpl::current(), x, rows, out, scratch)
     }
@@ -174,13 +221,14 @@ impl PackedPointwise {
     pub fn forward_packed_with(&self, imp: PwImpl, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
         let (wd, od) = (words(self.cin), words(self.cout));
         assert!(!self.thr.is_empty(), "forward_packed needs with_thresholds");
-        assert!(x.len() >= rows * wd && out.len() >= rows * od && scratch.len() >= self.cout);
+        assert!(x.len() >= rows * wd && out.len() >= rows * od);
         assert!(imp.available(), "{imp:?} is not available on this CPU");
         #[cfg(target_arch = "x86_64")]
         if imp == PwImpl::Avx512 {
             // SAFETY: availability checked above; slices checked against `rows`.
             return unsafe { avx512::forward(self, x, rows, &mut [], Some(out)) };
         }
+        assert!(scratch.len() >= self.cout, "forward_packed: scratch holds {}, needs {}", scratch.len(), self.cout);
         let s = &mut scratch[..self.cout];
         for r in 0..rows {
             self.forward_with(imp, &x[r * wd..][..wd], 1, s);
@@ -205,12 +253,20 @@ impl PackedPointwise {
             o.fill(0);
             for (j, &xv) in xr.iter().enumerate() {
                 let wrow = &self.wt[j * self.cpad..][..self.cout];
-                for (ov, &w) in o.iter_mut().zip(wrow) {
-                    *ov += (xv ^ w).count_ones() as i32;
+                if self.masked() {
+                    let mrow = &self.mt[j * self.cpad..][..self.cout];
+                    for ((ov, &w), &m) in o.iter_mut().zip(wrow).zip(mrow) {
+                        *ov += ((xv ^ w) & m).count_ones() as i32;
+                    }
+                } else {
+                    for (ov, &w) in o.iter_mut().zip(wrow) {
+                        *ov += (xv ^ w).count_ones() as i32;
+                    }
                 }
             }
-            let cin = self.cin as i32;
-            o.iter_mut().for_each(|v| *v = cin - 2 * *v);
+            for (v, &n) in o.iter_mut().zip(&self.kept) {
+                *v = n as i32 - 2 * *v;
+            }
         }
     }
 }
@@ -237,16 +293,24 @@ mod avx512 {
         out_i32: &mut [i32],
         bits: Option<&mut [u64]>,
     ) {
-        if p.cin <= 32 {
-            return forward32(p, x, rows, out_i32, bits);
+        match (p.cin <= 32, p.masked()) {
+            (true, false) => forward32::<false>(p, x, rows, out_i32, bits),
+            (true, true) => forward32::<true>(p, x, rows, out_i32, bits),
+            (false, false) => forward64::<false>(p, x, rows, out_i32, bits),
+            (false, true) => forward64::<true>(p, x, rows, out_i32, bits),
         }
-        forward64(p, x, rows, out_i32, bits)
+    }
+
+    /// `(x ^ w) & m` in one instruction (`vpternlogq` truth table of `(a ^ b) & c`).
+    #[inline(always)]
+    unsafe fn xor_and(x: __m512i, w: __m512i, m: __m512i) -> __m512i {
+        _mm512_ternarylogic_epi64::<0x28>(x, w, m)
     }
 
     /// At most 32 input channels: half of every input word is padding, so the XOR and the
     /// popcount run on 32-bit lanes (`VPOPCNTD`), 16 output channels per instruction.
     #[inline(always)]
-    unsafe fn forward32(
+    unsafe fn forward32<const MASKED: bool>(
         p: &PackedPointwise,
         x: &[u64],
         rows: usize,
@@ -256,11 +320,17 @@ mod avx512 {
         const L: usize = 16;
         let od = words(p.cout);
         let blocks = p.cout.div_ceil(L);
-        let cin = _mm512_set1_epi32(p.cin as i32);
-        // Low halves of the word-major weights (one word per output channel).
+        // Low halves of the word-major weights and masks (one word per output channel).
         let w = |co: usize| -> i32 {
             if co < p.cout {
                 p.wt[co] as u32 as i32
+            } else {
+                0
+            }
+        };
+        let m = |co: usize| -> i32 {
+            if co < p.cout && MASKED {
+                p.mt[co] as u32 as i32
             } else {
                 0
             }
@@ -269,6 +339,8 @@ mod avx512 {
         while b0 < blocks {
             let nb = 4.min(blocks - b0);
             let mut wv = [_mm512_setzero_si512(); 4];
+            let mut mv = [_mm512_setzero_si512(); 4];
+            let mut kept = [_mm512_setzero_si512(); 4];
             let mut bound = [_mm512_setzero_si512(); 4];
             let mut valid = [0u16; 4];
             let (mut pos_word, mut valid_word) = (0u64, 0u64);
@@ -276,6 +348,10 @@ mod avx512 {
                 let c0 = (b0 + i) * L;
                 let lane: [i32; L] = std::array::from_fn(|l| w(c0 + l));
                 wv[i] = _mm512_loadu_si512(lane.as_ptr() as *const _);
+                let lane: [i32; L] = std::array::from_fn(|l| m(c0 + l));
+                mv[i] = _mm512_loadu_si512(lane.as_ptr() as *const _);
+                let lane: [i32; L] = std::array::from_fn(|l| p.kept.get(c0 + l).map_or(0, |&n| n as i32));
+                kept[i] = _mm512_loadu_si512(lane.as_ptr() as *const _);
                 let m = p.cout.saturating_sub(c0).min(L);
                 valid[i] = if m == L { u16::MAX } else { (1u16 << m) - 1 };
                 if bits.is_some() {
@@ -292,7 +368,8 @@ mod avx512 {
                 let xv = _mm512_set1_epi32(*x.get_unchecked(r) as u32 as i32);
                 let mut acc = [_mm512_setzero_si512(); 4];
                 for i in 0..nb {
-                    acc[i] = _mm512_popcnt_epi32(_mm512_xor_si512(xv, wv[i]));
+                    let d = if MASKED { xor_and(xv, wv[i], mv[i]) } else { _mm512_xor_si512(xv, wv[i]) };
+                    acc[i] = _mm512_popcnt_epi32(d);
                 }
                 match bits.as_deref_mut() {
                     Some(b) => {
@@ -304,7 +381,7 @@ mod avx512 {
                     }
                     None => {
                         for i in 0..nb {
-                            let sv = _mm512_sub_epi32(cin, _mm512_slli_epi32::<1>(acc[i]));
+                            let sv = _mm512_sub_epi32(kept[i], _mm512_slli_epi32::<1>(acc[i]));
                             let o = out_i32.as_mut_ptr().add(r * p.cout + (b0 + i) * L);
                             _mm512_mask_storeu_epi32(o, valid[i], sv);
                         }
@@ -317,7 +394,7 @@ mod avx512 {
 
     /// Any input width: 64-bit lanes, 8 output channels per instruction.
     #[inline(always)]
-    unsafe fn forward64(
+    unsafe fn forward64<const MASKED: bool>(
         p: &PackedPointwise,
         x: &[u64],
         rows: usize,
@@ -327,8 +404,7 @@ mod avx512 {
         let wd = words(p.cin);
         let od = words(p.cout);
         let blocks = p.cpad / LANES;
-        let cin = _mm512_set1_epi64(p.cin as i64);
-        let wt = p.wt.as_ptr();
+        let (wt, mt) = (p.wt.as_ptr(), p.mt.as_ptr());
         let mut b0 = 0;
         while b0 < blocks {
             let nb = REGS.min(blocks - b0);
@@ -345,20 +421,42 @@ mod avx512 {
                 }
             }
             let wblk = wt.add(b0 * LANES);
+            let mut kept = [_mm512_setzero_si512(); REGS];
+            for (i, k) in kept.iter_mut().enumerate().take(nb) {
+                *k = _mm512_loadu_si512(p.kept.as_ptr().add((b0 + i) * LANES) as *const _);
+            }
+            let live = if MASKED { &p.live[(b0 / REGS) * wd..][..wd] } else { &[] };
             for r in 0..rows {
                 let xr = x.as_ptr().add(r * wd);
-                // The first word sets the accumulators, the others add.
                 let mut acc = [_mm512_setzero_si512(); REGS];
-                let xv = _mm512_set1_epi64(*xr as i64);
-                for (i, a) in acc.iter_mut().enumerate().take(nb) {
-                    *a = _mm512_popcnt_epi64(_mm512_xor_si512(xv, _mm512_loadu_si512(wblk.add(i * LANES) as *const _)));
-                }
-                for j in 1..wd {
-                    let xv = _mm512_set1_epi64(*xr.add(j) as i64);
-                    let wrow = wblk.add(j * p.cpad);
+                if MASKED {
+                    let mblk = mt.add(b0 * LANES);
+                    for j in 0..wd {
+                        if *live.get_unchecked(j) == 0 {
+                            continue; // the whole tile is pruned
+                        }
+                        let xv = _mm512_set1_epi64(*xr.add(j) as i64);
+                        let (wrow, mrow) = (wblk.add(j * p.cpad), mblk.add(j * p.cpad));
+                        for (i, a) in acc.iter_mut().enumerate().take(nb) {
+                            let w = _mm512_loadu_si512(wrow.add(i * LANES) as *const _);
+                            let m = _mm512_loadu_si512(mrow.add(i * LANES) as *const _);
+                            *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(xor_and(xv, w, m)));
+                        }
+                    }
+                } else {
+                    // The first word sets the accumulators, the others add.
+                    let xv = _mm512_set1_epi64(*xr as i64);
                     for (i, a) in acc.iter_mut().enumerate().take(nb) {
-                        let w = _mm512_loadu_si512(wrow.add(i * LANES) as *const _);
-                        *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(_mm512_xor_si512(xv, w)));
+                        let w = _mm512_loadu_si512(wblk.add(i * LANES) as *const _);
+                        *a = _mm512_popcnt_epi64(_mm512_xor_si512(xv, w));
+                    }
+                    for j in 1..wd {
+                        let xv = _mm512_set1_epi64(*xr.add(j) as i64);
+                        let wrow = wblk.add(j * p.cpad);
+                        for (i, a) in acc.iter_mut().enumerate().take(nb) {
+                            let w = _mm512_loadu_si512(wrow.add(i * LANES) as *const _);
+                            *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(_mm512_xor_si512(xv, w)));
+                        }
                     }
                 }
                 match bits.as_deref_mut() {
@@ -372,7 +470,7 @@ mod avx512 {
                     }
                     None => {
                         for (i, a) in acc.iter().enumerate().take(nb) {
-                            let s = _mm512_sub_epi64(cin, _mm512_slli_epi64::<1>(*a));
+                            let s = _mm512_sub_epi64(kept[i], _mm512_slli_epi64::<1>(*a));
                             let co0 = (b0 + i) * LANES;
                             let m = p.cout.saturating_sub(co0).min(LANES);
                             let v = _mm512_cvtepi64_epi32(s);
