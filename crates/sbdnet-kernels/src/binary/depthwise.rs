@@ -440,16 +440,24 @@ mod avx512 {
             let o0 = ox0 as isize;
             let kcol: [u8; 3] = std::array::from_fn(|kx| below(hi[kx] - o0) & !below(lo[kx] - o0) & kstore);
             let all9 = rows_valid == 3 && kcol.iter().all(|&k| k == kstore);
-            // Valid taps per lane (border chunks only).
-            let mut v = [0usize; 8];
+            // Valid taps per lane (border chunks only): rows_valid * (valid columns).
+            let mut v = _mm512_setzero_si512();
             if !all9 {
-                for (p, vp) in v.iter_mut().enumerate().take(np) {
-                    *vp = rows_valid * kcol.iter().filter(|&&k| k >> p & 1 == 1).count();
+                let one = _mm512_set1_epi64(1);
+                let cols = kcol
+                    .iter()
+                    .fold(_mm512_setzero_si512(), |a, &k| _mm512_add_epi64(a, _mm512_maskz_mov_epi64(k, one)));
+                for _ in 0..rows_valid {
+                    v = _mm512_add_epi64(v, cols);
                 }
             }
             for wi in 0..wd {
                 let mut f = [_mm512_setzero_si512(); 9];
-                for ky in ky0..ky1 {
+                // Constant trip counts, so the nine tap vectors stay in registers.
+                for ky in 0..3 {
+                    if ky < ky0 || ky >= ky1 {
+                        continue;
+                    }
                     let iy = oy * g.stride + ky - g.pad;
                     for kx in 0..3 {
                         let k = kcol[kx];
@@ -470,15 +478,14 @@ mod avx512 {
                     }
                 }
                 let a = count9(&f);
+                // Interior chunks: the 9-tap bound for every lane. Border chunks: each lane's
+                // bound picked from the word's 10-entry table by its tap count.
                 let bound = |plane: usize| -> __m512i {
                     if all9 {
                         _mm512_set1_epi64(thr.planes[9 * wd + wi][plane] as i64)
                     } else {
-                        let mut l = [0i64; 8];
-                        for (p, lp) in l.iter_mut().enumerate().take(np) {
-                            *lp = thr.planes[v[p] * wd + wi][plane] as i64;
-                        }
-                        _mm512_loadu_epi64(l.as_ptr())
+                        let t = thr.by_taps[wi * 4 + plane].as_ptr() as *const i64;
+                        _mm512_permutex2var_epi64(_mm512_loadu_epi64(t), v, _mm512_loadu_epi64(t.add(8)))
                     }
                 };
                 let mut borrow = _mm512_setzero_si512();

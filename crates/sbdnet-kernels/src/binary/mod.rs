@@ -395,6 +395,9 @@ pub struct DwThresholds {
     planes: Vec<[u64; 4]>,
     /// `[word]`: lanes whose output bit is `ge XOR 1` (positive scale).
     not_negative: Vec<u64>,
+    /// `[word][plane]`: plane `plane` of the bound for `v = 0..=9` valid taps at entry `v`
+    /// (entries 10..16 zero), a lookup table the AVX-512 kernel indexes per pixel.
+    by_taps: Vec<[u64; 16]>,
     /// The thresholds themselves (for the reference).
     thr: Vec<SignThreshold>,
 }
@@ -420,7 +423,15 @@ impl DwThresholds {
                 }
             }
         }
-        DwThresholds { c, planes, not_negative, thr: thr.to_vec() }
+        let mut by_taps = vec![[0u64; 16]; wd * 4];
+        for wi in 0..wd {
+            for p in 0..4 {
+                for v in 0..=9 {
+                    by_taps[wi * 4 + p][v] = planes[v * wd + wi][p];
+                }
+            }
+        }
+        DwThresholds { c, planes, not_negative, by_taps, thr: thr.to_vec() }
     }
 
     /// Channels.
