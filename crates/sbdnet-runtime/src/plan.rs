@@ -81,6 +81,9 @@ enum Kernel {
     BinPw {
         p: PackedPointwise,
         stage: Stage,
+        /// Affine stage and the global average pooling after it fused into the kernel: the
+        /// step writes the pooled `n * cout` values at the start of its output buffer.
+        gap: bool,
     },
     /// Sparse binary pointwise conv on bits: zero groups skipped.
     SparsePw {
@@ -135,6 +138,8 @@ enum Kernel {
         max: bool,
     },
     Gap,
+    /// Pooling already done by the pointwise step before it: copy its `n * c` results.
+    GapFused,
     Copy,
     Add,
 }
@@ -145,7 +150,9 @@ impl Kernel {
             Kernel::SmallConv { fused: true, .. } => "conv-f32-direct-sign512",
             Kernel::SmallConv { .. } => "conv-f32-direct",
             Kernel::FloatConv { .. } => "conv-f32",
+            Kernel::BinPw { gap: true, .. } => "bpw-xnor+affine+gap",
             Kernel::BinPw { .. } => "bpw-xnor",
+            Kernel::GapFused => "gap-fused-above",
             Kernel::SparsePw { .. } => "bpw-sparse-xnor",
             Kernel::SparseConvBits { .. } => "bconv-sparse-unpacked",
             Kernel::BinConv { .. } => "bconv-xnor",
@@ -546,6 +553,24 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
+/// Fuse a dense binary pointwise step with an affine stage into the global average pooling
+/// that alone reads its output (where the kernel has the fused form: AVX-512).
+fn fuse_pointwise_gap(steps: &mut [Step], info: &mut [StepInfo]) {
+    for i in 0..steps.len().saturating_sub(1) {
+        let value = i + 1;
+        let readers = steps.iter().filter(|s| s.inputs.contains(&value)).count();
+        let pooled_next = matches!(steps[i + 1].kernel, Kernel::Gap) && steps[i + 1].inputs == [value];
+        if let Kernel::BinPw { p, stage: Stage::Affine { .. }, gap } = &mut steps[i].kernel {
+            if readers == 1 && pooled_next && p.has_affine_gap() {
+                *gap = true;
+                steps[i + 1].kernel = Kernel::GapFused;
+                info[i].kernel = steps[i].kernel.name();
+                info[i + 1].kernel = steps[i + 1].kernel.name();
+            }
+        }
+    }
+}
+
 /// Apply a stage to integer raw sums.
 fn stage_i32(stage: &Stage, raw: &[i32], c: usize, out_f: &mut [f32], out_b: &mut [u64]) {
     match stage {
@@ -600,7 +625,7 @@ impl Plan {
                                 if let Stage::Threshold(thr) = &stage {
                                     p = p.with_thresholds(thr);
                                 }
-                                Kernel::BinPw { p, stage }
+                                Kernel::BinPw { p, stage, gap: false }
                             } else {
                                 Kernel::BinConv { g, w, stage }
                             }
@@ -731,6 +756,7 @@ impl Plan {
             });
             steps.push(Step { inputs: l.inputs.clone(), kernel });
         }
+        fuse_pointwise_gap(&mut steps, &mut info);
         let mut f32_bufs = Vec::new();
         let mut bit_bufs = Vec::new();
         for v in vals {
@@ -827,7 +853,15 @@ impl Plan {
                 conv2d_forward(&g, xf, w, raw, &mut self.col, &mut self.scratch);
                 stage_f32(stage, raw, g.cout, yf, yb);
             }
-            Kernel::BinPw { p, stage } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
+            Kernel::BinPw { p, stage: Stage::Affine { scale, bias, act }, gap: true } => {
+                let (pixels, wd, c) = (yo.h * yo.w, binary::words(p.cin()), p.cout());
+                for b in 0..n {
+                    let xi = &xb[b * pixels * wd..][..pixels * wd];
+                    p.forward_affine_gap(xi, pixels, scale, bias, *act as u8, &mut yf[b * c..][..c]);
+                }
+            }
+            Kernel::BinPw { p, stage, .. } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
+            Kernel::GapFused => yf.copy_from_slice(&xf[..yf.len()]),
             Kernel::SparseConvBits { g, w, stage } => {
                 let g = ConvGeom { batch: n, ..*g };
                 let x = &mut self.unpacked[..g.in_len()];

@@ -217,6 +217,28 @@ impl PackedPointwise {
         self.forward_packed_with(PwImpl::current(), x, rows, out, scratch)
     }
 
+    /// Whether [`Self::forward_affine_gap`] runs here: AVX-512, dense, more than 32 inputs.
+    pub fn has_affine_gap(&self) -> bool {
+        PwImpl::current() == PwImpl::Avx512 && !self.masked() && self.cin > 32
+    }
+
+    /// The layer, a per-channel affine with activation, and global average pooling over
+    /// `rows` pixels of one image, fused: `out[c] = (sum over r in order of
+    /// act(scale[c] * s[r][c] + bias[c])) * (1 / rows)` with `act` 0 none, 1 ReLU, 2 hardtanh
+    /// and `s` the integer dot product as `f32`; the same operations, in the same order, as
+    /// the affine stage followed by pooling, without writing the `rows x cout` activations.
+    /// Requires [`Self::has_affine_gap`].
+    pub fn forward_affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
+        assert!(self.has_affine_gap(), "forward_affine_gap needs AVX-512 and a dense layer with > 32 inputs");
+        assert!(x.len() >= rows * words(self.cin) && rows > 0);
+        assert!(scale.len() >= self.cout && bias.len() >= self.cout && out.len() >= self.cout);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `has_affine_gap` checked AVX-512 with VPOPCNTQ; slices checked above.
+        unsafe {
+            avx512::affine_gap(self, x, rows, scale, bias, act, out)
+        }
+    }
+
     /// [`Self::forward_packed`] with an explicit implementation.
     pub fn forward_packed_with(&self, imp: PwImpl, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
         let (wd, od) = (words(self.cin), words(self.cout));
@@ -298,6 +320,74 @@ mod avx512 {
             (true, true) => forward32::<true>(p, x, rows, out_i32, bits),
             (false, false) => forward64::<false>(p, x, rows, out_i32, bits),
             (false, true) => forward64::<true>(p, x, rows, out_i32, bits),
+        }
+    }
+
+    /// See [`PackedPointwise::forward_affine_gap`]: per pass of 64 channels, the pooled sums
+    /// stay in eight 8-float registers over all rows.
+    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+    pub(super) unsafe fn affine_gap(
+        p: &PackedPointwise,
+        x: &[u64],
+        rows: usize,
+        scale: &[f32],
+        bias: &[f32],
+        act: u8,
+        out: &mut [f32],
+    ) {
+        let wd = words(p.cin);
+        let blocks = p.cpad / LANES;
+        let wt = p.wt.as_ptr();
+        let inv = _mm256_set1_ps(1.0 / rows as f32);
+        // Scale and bias of block `b` (8 channels), zero past cout.
+        let lanes = |v: &[f32], b: usize| -> __m256 {
+            let l: [f32; LANES] = std::array::from_fn(|i| v.get(b * LANES + i).copied().unwrap_or(0.0));
+            _mm256_loadu_ps(l.as_ptr())
+        };
+        let mut b0 = 0;
+        while b0 < blocks {
+            let nb = REGS.min(blocks - b0);
+            let mut sc = [_mm256_setzero_ps(); REGS];
+            let mut bi = [_mm256_setzero_ps(); REGS];
+            let mut kept = [_mm512_setzero_si512(); REGS];
+            for i in 0..nb {
+                sc[i] = lanes(scale, b0 + i);
+                bi[i] = lanes(bias, b0 + i);
+                kept[i] = _mm512_loadu_si512(p.kept.as_ptr().add((b0 + i) * LANES) as *const _);
+            }
+            let wblk = wt.add(b0 * LANES);
+            let mut pool = [_mm256_setzero_ps(); REGS];
+            for r in 0..rows {
+                let xr = x.as_ptr().add(r * wd);
+                let mut acc = [_mm512_setzero_si512(); REGS];
+                for j in 0..wd {
+                    let xv = _mm512_set1_epi64(*xr.add(j) as i64);
+                    let wrow = wblk.add(j * p.cpad);
+                    for (i, a) in acc.iter_mut().enumerate().take(nb) {
+                        let w = _mm512_loadu_si512(wrow.add(i * LANES) as *const _);
+                        *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(_mm512_xor_si512(xv, w)));
+                    }
+                }
+                for i in 0..nb {
+                    let s = _mm512_sub_epi64(kept[i], _mm512_slli_epi64::<1>(acc[i]));
+                    let sf = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(s));
+                    let mut y = _mm256_add_ps(_mm256_mul_ps(sc[i], sf), bi[i]);
+                    if act == 1 {
+                        y = _mm256_max_ps(y, _mm256_setzero_ps());
+                    } else if act == 2 {
+                        y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
+                    }
+                    pool[i] = _mm256_add_ps(pool[i], y);
+                }
+            }
+            for (i, &pv) in pool.iter().enumerate().take(nb) {
+                let mut l = [0f32; LANES];
+                _mm256_storeu_ps(l.as_mut_ptr(), _mm256_mul_ps(pv, inv));
+                let c0 = (b0 + i) * LANES;
+                let m = p.cout.saturating_sub(c0).min(LANES);
+                out[c0..c0 + m].copy_from_slice(&l[..m]);
+            }
+            b0 += nb;
         }
     }
 
@@ -529,6 +619,45 @@ mod tests {
         println!("VPOPCNTQ limit: {:.0} G binary ops/s per core", (n * 8 * 512) as f64 / best / 1e9);
     }
     use crate::binary::{bconv_forward_with, pack_signs, threshold_pack};
+
+    /// The fused affine + pooling equals the affine stage then pooling, bit for bit.
+    #[test]
+    fn affine_gap_equals_stage_then_pooling() {
+        let mut rng = Rng::new(9);
+        for &(rows, cin, cout) in &[(49usize, 128usize, 256usize), (9, 100, 70), (4, 33, 9), (1, 64, 1)] {
+            let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
+            let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
+            let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
+            pack_signs(&xf, cin, &mut x);
+            pack_signs(&wf, cin, &mut w);
+            let p = PackedPointwise::new(cin, cout, &w);
+            if !p.has_affine_gap() {
+                return;
+            }
+            let mut s = vec![0i32; rows * cout];
+            p.forward_with(PwImpl::Portable, &x, rows, &mut s);
+            let scale: Vec<f32> = (0..cout).map(|_| rng.normal() * 0.3).collect();
+            let bias: Vec<f32> = (0..cout).map(|_| rng.normal()).collect();
+            for act in 0..3u8 {
+                let f = |v: f32| match act {
+                    1 => v.max(0.0),
+                    2 => v.max(-1.0).min(1.0),
+                    _ => v,
+                };
+                let mut want = vec![0.0f32; cout];
+                for r in 0..rows {
+                    for c in 0..cout {
+                        want[c] += f(scale[c] * s[r * cout + c] as f32 + bias[c]);
+                    }
+                }
+                let inv = 1.0 / rows as f32;
+                want.iter_mut().for_each(|v| *v *= inv);
+                let mut got = vec![f32::NAN; cout];
+                p.forward_affine_gap(&x, rows, &scale, &bias, act, &mut got);
+                assert_eq!(got, want, "{rows}x{cin}->{cout} act {act}");
+            }
+        }
+    }
     use crate::conv::ConvGeom;
     use crate::rng::Rng;
 
