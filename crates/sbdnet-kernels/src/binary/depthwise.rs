@@ -340,6 +340,11 @@ pub(super) fn bdw_forward_packed(
     let f: Row = match imp {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx512` is only run when the CPU reports avx512f (`BinaryImpl::available`).
+        BinaryImpl::Avx512 if g.cin <= 32 => {
+            |g, x, w, thr, out, row| unsafe { avx512::row_packed32(g, x, w, thr, out, row) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         BinaryImpl::Avx512 => |g, x, w, thr, out, row| unsafe { avx512::row_packed(g, x, w, thr, out, row) },
         _ => dispatch_row!(imp, row_packed, &mut [u64], (g: &ConvGeom, x: &[u64], w: &[u64], thr: &DwThresholds)),
     };
@@ -388,6 +393,136 @@ mod avx512 {
         let (twos, c6) = (_mm512_xor_si512(t, c4), _mm512_and_si512(t, c4));
         let (fours, eights) = (_mm512_xor_si512(c5, c6), _mm512_and_si512(c5, c6));
         [ones, twos, fours, eights]
+    }
+
+    /// [`row_packed`] for at most 32 channels (one half-used word per pixel): 16 output
+    /// pixels per register on 32-bit lanes, the same arithmetic lane for lane.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_packed32(
+        g: &ConvGeom,
+        x: &[u64],
+        w: &[u64],
+        thr: &DwThresholds,
+        out: &mut [u64],
+        row: usize,
+    ) {
+        debug_assert!(g.cin <= 32);
+        let c = g.cin;
+        let (b, oy) = (row / g.oh, row % g.oh);
+        let xi = &x[b * g.h * g.w..][..g.h * g.w];
+        let (ky0, ky1) = valid_taps(oy, g.stride, g.pad, 3, g.h);
+        let rows_valid = ky1 - ky0;
+        let st = g.stride as i32;
+        let in_lanes = _mm512_setr_epi32(
+            0,
+            st,
+            2 * st,
+            3 * st,
+            4 * st,
+            5 * st,
+            6 * st,
+            7 * st,
+            8 * st,
+            9 * st,
+            10 * st,
+            11 * st,
+            12 * st,
+            13 * st,
+            14 * st,
+            15 * st,
+        );
+        let xp = xi.as_ptr() as *const i64;
+        let (s, pad) = (g.stride as isize, g.pad as isize);
+        let lo: [isize; 3] =
+            std::array::from_fn(|kx| ((pad - kx as isize).max(0) as usize).div_ceil(s as usize) as isize);
+        let hi: [isize; 3] = std::array::from_fn(|kx| {
+            let last = g.w as isize - 1 + pad - kx as isize;
+            if last < 0 {
+                0
+            } else {
+                last / s + 1
+            }
+        });
+        let below = |n: isize| -> u16 {
+            if n <= 0 {
+                0
+            } else if n >= 16 {
+                u16::MAX
+            } else {
+                (1u16 << n) - 1
+            }
+        };
+        let tables: [__m512i; 4] = std::array::from_fn(|p| _mm512_loadu_si512(thr.by_taps32[p].as_ptr() as *const _));
+        let nn = _mm512_set1_epi32(thr.not_negative[0] as u32 as i32);
+        let wm = _mm512_set1_epi32(word_mask(c, 0) as u32 as i32);
+        let mut ox0 = 0;
+        while ox0 < g.ow {
+            let np = (g.ow - ox0).min(16);
+            let kstore = below(np as isize);
+            let o0 = ox0 as isize;
+            let kcol: [u16; 3] = std::array::from_fn(|kx| below(hi[kx] - o0) & !below(lo[kx] - o0) & kstore);
+            let all9 = rows_valid == 3 && kcol.iter().all(|&k| k == kstore);
+            let mut v = _mm512_setzero_si512();
+            if !all9 {
+                let one = _mm512_set1_epi32(1);
+                let cols = kcol
+                    .iter()
+                    .fold(_mm512_setzero_si512(), |a, &k| _mm512_add_epi32(a, _mm512_maskz_mov_epi32(k, one)));
+                for _ in 0..rows_valid {
+                    v = _mm512_add_epi32(v, cols);
+                }
+            }
+            let mut f = [_mm512_setzero_si512(); 9];
+            for ky in 0..3 {
+                if ky < ky0 || ky >= ky1 {
+                    continue;
+                }
+                let iy = oy * g.stride + ky - g.pad;
+                for kx in 0..3 {
+                    let k = kcol[kx];
+                    if k == 0 {
+                        continue;
+                    }
+                    let wv = _mm512_set1_epi32(w[ky * 3 + kx] as u32 as i32);
+                    // Word of lane 0 (may lie before the image: that lane is masked).
+                    let base = (iy * g.w + ox0 * g.stride) as isize + kx as isize - pad;
+                    let xv = if g.stride == 1 {
+                        // Two runs of 8 words, each narrowed to its low halves.
+                        let l = _mm512_maskz_loadu_epi64(k as u8, xp.wrapping_offset(base));
+                        let h = _mm512_maskz_loadu_epi64((k >> 8) as u8, xp.wrapping_offset(base + 8));
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm512_cvtepi64_epi32(l)),
+                            _mm512_cvtepi64_epi32(h),
+                        )
+                    } else {
+                        // The low half of each word (little-endian): 32-bit gathers, scale 8.
+                        let idx = _mm512_add_epi32(_mm512_set1_epi32(base as i32), in_lanes);
+                        _mm512_mask_i32gather_epi32::<8>(_mm512_setzero_si512(), k, idx, xp as *const i32)
+                    };
+                    f[ky * 3 + kx] = _mm512_maskz_ternarylogic_epi32::<XNOR_AB>(k, xv, wv, wv);
+                }
+            }
+            let a = count9(&f);
+            let mut borrow = _mm512_setzero_si512();
+            for (plane, &ap) in a.iter().enumerate() {
+                let k = if all9 {
+                    _mm512_set1_epi32(thr.planes[9][plane] as u32 as i32)
+                } else {
+                    _mm512_permutexvar_epi32(v, tables[plane])
+                };
+                borrow = _mm512_ternarylogic_epi64::<BORROW>(ap, k, borrow);
+            }
+            let bits = _mm512_ternarylogic_epi64::<OUT>(borrow, nn, wm);
+            // Widen the 16 half-words back to one word per pixel.
+            let op = out.as_mut_ptr().add(ox0) as *mut i64;
+            _mm512_mask_storeu_epi64(op, kstore as u8, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(bits)));
+            _mm512_mask_storeu_epi64(
+                op.wrapping_add(8),
+                (kstore >> 8) as u8,
+                _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(bits)),
+            );
+            ox0 += 16;
+        }
     }
 
     /// One output row (`row = b * oh + oy`; `out`: `ow * words(c)` words).

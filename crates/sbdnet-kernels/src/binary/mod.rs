@@ -398,6 +398,8 @@ pub struct DwThresholds {
     /// `[word][plane]`: plane `plane` of the bound for `v = 0..=9` valid taps at entry `v`
     /// (entries 10..16 zero), a lookup table the AVX-512 kernel indexes per pixel.
     by_taps: Vec<[u64; 16]>,
+    /// `by_taps` of word 0 in 32-bit entries (for at most 32 channels).
+    by_taps32: [[u32; 16]; 4],
     /// The thresholds themselves (for the reference).
     thr: Vec<SignThreshold>,
 }
@@ -431,7 +433,8 @@ impl DwThresholds {
                 }
             }
         }
-        DwThresholds { c, planes, not_negative, by_taps, thr: thr.to_vec() }
+        let by_taps32 = std::array::from_fn(|p| std::array::from_fn(|v| by_taps.get(p).map_or(0, |t| t[v] as u32)));
+        DwThresholds { c, planes, not_negative, by_taps, by_taps32, thr: thr.to_vec() }
     }
 
     /// Channels.
