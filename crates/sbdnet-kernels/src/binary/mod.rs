@@ -399,7 +399,7 @@ pub struct DwThresholds {
     /// (entries 10..16 zero), a lookup table the AVX-512 kernel indexes per pixel.
     by_taps: Vec<[u64; 16]>,
     /// `by_taps` of word 0 in 32-bit entries (for at most 32 channels).
-    by_taps32: [[u32; 16]; 4],
+    by_taps32: Vec<[u32; 16]>,
     /// The thresholds themselves (for the reference).
     thr: Vec<SignThreshold>,
 }
@@ -433,7 +433,7 @@ impl DwThresholds {
                 }
             }
         }
-        let by_taps32 = std::array::from_fn(|p| std::array::from_fn(|v| by_taps.get(p).map_or(0, |t| t[v] as u32)));
+        let by_taps32 = (0..4).map(|p| std::array::from_fn(|v| by_taps.get(p).map_or(0, |t| t[v] as u32))).collect();
         DwThresholds { c, planes, not_negative, by_taps, by_taps32, thr: thr.to_vec() }
     }
 
