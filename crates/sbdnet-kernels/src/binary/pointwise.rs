@@ -51,7 +51,11 @@ impl PwImpl {
             #[cfg(target_arch = "x86_64")]
             PwImpl::Popcnt => is_x86_feature_detected!("popcnt"),
             #[cfg(target_arch = "x86_64")]
-            PwImpl::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vpopcntdq"),
+            PwImpl::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vpopcntdq")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -307,7 +311,7 @@ mod avx512 {
     /// through the thresholds (popcount bounds, compared in registers). Output channels go in
     /// passes of 64 (one output word); within a pass the bounds stay in registers and every
     /// pixel's accumulators live in 8 registers.
-    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
     pub(super) unsafe fn forward(
         p: &PackedPointwise,
         x: &[u64],
@@ -463,10 +467,21 @@ mod avx512 {
                 }
                 match bits.as_deref_mut() {
                     Some(b) => {
-                        let mut word = 0u64;
-                        for i in 0..nb {
-                            word |= u64::from(_mm512_cmple_epi32_mask(acc[i], bound[i])) << (L * i);
-                        }
+                        let word = if nb == 4 {
+                            let m0 = _mm512_cmple_epi32_mask(acc[0], bound[0]);
+                            let m1 = _mm512_cmple_epi32_mask(acc[1], bound[1]);
+                            let m2 = _mm512_cmple_epi32_mask(acc[2], bound[2]);
+                            let m3 = _mm512_cmple_epi32_mask(acc[3], bound[3]);
+                            let lo = _mm512_kunpackw(m1 as u32, m0 as u32);
+                            let hi = _mm512_kunpackw(m3 as u32, m2 as u32);
+                            _mm512_kunpackd(hi as u64, lo as u64)
+                        } else {
+                            let mut word = 0u64;
+                            for i in 0..nb {
+                                word |= u64::from(_mm512_cmple_epi32_mask(acc[i], bound[i])) << (L * i);
+                            }
+                            word
+                        };
                         *b.get_unchecked_mut(r * od + b0 / 4) = (word ^ pos_word) & valid_word;
                     }
                     None => {
@@ -552,10 +567,24 @@ mod avx512 {
                 match bits.as_deref_mut() {
                     Some(b) => {
                         // bit = (a <= K) XOR positive, masked to the valid lanes
-                        let mut word = 0u64;
-                        for i in 0..nb {
-                            word |= u64::from(_mm512_cmple_epi64_mask(acc[i], bound[i])) << (8 * i);
-                        }
+                        let word = if nb == REGS {
+                            // The eight 8-lane masks joined in mask registers (kunpck*).
+                            let m: [__mmask8; REGS] =
+                                std::array::from_fn(|i| _mm512_cmple_epi64_mask(acc[i], bound[i]));
+                            let q01 = _mm512_kunpackb(m[1] as u16, m[0] as u16);
+                            let q23 = _mm512_kunpackb(m[3] as u16, m[2] as u16);
+                            let q45 = _mm512_kunpackb(m[5] as u16, m[4] as u16);
+                            let q67 = _mm512_kunpackb(m[7] as u16, m[6] as u16);
+                            let lo = _mm512_kunpackw(q23 as u32, q01 as u32);
+                            let hi = _mm512_kunpackw(q67 as u32, q45 as u32);
+                            _mm512_kunpackd(hi as u64, lo as u64)
+                        } else {
+                            let mut word = 0u64;
+                            for i in 0..nb {
+                                word |= u64::from(_mm512_cmple_epi64_mask(acc[i], bound[i])) << (8 * i);
+                            }
+                            word
+                        };
                         *b.get_unchecked_mut(r * od + b0 / REGS) = (word ^ pos_word) & valid_word;
                     }
                     None => {
