@@ -328,7 +328,7 @@ mod avx512 {
     }
 
     /// See [`PackedPointwise::forward_affine_gap`]: per pass of 64 channels, the pooled sums
-    /// stay in eight 8-float registers over all rows.
+    /// stay in four 16-float registers over all rows.
     #[target_feature(enable = "avx512f,avx512vpopcntdq")]
     pub(super) unsafe fn affine_gap(
         p: &PackedPointwise,
@@ -342,25 +342,30 @@ mod avx512 {
         let wd = words(p.cin);
         let blocks = p.cpad / LANES;
         let wt = p.wt.as_ptr();
-        let inv = _mm256_set1_ps(1.0 / rows as f32);
-        // Scale and bias of block `b` (8 channels), zero past cout.
-        let lanes = |v: &[f32], b: usize| -> __m256 {
-            let l: [f32; LANES] = std::array::from_fn(|i| v.get(b * LANES + i).copied().unwrap_or(0.0));
-            _mm256_loadu_ps(l.as_ptr())
+        let inv = _mm512_set1_ps(1.0 / rows as f32);
+        // Scale, bias and kept count of 16 channels from `c0`, zero past cout.
+        let lanes16 = |v: &[f32], c0: usize| -> __m512 {
+            let l: [f32; 16] = std::array::from_fn(|i| v.get(c0 + i).copied().unwrap_or(0.0));
+            _mm512_loadu_ps(l.as_ptr())
         };
+        const PAIRS: usize = REGS / 2;
         let mut b0 = 0;
         while b0 < blocks {
             let nb = REGS.min(blocks - b0);
-            let mut sc = [_mm256_setzero_ps(); REGS];
-            let mut bi = [_mm256_setzero_ps(); REGS];
-            let mut kept = [_mm512_setzero_si512(); REGS];
-            for i in 0..nb {
-                sc[i] = lanes(scale, b0 + i);
-                bi[i] = lanes(bias, b0 + i);
-                kept[i] = _mm512_loadu_si512(p.kept.as_ptr().add((b0 + i) * LANES) as *const _);
+            let np = nb.div_ceil(2);
+            // The affine runs on 16 channels (two blocks) per register.
+            let mut sc = [_mm512_setzero_ps(); PAIRS];
+            let mut bi = [_mm512_setzero_ps(); PAIRS];
+            let mut kept = [_mm512_setzero_si512(); PAIRS];
+            for k in 0..np {
+                let c0 = (b0 + 2 * k) * LANES;
+                sc[k] = lanes16(scale, c0);
+                bi[k] = lanes16(bias, c0);
+                let n: [i32; 16] = std::array::from_fn(|i| p.kept.get(c0 + i).map_or(0, |&v| v as i32));
+                kept[k] = _mm512_loadu_si512(n.as_ptr() as *const _);
             }
             let wblk = wt.add(b0 * LANES);
-            let mut pool = [_mm256_setzero_ps(); REGS];
+            let mut pool = [_mm512_setzero_ps(); PAIRS];
             for r in 0..rows {
                 let xr = x.as_ptr().add(r * wd);
                 let mut acc = [_mm512_setzero_si512(); REGS];
@@ -372,23 +377,27 @@ mod avx512 {
                         *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(_mm512_xor_si512(xv, w)));
                     }
                 }
-                for i in 0..nb {
-                    let s = _mm512_sub_epi64(kept[i], _mm512_slli_epi64::<1>(acc[i]));
-                    let sf = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(s));
-                    let mut y = _mm256_add_ps(_mm256_mul_ps(sc[i], sf), bi[i]);
+                for k in 0..np {
+                    // Popcounts of blocks 2k and 2k+1 as 16 int32 lanes.
+                    let a = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[2 * k])),
+                        _mm512_cvtepi64_epi32(acc[2 * k + 1]),
+                    );
+                    let sv = _mm512_sub_epi32(kept[k], _mm512_slli_epi32::<1>(a));
+                    let mut y = _mm512_add_ps(_mm512_mul_ps(sc[k], _mm512_cvtepi32_ps(sv)), bi[k]);
                     if act == 1 {
-                        y = _mm256_max_ps(y, _mm256_setzero_ps());
+                        y = _mm512_max_ps(y, _mm512_setzero_ps());
                     } else if act == 2 {
-                        y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
+                        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0));
                     }
-                    pool[i] = _mm256_add_ps(pool[i], y);
+                    pool[k] = _mm512_add_ps(pool[k], y);
                 }
             }
-            for (i, &pv) in pool.iter().enumerate().take(nb) {
-                let mut l = [0f32; LANES];
-                _mm256_storeu_ps(l.as_mut_ptr(), _mm256_mul_ps(pv, inv));
-                let c0 = (b0 + i) * LANES;
-                let m = p.cout.saturating_sub(c0).min(LANES);
+            for (k, &pv) in pool.iter().enumerate().take(np) {
+                let mut l = [0f32; 16];
+                _mm512_storeu_ps(l.as_mut_ptr(), _mm512_mul_ps(pv, inv));
+                let c0 = (b0 + 2 * k) * LANES;
+                let m = p.cout.saturating_sub(c0).min(16);
                 out[c0..c0 + m].copy_from_slice(&l[..m]);
             }
             b0 += nb;
