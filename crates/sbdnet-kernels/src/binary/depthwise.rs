@@ -377,6 +377,27 @@ mod avx512 {
     /// Output bit: `!(borrow ^ not_negative) & word_mask` (`ge = !borrow`).
     const OUT: i32 = 0x82;
 
+    /// Output columns whose tap column `kx` lies inside the image: `lo[kx] <= ox < hi[kx]`.
+    fn tap_columns(g: &ConvGeom) -> ([isize; 3], [isize; 3]) {
+        let (s, pad) = (g.stride as isize, g.pad as isize);
+        let lo = std::array::from_fn(|kx| ((pad - kx as isize).max(0) as usize).div_ceil(s as usize) as isize);
+        let hi = std::array::from_fn(|kx| {
+            let last = g.w as isize - 1 + pad - kx as isize;
+            if last < 0 {
+                0
+            } else {
+                last / s + 1
+            }
+        });
+        (lo, hi)
+    }
+
+    /// Mask of the lanes `p < n` of a `lanes`-lane register (`lanes <= 16`).
+    #[inline(always)]
+    fn lanes_below(n: isize, lanes: usize) -> u32 {
+        (1u32 << n.clamp(0, lanes as isize)) - 1
+    }
+
     #[inline(always)]
     unsafe fn csa(a: __m512i, b: __m512i, c: __m512i) -> (__m512i, __m512i) {
         (_mm512_ternarylogic_epi64::<XOR3>(a, b, c), _mm512_ternarylogic_epi64::<MAJ3>(a, b, c))
@@ -432,26 +453,9 @@ mod avx512 {
             15 * st,
         );
         let xp = xi.as_ptr() as *const i64;
-        let (s, pad) = (g.stride as isize, g.pad as isize);
-        let lo: [isize; 3] =
-            std::array::from_fn(|kx| ((pad - kx as isize).max(0) as usize).div_ceil(s as usize) as isize);
-        let hi: [isize; 3] = std::array::from_fn(|kx| {
-            let last = g.w as isize - 1 + pad - kx as isize;
-            if last < 0 {
-                0
-            } else {
-                last / s + 1
-            }
-        });
-        let below = |n: isize| -> u16 {
-            if n <= 0 {
-                0
-            } else if n >= 16 {
-                u16::MAX
-            } else {
-                (1u16 << n) - 1
-            }
-        };
+        let (lo, hi) = tap_columns(g);
+        let pad = g.pad as isize;
+        let below = |n: isize| lanes_below(n, 16) as u16;
         let tables: [__m512i; 4] = std::array::from_fn(|p| _mm512_loadu_si512(thr.by_taps32[p].as_ptr() as *const _));
         let nn = _mm512_set1_epi32(thr.not_negative[0] as u32 as i32);
         let wm = _mm512_set1_epi32(word_mask(c, 0) as u32 as i32);
@@ -546,28 +550,8 @@ mod avx512 {
         let o = wd as i64;
         let out_lanes = _mm512_setr_epi64(0, o, 2 * o, 3 * o, 4 * o, 5 * o, 6 * o, 7 * o);
         let xp = xi.as_ptr() as *const i64;
-        // Output columns whose tap column kx lies inside the image: lo[kx] <= ox < hi[kx].
-        let (s, pad) = (g.stride as isize, g.pad as isize);
-        let lo: [isize; 3] =
-            std::array::from_fn(|kx| ((pad - kx as isize).max(0) as usize).div_ceil(s as usize) as isize);
-        let hi: [isize; 3] = std::array::from_fn(|kx| {
-            let last = g.w as isize - 1 + pad - kx as isize;
-            if last < 0 {
-                0
-            } else {
-                last / s + 1
-            }
-        });
-        // Lanes p < n.
-        let below = |n: isize| -> u8 {
-            if n <= 0 {
-                0
-            } else if n >= 8 {
-                0xff
-            } else {
-                (1u8 << n) - 1
-            }
-        };
+        let (lo, hi) = tap_columns(g);
+        let below = |n: isize| lanes_below(n, 8) as u8;
         let mut ox0 = 0;
         while ox0 < g.ow {
             let np = (g.ow - ox0).min(8);
