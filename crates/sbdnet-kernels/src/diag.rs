@@ -748,6 +748,18 @@ trait Lanes: Copy {
     fn mul_add(self, a: Self, b: Self) -> Self {
         self.add(a.mul(b))
     }
+    /// For the lanes `i` of this register (block lanes `h..h + 8`) with `lo <= i < hi`:
+    /// `self[i] + v[i - lo] * x[i - lo]`, multiply then add; other lanes unchanged. `v` and
+    /// `x` hold `hi - lo` values.
+    #[inline(always)]
+    fn mul_add_part(self, v: &[f32], x: &[f32], lo: usize, hi: usize, h: usize) -> Self {
+        let mut t = [0.0f32; 8];
+        self.store(&mut t);
+        for i in lo.max(h)..hi.min(h + 8) {
+            t[i - h] += v[i - lo] * x[i - lo];
+        }
+        Self::load(&t)
+    }
 }
 
 /// Portable lanes (the compiler vectorizes with SSE2).
@@ -820,6 +832,29 @@ impl Lanes for Avx {
             unsafe { Avx(std::arch::x86_64::_mm256_fmadd_ps(a.0, b.0, self.0)) }
         } else {
             self.add(a.mul(b))
+        }
+    }
+    /// Masked loads and a blend, so the accumulator stays in its register.
+    #[inline(always)]
+    fn mul_add_part(self, v: &[f32], x: &[f32], lo: usize, hi: usize, h: usize) -> Self {
+        use std::arch::x86_64::*;
+        debug_assert!(v.len() >= hi - lo && x.len() >= hi - lo);
+        let lane = |j: i32| -> i32 {
+            let i = h as i32 + j;
+            if i >= lo as i32 && i < hi as i32 {
+                -1
+            } else {
+                0
+            }
+        };
+        // SAFETY: lane j reads element h + j - lo of v and x only where the mask is set,
+        // i.e. inside the pieces (masked loads do not touch masked-off elements).
+        unsafe {
+            let m = _mm256_setr_epi32(lane(0), lane(1), lane(2), lane(3), lane(4), lane(5), lane(6), lane(7));
+            let vp = v.as_ptr().wrapping_add(h).wrapping_sub(lo);
+            let xp = x.as_ptr().wrapping_add(h).wrapping_sub(lo);
+            let p = _mm256_mul_ps(_mm256_maskload_ps(vp, m), _mm256_maskload_ps(xp, m));
+            Avx(_mm256_blendv_ps(self.0, _mm256_add_ps(self.0, p), _mm256_castsi256_ps(m)))
         }
     }
 }
@@ -900,18 +935,14 @@ fn plan_rows<L: Lanes, const ROWS: usize>(
                     a[1] = a[1].mul_add(vb, L::load(&s[8..]));
                 }
             } else {
-                // Part of the block (a diagonal's end or its wrap): scalar, multiply then add.
+                // Part of the block (a diagonal's end or its wrap): lanes lo..hi only,
+                // multiply then add.
                 let len = hi - lo;
                 let vv = &vk[e.v as usize..][..len];
                 for (a, s) in acc.iter_mut().zip(&srcs) {
                     let s = &s[e.s as usize..][..len];
-                    let mut t = [0.0f32; R];
-                    a[0].store(&mut t[..8]);
-                    a[1].store(&mut t[8..]);
-                    for ((t, &v), &x) in t[lo..hi].iter_mut().zip(vv).zip(s) {
-                        *t += v * x;
-                    }
-                    *a = [L::load(&t[..8]), L::load(&t[8..])];
+                    a[0] = a[0].mul_add_part(vv, s, lo, hi, 0);
+                    a[1] = a[1].mul_add_part(vv, s, lo, hi, 8);
                 }
             }
         }
@@ -936,7 +967,7 @@ fn plan_rows<L: Lanes, const ROWS: usize>(
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f") && std::env::var_os("TMP_NO512").is_none())
 }
 
 /// The blocked kernel ([`plan_chunk`]) on 512-bit registers: one register per row and output
