@@ -561,23 +561,8 @@ impl Job<'_> {
         }
         #[cfg(target_arch = "x86_64")]
         if kernel_path() == KernelPath::Avx2 {
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn avx2(
-                p: &Plan,
-                v: &[f32],
-                d: usize,
-                s: &[f32],
-                sl: usize,
-                o: &mut [f32],
-                ol: usize,
-                r: usize,
-                add: bool,
-            ) {
-                plan_chunk::<Avx>(p, v, d, s, sl, o, ol, r, add)
-            }
-            // SAFETY: the AVX2 path is only chosen when the CPU has AVX2.
-            return unsafe { avx2(plan, v, d, src, src_len, out, out_len, rows, add) };
+            // SAFETY: the AVX2 path is only chosen when the CPU has AVX2 and FMA.
+            return unsafe { plan_chunk_avx2(plan, v, d, src, src_len, out, out_len, rows, add) };
         }
         plan_chunk::<Portable>(plan, v, d, src, src_len, out, out_len, rows, add)
     }
@@ -963,6 +948,24 @@ fn plan_rows<L: Lanes, const ROWS: usize>(
     }
 }
 
+/// [`plan_chunk`] on AVX2 + FMA lanes. Callers check the CPU has both.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn plan_chunk_avx2(
+    p: &Plan,
+    v: &[f32],
+    d: usize,
+    s: &[f32],
+    sl: usize,
+    o: &mut [f32],
+    ol: usize,
+    r: usize,
+    add: bool,
+) {
+    plan_chunk::<Avx>(p, v, d, s, sl, o, ol, r, add)
+}
+
 /// Whether the blocked kernel's AVX-512 form can run (`avx512f`), decided once.
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
@@ -1292,21 +1295,6 @@ mod tests {
             eprintln!("no AVX-512 here: nothing to compare");
             return;
         }
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(
-            p: &Plan,
-            v: &[f32],
-            d: usize,
-            s: &[f32],
-            sl: usize,
-            o: &mut [f32],
-            ol: usize,
-            r: usize,
-            add: bool,
-        ) {
-            plan_chunk::<Avx>(p, v, d, s, sl, o, ol, r, add)
-        }
         let mut rng = Rng::new(3);
         for &(m, n, sp) in &[(96, 32, 0.9), (32, 96, 0.8), (50, 70, 0.5), (128, 128, 0.95), (17, 300, 0.7)] {
             let w = DiagMatrix::from_sparsity(m, n, sp, &mut rng).unwrap();
@@ -1320,7 +1308,7 @@ mod tests {
                         let (mut a, mut b) = (out0.clone(), out0.clone());
                         // SAFETY: features checked above.
                         unsafe {
-                            avx2(plan, v, d, &src, src_len, &mut a, out_len, rows, add);
+                            plan_chunk_avx2(plan, v, d, &src, src_len, &mut a, out_len, rows, add);
                             avx512::plan_chunk(plan, v, d, &src, src_len, &mut b, out_len, rows, add);
                         }
                         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
