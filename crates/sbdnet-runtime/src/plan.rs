@@ -89,6 +89,8 @@ enum Kernel {
     SparsePw {
         p: SparsePointwise,
         stage: Stage,
+        /// As for `BinPw`.
+        gap: bool,
     },
     /// Sparse binary k x k conv on bits (neither pointwise nor depthwise): unpacked input,
     /// float convolution with `+-1` / `0` weights.
@@ -153,6 +155,7 @@ impl Kernel {
             Kernel::BinPw { gap: true, .. } => "bpw-xnor+affine+gap",
             Kernel::BinPw { .. } => "bpw-xnor",
             Kernel::GapFused => "gap-fused-above",
+            Kernel::SparsePw { gap: true, .. } => "bpw-sparse-xnor+affine+gap",
             Kernel::SparsePw { .. } => "bpw-sparse-xnor",
             Kernel::SparseConvBits { .. } => "bconv-sparse-unpacked",
             Kernel::BinConv { .. } => "bconv-xnor",
@@ -436,6 +439,9 @@ trait PointwiseBits: Sync {
     fn dots(&self, x: &[u64], rows: usize, out: &mut [i32]);
     /// Packed sign bits through the kernel's thresholds (`scratch`: `cout` values).
     fn packed(&self, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]);
+    /// The layer + affine + pooling fused, for one image of `rows` pixels (where the kernel's
+    /// `has_affine_gap` says it runs).
+    fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]);
 }
 
 impl PointwiseBits for PackedPointwise {
@@ -451,6 +457,9 @@ impl PointwiseBits for PackedPointwise {
     fn packed(&self, x: &[u64], rows: usize, out: &mut [u64], scratch: &mut [i32]) {
         self.forward_packed(x, rows, out, scratch)
     }
+    fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
+        self.forward_affine_gap(x, rows, scale, bias, act, out)
+    }
 }
 
 impl PointwiseBits for SparsePointwise {
@@ -465,6 +474,28 @@ impl PointwiseBits for SparsePointwise {
     }
     fn packed(&self, x: &[u64], rows: usize, out: &mut [u64], _scratch: &mut [i32]) {
         self.forward_packed(x, rows, out)
+    }
+    fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
+        self.forward_affine_gap(x, rows, scale, bias, act, out)
+    }
+}
+
+/// The fused pointwise + affine + pooling of `n` images of `pixels` packed pixels each: the
+/// pooled `n * cout` values at the start of `yf`.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_gap(
+    p: &impl PointwiseBits,
+    xb: &[u64],
+    n: usize,
+    pixels: usize,
+    scale: &[f32],
+    bias: &[f32],
+    act: Act,
+    yf: &mut [f32],
+) {
+    let (wd, c) = (binary::words(p.cin()), p.cout());
+    for b in 0..n {
+        p.affine_gap(&xb[b * pixels * wd..][..pixels * wd], pixels, scale, bias, act as u8, &mut yf[b * c..][..c]);
     }
 }
 
@@ -560,8 +591,13 @@ fn fuse_pointwise_gap(steps: &mut [Step], info: &mut [StepInfo]) {
         let value = i + 1;
         let readers = steps.iter().filter(|s| s.inputs.contains(&value)).count();
         let pooled_next = matches!(steps[i + 1].kernel, Kernel::Gap) && steps[i + 1].inputs == [value];
-        if let Kernel::BinPw { p, stage: Stage::Affine { .. }, gap } = &mut steps[i].kernel {
-            if readers == 1 && pooled_next && p.has_affine_gap() {
+        let fusable = match &mut steps[i].kernel {
+            Kernel::BinPw { p, stage: Stage::Affine { .. }, gap } => p.has_affine_gap().then_some(gap),
+            Kernel::SparsePw { p, stage: Stage::Affine { .. }, gap } => p.has_affine_gap().then_some(gap),
+            _ => None,
+        };
+        if let Some(gap) = fusable {
+            if readers == 1 && pooled_next {
                 *gap = true;
                 steps[i + 1].kernel = Kernel::GapFused;
                 info[i].kernel = steps[i].kernel.name();
@@ -664,7 +700,7 @@ impl Plan {
                                 if let Stage::Threshold(thr) = &stage {
                                     p = p.with_thresholds(thr);
                                 }
-                                Kernel::SparsePw { p, stage }
+                                Kernel::SparsePw { p, stage, gap: false }
                             } else {
                                 // Other sparse k x k layers: the input bits as +-1 floats through
                                 // the float convolution with +-1 / 0 weights (exact integer sums).
@@ -854,11 +890,10 @@ impl Plan {
                 stage_f32(stage, raw, g.cout, yf, yb);
             }
             Kernel::BinPw { p, stage: Stage::Affine { scale, bias, act }, gap: true } => {
-                let (pixels, wd, c) = (yo.h * yo.w, binary::words(p.cin()), p.cout());
-                for b in 0..n {
-                    let xi = &xb[b * pixels * wd..][..pixels * wd];
-                    p.forward_affine_gap(xi, pixels, scale, bias, *act as u8, &mut yf[b * c..][..c]);
-                }
+                pointwise_gap(p, xb, n, yo.h * yo.w, scale, bias, *act, yf)
+            }
+            Kernel::SparsePw { p, stage: Stage::Affine { scale, bias, act }, gap: true } => {
+                pointwise_gap(p, xb, n, yo.h * yo.w, scale, bias, *act, yf)
             }
             Kernel::BinPw { p, stage, .. } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
             Kernel::GapFused => yf.copy_from_slice(&xf[..yf.len()]),
@@ -880,7 +915,9 @@ impl Plan {
                 binary::bconv_forward(&g, xb, w, raw);
                 stage_i32(stage, raw, g.cout, yf, yb);
             }
-            Kernel::SparsePw { p, stage } => run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb),
+            Kernel::SparsePw { p, stage, .. } => {
+                run_pointwise(p, stage, xb, n * yo.h * yo.w, &mut self.raw_i32, yf, yb)
+            }
             Kernel::BinDw { g, w, stage, packed, zero } => {
                 let g = ConvGeom { batch: n, ..*g };
                 match packed {

@@ -221,9 +221,9 @@ impl PackedPointwise {
         self.forward_packed_with(PwImpl::current(), x, rows, out, scratch)
     }
 
-    /// Whether [`Self::forward_affine_gap`] runs here: AVX-512, dense, more than 32 inputs.
+    /// Whether [`Self::forward_affine_gap`] runs here: AVX-512, more than 32 inputs.
     pub fn has_affine_gap(&self) -> bool {
-        PwImpl::current() == PwImpl::Avx512 && !self.masked() && self.cin > 32
+        PwImpl::current() == PwImpl::Avx512 && self.cin > 32
     }
 
     /// The layer, a per-channel affine with activation, and global average pooling over
@@ -239,7 +239,11 @@ impl PackedPointwise {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `has_affine_gap` checked AVX-512 with VPOPCNTQ; slices checked above.
         unsafe {
-            avx512::affine_gap(self, x, rows, scale, bias, act, out)
+            if self.masked() {
+                avx512::affine_gap::<true>(self, x, rows, scale, bias, act, out)
+            } else {
+                avx512::affine_gap::<false>(self, x, rows, scale, bias, act, out)
+            }
         }
     }
 
@@ -330,7 +334,7 @@ mod avx512 {
     /// See [`PackedPointwise::forward_affine_gap`]: per pass of 64 channels, the pooled sums
     /// stay in four 16-float registers over all rows.
     #[target_feature(enable = "avx512f,avx512vpopcntdq")]
-    pub(super) unsafe fn affine_gap(
+    pub(super) unsafe fn affine_gap<const MASKED: bool>(
         p: &PackedPointwise,
         x: &[u64],
         rows: usize,
@@ -365,16 +369,26 @@ mod avx512 {
                 kept[k] = _mm512_loadu_si512(n.as_ptr() as *const _);
             }
             let wblk = wt.add(b0 * LANES);
+            let mblk = p.mt.as_ptr().wrapping_add(b0 * LANES);
+            let live = if MASKED { &p.live[(b0 / REGS) * wd..][..wd] } else { &[] };
             let mut pool = [_mm512_setzero_ps(); PAIRS];
             for r in 0..rows {
                 let xr = x.as_ptr().add(r * wd);
                 let mut acc = [_mm512_setzero_si512(); REGS];
                 for j in 0..wd {
+                    if MASKED && *live.get_unchecked(j) == 0 {
+                        continue; // the whole tile is pruned
+                    }
                     let xv = _mm512_set1_epi64(*xr.add(j) as i64);
                     let wrow = wblk.add(j * p.cpad);
                     for (i, a) in acc.iter_mut().enumerate().take(nb) {
                         let w = _mm512_loadu_si512(wrow.add(i * LANES) as *const _);
-                        *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(_mm512_xor_si512(xv, w)));
+                        let d = if MASKED {
+                            xor_and(xv, w, _mm512_loadu_si512(mblk.add(j * p.cpad + i * LANES) as *const _))
+                        } else {
+                            _mm512_xor_si512(xv, w)
+                        };
+                        *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(d));
                     }
                 }
                 for k in 0..np {
@@ -668,31 +682,35 @@ mod tests {
             let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
             pack_signs(&xf, cin, &mut x);
             pack_signs(&wf, cin, &mut w);
-            let p = PackedPointwise::new(cin, cout, &w);
-            if !p.has_affine_gap() {
-                return;
-            }
-            let mut s = vec![0i32; rows * cout];
-            p.forward_with(PwImpl::Portable, &x, rows, &mut s);
-            let scale: Vec<f32> = (0..cout).map(|_| rng.normal() * 0.3).collect();
-            let bias: Vec<f32> = (0..cout).map(|_| rng.normal()).collect();
-            for act in 0..3u8 {
-                let f = |v: f32| match act {
-                    1 => v.max(0.0),
-                    2 => v.max(-1.0).min(1.0),
-                    _ => v,
-                };
-                let mut want = vec![0.0f32; cout];
-                for r in 0..rows {
-                    for c in 0..cout {
-                        want[c] += f(scale[c] * s[r * cout + c] as f32 + bias[c]);
-                    }
+            // Dense, and masked with some words pruned for every channel (skipped tiles).
+            let wd = words(cin);
+            let masks: Vec<u64> = (0..cout * wd).map(|i| if i % wd == 1 { 0 } else { rng.next_u64() | 1 }).collect();
+            for p in [PackedPointwise::new(cin, cout, &w), PackedPointwise::new_masked(cin, cout, &w, &masks)] {
+                if !p.has_affine_gap() {
+                    return;
                 }
-                let inv = 1.0 / rows as f32;
-                want.iter_mut().for_each(|v| *v *= inv);
-                let mut got = vec![f32::NAN; cout];
-                p.forward_affine_gap(&x, rows, &scale, &bias, act, &mut got);
-                assert_eq!(got, want, "{rows}x{cin}->{cout} act {act}");
+                let mut s = vec![0i32; rows * cout];
+                p.forward_with(PwImpl::Portable, &x, rows, &mut s);
+                let scale: Vec<f32> = (0..cout).map(|_| rng.normal() * 0.3).collect();
+                let bias: Vec<f32> = (0..cout).map(|_| rng.normal()).collect();
+                for act in 0..3u8 {
+                    let f = |v: f32| match act {
+                        1 => v.max(0.0),
+                        2 => v.max(-1.0).min(1.0),
+                        _ => v,
+                    };
+                    let mut want = vec![0.0f32; cout];
+                    for r in 0..rows {
+                        for c in 0..cout {
+                            want[c] += f(scale[c] * s[r * cout + c] as f32 + bias[c]);
+                        }
+                    }
+                    let inv = 1.0 / rows as f32;
+                    want.iter_mut().for_each(|v| *v *= inv);
+                    let mut got = vec![f32::NAN; cout];
+                    p.forward_affine_gap(&x, rows, &scale, &bias, act, &mut got);
+                    assert_eq!(got, want, "{rows}x{cin}->{cout} act {act} masked {}", p.masked());
+                }
             }
         }
     }

@@ -117,6 +117,18 @@ impl SparsePointwise {
         self.kept[co] - 2 * a as i32
     }
 
+    /// Whether [`Self::forward_affine_gap`] runs here (the AVX-512 masked kernel).
+    pub fn has_affine_gap(&self) -> bool {
+        self.vector.as_ref().is_some_and(|v| v.has_affine_gap())
+    }
+
+    /// The layer, an affine with activation and global average pooling, fused: see
+    /// [`PackedPointwise::forward_affine_gap`]. Requires [`Self::has_affine_gap`].
+    pub fn forward_affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
+        let v = self.vector.as_ref().expect("forward_affine_gap needs the AVX-512 kernel");
+        v.forward_affine_gap(x, rows, scale, bias, act, out)
+    }
+
     /// Integer dot products of `rows` packed pixels; `out`: `rows * cout`.
     pub fn forward(&self, x: &[u64], rows: usize, out: &mut [i32]) {
         let wd = words(self.cin);
