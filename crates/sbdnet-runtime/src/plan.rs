@@ -692,7 +692,9 @@ impl Plan {
                                     Stage::Threshold(thr) => Some(DwThresholds::new(thr)),
                                     _ => None,
                                 };
-                                Kernel::BinDw { g, w, stage, packed, zero: Some(zero) }
+                                // No pruned kernel: nothing to patch after the dense kernel.
+                                let zero = (!zero.list.is_empty()).then_some(zero);
+                                Kernel::BinDw { g, w, stage, packed, zero }
                             } else if cv.k == 1 && cv.stride == 1 && cv.pad == 0 {
                                 let gs = group_size.unwrap_or(1);
                                 let mut p = SparsePointwise::new(cv.cin, cv.cout, &w, m, gs);
