@@ -511,7 +511,9 @@ fn run_pointwise(
     yb: &mut [u64],
 ) {
     let (wd, od, co) = (binary::words(p.cin()), binary::words(p.cout()), p.cout());
-    let chunk = rows_per_thread(rows);
+    // Small layers (under about 2^20 word popcounts, tens of microseconds) stay on one
+    // thread: waking another costs more than it saves.
+    let chunk = if rows * wd * co < 1 << 20 { rows.max(1) } else { rows_per_thread(rows) };
     match stage {
         Stage::Threshold(_) => yb
             .par_chunks_mut(chunk * od)

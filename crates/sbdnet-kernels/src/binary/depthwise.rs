@@ -307,13 +307,15 @@ macro_rules! dispatch_row {
 }
 
 /// Run `f(row, out_row)` over the rows of `out` (`row_len` values each): threaded with rayon
-/// when the pool has more than one thread, a plain loop otherwise (a one-thread pool's task
-/// splitting costs microseconds on these small layers).
+/// when the pool has more than one thread and the layer is large, a plain loop otherwise
+/// (task splitting and waking a worker cost microseconds on small layers).
 fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if row_len == 0 {
         return;
     }
-    if crate::threads() <= 1 {
+    // Below about 2^16 outputs (tens of microseconds) waking another thread costs more than
+    // it saves (dscnn's layers at batch 1 ran slower on 2 threads than on 1).
+    if crate::threads() <= 1 || out.len() < 1 << 16 {
         out.chunks_mut(row_len).enumerate().for_each(|(row, o)| f(row, o));
     } else {
         out.par_chunks_mut(row_len).enumerate().for_each(|(row, o)| f(row, o));
