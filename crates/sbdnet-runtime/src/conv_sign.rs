@@ -24,6 +24,115 @@ pub(crate) struct SignStage<'a> {
     pub act: u8,
 }
 
+impl SignStage<'_> {
+    /// Whether channel `c`'s output is `+1` for the raw sum `s`: `act(scale * s + bias) > t`
+    /// with the arithmetic of the scalar path (multiply, then add; hardtanh as max then min).
+    #[allow(clippy::neg_cmp_op_on_partial_ord, clippy::manual_clamp)]
+    pub fn positive(&self, c: usize, s: f32) -> bool {
+        let mut y = self.scale[c] * s + self.bias[c];
+        if self.act == 1 {
+            y = y.max(0.0);
+        } else if self.act == 2 {
+            y = y.max(-1.0).min(1.0);
+        }
+        y > self.t[c]
+    }
+}
+
+/// The sign stage folded into one comparison of the raw sum per channel, and the weights it
+/// goes with.
+///
+/// `act(scale * s + bias) > t`, evaluated in `f32` as the scalar path does, is a monotone
+/// function of `s`: rounding to nearest, `max`, `min` and `>` never reverse an order. So for
+/// `scale > 0` the set of sums giving `+1` is exactly `{s >= s0}` for one float `s0`, found by
+/// bisection over the ordered floats at plan time, and for `scale < 0` it is `{s <= s1}`,
+/// i.e. `{-s >= -s1}`: those channels get negated weights, which negates every partial sum
+/// exactly (fused multiply-add rounds symmetrically; only the sign of an exact zero can
+/// differ, and no comparison sees it). The kernel then needs one `vcmpps` per 16 channels
+/// (`!(s >= s0)`, NaN giving `-1` as in the scalar path) instead of multiply, add,
+/// activation and compare, and the result is bit-identical to the scalar stage for every
+/// sum, infinities included. Channels whose output does not depend on the sum are forced.
+#[derive(Clone, Debug)]
+pub(crate) struct Folded {
+    /// Weights `[tap][co]`, negated for channels with `scale < 0`.
+    pub wt: Vec<f32>,
+    /// Per channel: output `-1` iff `!(s' >= thr)` (`s'` the sum with those weights).
+    pub thr: Vec<f32>,
+    /// Channels forced to `-1` (bit set) and to `+1` (bit clear).
+    pub one: u64,
+    pub zero: u64,
+}
+
+/// Order-preserving map of non-NaN floats to integers (-0 just below +0).
+fn key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 1 << 31
+    }
+}
+
+fn unkey(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & !(1 << 31) } else { !k })
+}
+
+/// Smallest float `s` (from -inf to +inf) with `q(s)` for a non-decreasing `q`; NaN if none.
+fn first_true(q: impl Fn(f32) -> bool) -> f32 {
+    let (mut lo, mut hi) = (key(f32::NEG_INFINITY), key(f32::INFINITY));
+    if q(f32::NEG_INFINITY) {
+        return f32::NEG_INFINITY;
+    }
+    if !q(f32::INFINITY) {
+        return f32::NAN;
+    }
+    // q(lo) false, q(hi) true.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if q(unkey(mid)) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    unkey(hi)
+}
+
+/// Fold `st` for weights `wt` (`[tap][co]`, `cout <= 64` channels); `None` where a channel
+/// cannot be expressed so (a zero or non-finite scale whose output still depends on the sum).
+pub(crate) fn fold(wt: &[f32], cout: usize, st: &SignStage) -> Option<Folded> {
+    assert!(cout <= 64 && wt.len().is_multiple_of(cout));
+    let mut f = Folded { wt: wt.to_vec(), thr: vec![0.0; cout], one: 0, zero: 0 };
+    let probes = [f32::NAN, f32::NEG_INFINITY, -f32::MAX, -1.0, -0.0, 0.0, 1.0, f32::MAX, f32::INFINITY];
+    for c in 0..cout {
+        let p = |s: f32| st.positive(c, s);
+        let first = p(probes[0]);
+        if probes.iter().all(|&s| p(s) == first) {
+            // Monotone in the sum with equal ends and NaN agreeing: constant. (A zero or
+            // non-finite scale makes the output depend on the sum's sign and finiteness
+            // only, which the probes cover.)
+            if first {
+                f.zero |= 1 << c;
+            } else {
+                f.one |= 1 << c;
+            }
+            continue;
+        }
+        let neg = st.scale[c] < 0.0;
+        let finite = st.scale[c].is_finite() && st.bias[c].is_finite() && st.t[c].is_finite();
+        if !finite || st.scale[c] == 0.0 || p(f32::NAN) {
+            return None;
+        }
+        f.thr[c] = if neg { first_true(|s| p(-s)) } else { first_true(p) };
+        if neg {
+            for w in f.wt.iter_mut().skip(c).step_by(cout) {
+                *w = -*w;
+            }
+        }
+    }
+    Some(f)
+}
+
 /// Whether the fused kernel can run here (AVX-512 and no forced fallback).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -54,88 +163,85 @@ fn pad_input(g: &ConvGeom, x: &[f32], xp: &mut [f32]) {
     }
 }
 
-/// Convolution + sign for `g.cout` in {32, 64}: one output word per pixel. Weights
-/// `[ky][kx][ci][co]`; `xp`: scratch of [`padded_len`]; requires [`available`].
-pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], wt: &[f32], st: &SignStage, xp: &mut [f32], out: &mut [u64]) {
+/// Convolution + sign for `g.cout` in {32, 64}: one output word per pixel, with the stage
+/// folded by [`fold`]. `xp`: scratch of [`padded_len`]; requires [`available`].
+pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out: &mut [u64]) {
     assert!(available(), "the fused first convolution needs AVX-512");
     assert!(matches!(g.cout, 32 | 64) && g.groups == 1);
-    assert!(x.len() >= g.in_len() && wt.len() >= g.weight_len() && out.len() >= g.batch * g.oh * g.ow);
-    assert!(st.scale.len() >= g.cout && st.bias.len() >= g.cout && st.t.len() >= g.cout);
+    assert!(x.len() >= g.in_len() && f.wt.len() >= g.weight_len() && out.len() >= g.batch * g.oh * g.ow);
+    assert!(f.thr.len() >= g.cout);
     // Every tap of every output pixel lies inside the padded image.
     assert!((g.oh - 1) * g.stride + g.kh <= g.h + 2 * g.pad && (g.ow - 1) * g.stride + g.kw <= g.w + 2 * g.pad);
     pad_input(g, x, xp);
+    let wp = g.w + 2 * g.pad;
+    // Offset of each tap `(ky, kx, ci)` from a pixel's first input in the padded image.
+    let taps: Vec<usize> = (0..g.kh)
+        .flat_map(|ky| (0..g.kw).flat_map(move |kx| (0..g.cin).map(move |ci| (ky * wp + kx) * g.cin + ci)))
+        .collect();
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available` checked avx512f; the slices hold what the loops index (asserted).
     unsafe {
-        if g.cout == 32 {
-            avx512::conv_sign::<2>(g, xp, wt, st, out)
-        } else {
-            avx512::conv_sign::<4>(g, xp, wt, st, out)
+        // 7 pixels per pass (14 accumulators) where rows split evenly so (28 wide: 4-5%
+        // faster than 4 on dscnn's first layer), else 4.
+        match (g.cout, taps.len(), g.ow.is_multiple_of(7)) {
+            (32, 9, true) => avx512::conv_sign::<2, 9, 7>(g, xp, &taps, f, out),
+            (32, 9, false) => avx512::conv_sign::<2, 9, 4>(g, xp, &taps, f, out),
+            (32, 27, _) => avx512::conv_sign::<2, 27, 4>(g, xp, &taps, f, out),
+            (32, _, _) => avx512::conv_sign::<2, 0, 4>(g, xp, &taps, f, out),
+            (_, 9, _) => avx512::conv_sign::<4, 9, 4>(g, xp, &taps, f, out),
+            (_, 27, _) => avx512::conv_sign::<4, 27, 4>(g, xp, &taps, f, out),
+            _ => avx512::conv_sign::<4, 0, 4>(g, xp, &taps, f, out),
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::SignStage;
+    use super::Folded;
     use sbdnet_kernels::conv::ConvGeom;
     use std::arch::x86_64::*;
 
-    /// Output pixels per pass.
-    const P: usize = 4;
-
-    /// `NV` vectors of 16 output channels; `xp` zero-padded.
+    /// `NV` vectors of 16 output channels; `KT` taps when known at compile time (0: use
+    /// `taps.len()`); `P` output pixels per pass; `xp` zero-padded.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn conv_sign<const NV: usize>(
+    pub(super) unsafe fn conv_sign<const NV: usize, const KT: usize, const P: usize>(
         g: &ConvGeom,
         xp: &[f32],
-        wt: &[f32],
-        st: &SignStage,
+        taps: &[usize],
+        f: &Folded,
         out: &mut [u64],
     ) {
+        let kt = if KT == 0 { taps.len() } else { KT };
+        debug_assert_eq!(kt, taps.len());
         let co = 16 * NV;
         let (hp, wp, c) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin);
+        let thr: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(f.thr.as_ptr().add(16 * j)));
+        let wt = f.wt.as_ptr();
         for b in 0..g.batch {
             let xb = xp[b * hp * wp * c..][..hp * wp * c].as_ptr();
             for oy in 0..g.oh {
+                let row = xb.add(oy * g.stride * wp * c);
                 let mut ox = 0;
                 while ox < g.ow {
                     let np = (g.ow - ox).min(P);
                     // Pixels past the row's end repeat the last one (computed, not stored).
-                    let px: [usize; P] = std::array::from_fn(|p| (ox + p.min(np - 1)) * g.stride * c);
+                    let px: [*const f32; P] = std::array::from_fn(|p| row.add((ox + p.min(np - 1)) * g.stride * c));
                     let mut acc = [[_mm512_setzero_ps(); NV]; P];
-                    for ky in 0..g.kh {
-                        let row = xb.add((oy * g.stride + ky) * wp * c);
-                        for kx in 0..g.kw {
-                            for ci in 0..c {
-                                let wrow = wt.as_ptr().add(((ky * g.kw + kx) * c + ci) * co);
-                                let wv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(wrow.add(16 * j)));
-                                for p in 0..P {
-                                    let xv = _mm512_set1_ps(*row.add(px[p] + kx * c + ci));
-                                    for j in 0..NV {
-                                        acc[p][j] = _mm512_fmadd_ps(xv, wv[j], acc[p][j]);
-                                    }
-                                }
+                    for (t, &off) in taps.iter().enumerate().take(kt) {
+                        let wv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(wt.add(t * co + 16 * j)));
+                        for p in 0..P {
+                            let xv = _mm512_set1_ps(*px[p].add(off));
+                            for j in 0..NV {
+                                acc[p][j] = _mm512_fmadd_ps(xv, wv[j], acc[p][j]);
                             }
                         }
                     }
                     for (p, a) in acc.iter().enumerate().take(np) {
                         let mut word = 0u64;
-                        for (j, &aj) in a.iter().enumerate() {
-                            let o = 16 * j;
-                            let mut y = _mm512_add_ps(
-                                _mm512_mul_ps(_mm512_loadu_ps(st.scale.as_ptr().add(o)), aj),
-                                _mm512_loadu_ps(st.bias.as_ptr().add(o)),
-                            );
-                            if st.act == 1 {
-                                y = _mm512_max_ps(y, _mm512_setzero_ps());
-                            } else if st.act == 2 {
-                                y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0));
-                            }
-                            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, _mm512_loadu_ps(st.t.as_ptr().add(o)));
-                            word |= u64::from(!gt) << o;
+                        for j in 0..NV {
+                            word |= u64::from(_mm512_cmp_ps_mask::<_CMP_NGE_UQ>(a[j], thr[j])) << (16 * j);
                         }
-                        out[(b * g.oh + oy) * g.ow + ox + p] = word;
+                        out[(b * g.oh + oy) * g.ow + ox + p] = (word | f.one) & !f.zero;
                     }
                     ox += P;
                 }
@@ -151,6 +257,7 @@ mod tests {
 
     /// The scalar path's arithmetic: valid taps only, in `(ky, kx, ci)` order, then the
     /// stage's `act(scale * s + bias)` per pixel and channel, and the sign words.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn plain(g: &ConvGeom, x: &[f32], wt: &[f32], st: &SignStage) -> (Vec<f32>, Vec<u64>) {
         let mut out = vec![0u64; g.batch * g.oh * g.ow];
         let mut ys = vec![0f32; g.batch * g.oh * g.ow * g.cout];
@@ -205,6 +312,12 @@ mod tests {
             let pad = r.below(k.div_ceil(2) + 1).min(k - 1);
             let cout = [32, 64][r.below(2)];
             let batch = 1 + r.below(2);
+            // The first cases: dscnn's and mobilenet's first layers (7- and 4-pixel passes).
+            let (cin, h, w, k, stride, pad, cout) = match case {
+                0 => (1, 28, 28, 3, 1, 1, 32),
+                1 => (3, 32, 32, 3, 1, 1, 32),
+                _ => (cin, h, w, k, stride, pad, cout),
+            };
             let Some(g) = ConvGeom::new(batch, h, w, cin, cout, k, stride, pad, 1) else { continue };
             // Some exact zeros in inputs and weights; thresholds near the sums' scale.
             let mut v = |n: usize, sd: f32| -> Vec<f32> {
@@ -212,7 +325,10 @@ mod tests {
             };
             let x = v(g.in_len(), 1.0);
             let wt = v(g.weight_len(), 0.5);
-            let (scale, bias, mut t) = (v(cout, 1.0), v(cout, 0.3), v(cout, 0.5));
+            let (mut scale, bias, mut t) = (v(cout, 1.0), v(cout, 0.3), v(cout, 0.5));
+            // A zero scale with a sum-dependent output is not folded (the planner keeps the
+            // unfused path there); `fold_matches_the_stage_for_every_sum` covers it.
+            scale.iter_mut().filter(|s| **s == 0.0).for_each(|s| *s = -0.5);
             let act = (case % 3) as u8;
             // Thresholds equal to one pixel's exact value in most channels: a sum rounded
             // in any other way (separate multiply and add, another tap order) flips that bit.
@@ -220,14 +336,60 @@ mod tests {
             let pixels = ys.len() / cout;
             for (co, tc) in t.iter_mut().enumerate() {
                 if r.below(4) != 0 {
-                    *tc = ys[r.below(pixels) * cout + co];
+                    // That value (the pixel gives -1) or the float just below it (the pixel is
+                    // often the first sum that gives +1: the folded threshold itself).
+                    let y = ys[r.below(pixels) * cout + co];
+                    *tc = if r.below(2) == 0 { y } else { y.next_down() };
                 }
             }
             let st = SignStage { scale: &scale, bias: &bias, t: &t, act };
             let mut xp = vec![f32::NAN; padded_len(&g)];
             let mut got = vec![u64::MAX; batch * g.oh * g.ow];
-            conv_sign(&g, &x, &wt, &st, &mut xp, &mut got);
+            let f = fold(&wt, cout, &st).expect("non-zero finite scales fold");
+            conv_sign(&g, &x, &f, &mut xp, &mut got);
             assert_eq!(got, plain(&g, &x, &wt, &st).1, "case {case}: {g:?} act {act}");
         }
+    }
+
+    #[test]
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn fold_matches_the_stage_for_every_sum() {
+        let mut r = Rng::new(11);
+        let specials = [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, -f32::MAX, 1e-40];
+        let mut folded = 0;
+        for case in 0..400 {
+            let pick = |r: &mut Rng| if r.below(5) == 0 { specials[r.below(specials.len())] } else { r.normal() };
+            let (scale, bias, t) = ([pick(&mut r)], [pick(&mut r)], [pick(&mut r)]);
+            let st = SignStage { scale: &scale, bias: &bias, t: &t, act: (case % 3) as u8 };
+            // One channel, weight 1 (or -1 once folded), so the sum the kernel compares is
+            // s (or -s).
+            let Some(f) = fold(&[1.0], 1, &st) else {
+                assert!(scale[0] == 0.0 || !scale[0].is_finite() || !bias[0].is_finite() || !t[0].is_finite());
+                continue;
+            };
+            folded += 1;
+            let mut sums: Vec<f32> = specials.to_vec();
+            for _ in 0..200 {
+                sums.push(r.normal() * 4.0);
+            }
+            // Around the threshold (both signs, both directions), where rounding decides.
+            let th = f.thr[0];
+            if th.is_finite() {
+                let mut up = th.abs();
+                let mut down = th.abs();
+                for _ in 0..8 {
+                    up = f32::from_bits(up.to_bits() + 1);
+                    down = f32::from_bits(down.to_bits().saturating_sub(1));
+                    sums.extend([up, -up, down, -down]);
+                }
+            }
+            for &s in &sums {
+                let s_k = s * f.wt[0]; // exact: the weight is +-1
+                let bit = !(s_k >= th);
+                let bit = (bit || f.one & 1 == 1) && f.zero & 1 == 0;
+                assert_eq!(bit, !st.positive(0, s), "case {case}: s {s} stage {scale:?} {bias:?} {t:?} thr {th}");
+            }
+        }
+        assert!(folded > 300, "only {folded} of 400 stages folded");
     }
 }

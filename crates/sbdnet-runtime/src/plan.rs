@@ -69,7 +69,7 @@ enum Kernel {
         wt: Vec<f32>,
         stage: Stage,
         /// Sign output fused into the convolution on AVX-512 ([`crate::conv_sign`]).
-        fused: bool,
+        fused: Option<crate::conv_sign::Folded>,
     },
     /// Float weights (or unpacked binary ones) on `f32`.
     FloatConv {
@@ -149,7 +149,7 @@ enum Kernel {
 impl Kernel {
     fn name(&self) -> &'static str {
         match self {
-            Kernel::SmallConv { fused: true, .. } => "conv-f32-direct-sign512",
+            Kernel::SmallConv { fused: Some(_), .. } => "conv-f32-direct-sign512",
             Kernel::SmallConv { .. } => "conv-f32-direct",
             Kernel::FloatConv { .. } => "conv-f32",
             Kernel::BinPw { gap: true, .. } => "bpw-xnor+affine+gap",
@@ -734,10 +734,16 @@ impl Plan {
                                     wt[k * cv.cout + co] = w[co * kt + k];
                                 }
                             }
-                            let fused = matches!(stage, Stage::Sign { .. })
-                                && crate::conv_sign::available()
-                                && wt.iter().all(|v| v.is_finite());
-                            if fused {
+                            let fused = match &stage {
+                                Stage::Sign { scale, bias, act, t }
+                                    if crate::conv_sign::available() && wt.iter().all(|v| v.is_finite()) =>
+                                {
+                                    let st = crate::conv_sign::SignStage { scale, bias, t, act: *act as u8 };
+                                    crate::conv_sign::fold(&wt, cv.cout, &st)
+                                }
+                                _ => None,
+                            };
+                            if fused.is_some() {
                                 unpacked_len = unpacked_len.max(crate::conv_sign::padded_len(&g));
                             }
                             Kernel::SmallConv { g, wt, stage, fused }
@@ -876,10 +882,9 @@ impl Plan {
         let yb_len = if yo.kind == Kind::Bits { n * yo.storage() } else { 0 };
         let (yf, yb) = (&mut yf[..yf_len], &mut yb[..yb_len]);
         match &step.kernel {
-            Kernel::SmallConv { g, wt, stage: Stage::Sign { scale, bias, act, t }, fused: true } => {
+            Kernel::SmallConv { g, fused: Some(f), .. } => {
                 let g = ConvGeom { batch: n, ..*g };
-                let st = crate::conv_sign::SignStage { scale, bias, t, act: *act as u8 };
-                crate::conv_sign::conv_sign(&g, xf, wt, &st, &mut self.unpacked, yb);
+                crate::conv_sign::conv_sign(&g, xf, f, &mut self.unpacked, yb);
             }
             Kernel::SmallConv { g, wt, stage, .. } => {
                 let g = ConvGeom { batch: n, ..*g };
