@@ -525,6 +525,20 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     #[serde(default)]
     pub init: Option<PathBuf>,
+    /// Knowledge distillation from the trained model in DIR (e.g. the float run of the same
+    /// data set): the loss becomes (1 - a) cross-entropy + a T^2 KL(teacher || student) at
+    /// temperature T, on the same augmented batches. The teacher runs in evaluation mode.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub distill: Option<PathBuf>,
+    /// Weight `a` of the distillation term, in [0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    #[serde(default = "default_distill_weight")]
+    pub distill_weight: f32,
+    /// Distillation temperature `T` (> 0).
+    #[arg(long, default_value_t = 4.0)]
+    #[serde(default = "default_distill_temperature")]
+    pub distill_temperature: f32,
     /// Continue the run saved in DIR from its last completed epoch (other options are taken
     /// from the saved run).
     #[arg(long, value_name = "DIR")]
@@ -745,4 +759,12 @@ impl Default for SparseTrainArgs {
             prune_eps: 0.0,
         }
     }
+}
+
+fn default_distill_weight() -> f32 {
+    0.9
+}
+
+fn default_distill_temperature() -> f32 {
+    4.0
 }

@@ -207,6 +207,49 @@ fn evaluate(model: &mut Model, data: &Prepared) -> Result<(f32, f32)> {
 }
 
 /// Train as `a` says; progress on stderr unless quiet or JSON.
+/// The `--distill` teacher: the model saved in `dir`, checked against the student's input and
+/// classes, in evaluation mode; its test accuracy is printed.
+fn load_teacher(dir: &std::path::Path, student: &Model, batch: usize, a: &TrainArgs, test: &Prepared) -> Result<Model> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.distill_weight),
+        "--distill-weight must be in [0, 1] (got {})",
+        a.distill_weight
+    );
+    anyhow::ensure!(
+        a.distill_temperature.is_finite() && a.distill_temperature > 0.0,
+        "--distill-temperature must be a positive number (got {})",
+        a.distill_temperature
+    );
+    let ck =
+        Checkpoint::read(dir).with_context(|| format!("--distill: cannot read the teacher in {}", dir.display()))?;
+    if ck.config.input != student.config.input || ck.config.classes != student.config.classes {
+        bail!(
+            "--distill: the teacher in {} takes {:?} inputs with {} classes, this run {:?} with {}",
+            dir.display(),
+            ck.config.input,
+            ck.config.classes,
+            student.config.input,
+            student.config.classes
+        );
+    }
+    let mut t = Model::new(ck.config.clone(), batch, a.seed)?;
+    ck.apply(&mut t, None, &dir.join(checkpoint::WEIGHTS_FILE))
+        .with_context(|| format!("--distill: cannot load the teacher's weights from {}", dir.display()))?;
+    if prose_wanted(a) {
+        let (_, acc) = evaluate(&mut t, test)?;
+        eprintln!(
+            "distilling from {} ({} {}, test accuracy {:.2}%): weight {}, temperature {}",
+            dir.display(),
+            ck.config.name,
+            ck.config.quant.precision.name(),
+            100.0 * acc,
+            a.distill_weight,
+            a.distill_temperature
+        );
+    }
+    Ok(t)
+}
+
 pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     let (json, quiet, threads, stop_after, ddir) = (a.json, a.quiet, a.threads, a.stop_after, a.data_dir.clone());
     let mut resume: Option<(Checkpoint, RunState, PathBuf)> = None;
@@ -289,6 +332,11 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
             );
         }
     }
+    let mut teacher = match &a.distill {
+        Some(dir) => Some(load_teacher(dir, &model, batch, &a, &test)?),
+        None => None,
+    };
+    let mut teacher_logits = vec![0.0f32; if teacher.is_some() { batch * model.config.classes } else { 0 }];
     let mut start_epoch = 0;
     if let Some((ck, st, dir)) = &resume {
         ck.apply(&mut model, Some(&mut opt), &dir.join(checkpoint::WEIGHTS_FILE))?;
@@ -402,7 +450,14 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
             }
             let global_step = epoch * steps_per_epoch + s;
             let lr = schedule.lr(global_step);
-            let st = model.train_step(&xb, &yb, &loss_fn)?;
+            let st = match teacher.as_mut() {
+                Some(t) => {
+                    teacher_logits.copy_from_slice(t.forward(&xb, batch, false)?);
+                    let soft = Some((&teacher_logits[..], a.distill_weight, a.distill_temperature));
+                    model.train_step_distilled(&xb, &yb, &loss_fn, soft)?
+                }
+                None => model.train_step(&xb, &yb, &loss_fn)?,
+            };
             if !st.loss.is_finite() {
                 bar.abandon();
                 let kept = if epoch > 0 {

@@ -184,6 +184,28 @@ fn w1a1_with_shortcuts_starts_from_a_float_run_and_learns() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--init") && !err.contains("panicked"), "{err}");
+
+    // Distillation from the same (3-epoch, so weak) float run: a w1 student learns well above
+    // chance (10%); bad options are errors that name them.
+    let d = tmp("distill-w1");
+    let ds = d.to_str().unwrap();
+    let base = ["train", "--precision", "w1", "--epochs", "6", "--threads", "2", "--out", ds];
+    let mut a = base.to_vec();
+    a.extend(["--distill", fs, "--json"]);
+    let v = json(&sbdnet(&a));
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "w1 distilled from the float run reached only {acc}");
+    for (extra, named) in [
+        (["--distill", "/nonexistent/sbdnet-run", "--quiet"], "--distill"),
+        (["--distill", fs, "--distill-weight=1.5"], "--distill-weight"),
+        (["--distill", fs, "--distill-temperature=0"], "--distill-temperature"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend(extra);
+        let out = sbdnet(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named) && !err.contains("panicked"), "{extra:?}: {err}");
+    }
 }
 
 #[test]

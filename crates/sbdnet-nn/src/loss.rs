@@ -1,8 +1,13 @@
-//! Softmax cross-entropy with optional label smoothing.
+//! Softmax cross-entropy with optional label smoothing, and knowledge distillation.
 //!
 //! With `K` classes and smoothing `eps`, the target distribution is
 //! `q = (1 - eps) * onehot(y) + eps / K`; the loss is `-sum_k q_k log softmax(z)_k`, averaged
 //! over the batch, and its gradient `dL/dz = (softmax(z) - q) / B`.
+//!
+//! Distillation (Hinton et al., 2015) adds a teacher's logits `t`: with weight `a` and
+//! temperature `T`, `L = (1 - a) CE(z, y) + a T^2 KL(softmax(t / T) || softmax(z / T))`, whose
+//! gradient is `(1 - a) (softmax(z) - q) / B + a T (softmax(z / T) - softmax(t / T)) / B`
+//! (the `T^2` keeps the soft term's gradient on the scale of the hard one's).
 
 /// The loss of a classifier.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -20,6 +25,39 @@ impl Loss {
     /// Mean loss (with this smoothing) and correct count, no gradient.
     pub fn evaluate(&self, logits: &[f32], labels: &[u8], classes: usize) -> (f32, usize) {
         self.run(logits, labels, classes, None)
+    }
+
+    /// Distillation loss (module docs) against `teacher` logits with weight `a` in `[0, 1]`
+    /// and temperature `temp > 0`: mean loss and correct count; writes `dL/dlogits`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn distill(
+        &self,
+        logits: &[f32],
+        teacher: &[f32],
+        labels: &[u8],
+        classes: usize,
+        a: f32,
+        temp: f32,
+        dlogits: &mut [f32],
+    ) -> (f32, usize) {
+        let (hard, correct) = self.run(logits, labels, classes, Some(&mut *dlogits));
+        let n = labels.len().max(1);
+        let mut soft = 0.0f64;
+        for (i, d) in dlogits.chunks_exact_mut(classes).enumerate().take(labels.len()) {
+            let z = &logits[i * classes..(i + 1) * classes];
+            let t = &teacher[i * classes..(i + 1) * classes];
+            let scaled = |v: &[f32], k: usize| v[k] / temp;
+            let lse_z = log_sum_exp_by(classes, |k| scaled(z, k));
+            let lse_t = log_sum_exp_by(classes, |k| scaled(t, k));
+            for (k, dk) in d.iter_mut().enumerate() {
+                let (lz, lt) = (scaled(z, k) - lse_z, scaled(t, k) - lse_t);
+                let pt = lt.exp();
+                soft += (pt * (lt - lz)) as f64;
+                *dk = (1.0 - a) * *dk + a * temp * (lz.exp() - pt) / n as f32;
+            }
+        }
+        let soft = (soft / n as f64) as f32 * temp * temp;
+        ((1.0 - a) * hard + a * soft, correct)
     }
 
     fn run(&self, logits: &[f32], labels: &[u8], classes: usize, mut grad: Option<&mut [f32]>) -> (f32, usize) {
@@ -60,6 +98,12 @@ pub fn log_sum_exp(z: &[f32]) -> (f32, usize) {
     (m + s.ln(), arg)
 }
 
+/// `log(sum_k exp f(k))` over `k < n`.
+fn log_sum_exp_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let m = (0..n).map(&f).fold(f32::NEG_INFINITY, f32::max);
+    m + (0..n).map(|k| (f(k) - m).exp()).sum::<f32>().ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +124,32 @@ mod tests {
                 assert!((fd - d[i]).abs() < 1e-3, "eps {eps} i {i}: {fd} vs {}", d[i]);
             }
         }
+    }
+
+    #[test]
+    fn distillation_gradient_matches_finite_differences() {
+        let z = [0.3f32, -1.2, 2.0, 0.1, 0.7, -0.4];
+        let t = [1.5f32, -0.2, 0.4, -1.0, 2.2, 0.3];
+        let labels = [2u8, 0];
+        for (a, temp, eps) in [(0.5, 4.0, 0.0), (0.9, 2.0, 0.1), (1.0, 1.0, 0.0), (0.0, 3.0, 0.0)] {
+            let loss = Loss { label_smoothing: eps };
+            let f = |z: &[f32]| loss.distill(z, &t, &labels, 3, a, temp, &mut [0.0; 6]).0;
+            let mut d = [0.0; 6];
+            loss.distill(&z, &t, &labels, 3, a, temp, &mut d);
+            for i in 0..6 {
+                let (mut zp, mut zm) = (z, z);
+                zp[i] += 1e-2;
+                zm[i] -= 1e-2;
+                let fd = (f(&zp) - f(&zm)) / 2e-2;
+                assert!((fd - d[i]).abs() < 2e-3, "a {a} T {temp} i {i}: {fd} vs {}", d[i]);
+            }
+        }
+        // The soft term vanishes where student and teacher agree; a = 0 is plain cross-entropy.
+        let mut d = [0.0; 6];
+        let (l, _) = Loss::default().distill(&t, &t, &labels, 3, 1.0, 4.0, &mut d);
+        assert!(l.abs() < 1e-6 && d.iter().all(|v| v.abs() < 1e-7), "{l} {d:?}");
+        let (l0, _) = Loss::default().distill(&z, &t, &labels, 3, 0.0, 4.0, &mut d);
+        assert_eq!(l0, Loss::default().evaluate(&z, &labels, 3).0);
     }
 
     #[test]

@@ -729,6 +729,19 @@ impl Model {
     /// loss, backward. Gradients are zeroed first. Returns loss and correct count; the
     /// optimizer step is the caller's.
     pub fn train_step(&mut self, x: &[f32], labels: &[u8], loss: &Loss) -> Result<StepStats, NnError> {
+        self.train_step_distilled(x, labels, loss, None)
+    }
+
+    /// [`Model::train_step`] with knowledge distillation where `teacher` is given: the
+    /// teacher's logits for the same batch (`labels.len() x classes`), the weight of the soft
+    /// term and the temperature ([`Loss::distill`]).
+    pub fn train_step_distilled(
+        &mut self,
+        x: &[f32],
+        labels: &[u8],
+        loss: &Loss,
+        teacher: Option<(&[f32], f32, f32)>,
+    ) -> Result<StepStats, NnError> {
         let n = labels.len();
         let classes = self.config.classes;
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
@@ -739,8 +752,16 @@ impl Model {
         let last = self.shapes.len() - 1;
         let off = self.off(last);
         let len = n * classes;
-        let (loss_v, correct) =
-            loss.forward_backward(&self.acts[off..off + len], labels, classes, &mut self.dacts[off..off + len]);
+        let (z, dz) = (&self.acts[off..off + len], &mut self.dacts[off..off + len]);
+        let (loss_v, correct) = match teacher {
+            Some((t, a, temp)) => {
+                if t.len() != len {
+                    return Err(NnError::Input(format!("teacher gave {} logits, the batch needs {len}", t.len())));
+                }
+                loss.distill(z, t, labels, classes, a, temp, dz)
+            }
+            None => loss.forward_backward(z, labels, classes, dz),
+        };
         self.backward(n);
         self.last_n = n;
         self.step += 1;
