@@ -694,6 +694,8 @@ mod tests {
                 let scale: Vec<f32> = (0..cout).map(|_| rng.normal() * 0.3).collect();
                 let bias: Vec<f32> = (0..cout).map(|_| rng.normal()).collect();
                 for act in 0..3u8 {
+                    // Hardtanh as max then min (NaN maps to -1, unlike clamp).
+                    #[allow(clippy::manual_clamp)]
                     let f = |v: f32| match act {
                         1 => v.max(0.0),
                         2 => v.max(-1.0).min(1.0),
