@@ -43,6 +43,9 @@ pub struct A8Conv {
     wn: Vec<i16>,
     /// Some weight is zero (a sparse layer): use `P - N` instead of `2P - S`.
     zeros: bool,
+    /// Dense/pointwise on AVX-512 (BW): the signs as bit masks `[k][block of 32 channels]`,
+    /// `+1` weights and `-1` weights ([`avx512::pw_rows`]).
+    masks: Option<(Vec<u32>, Vec<u32>)>,
 }
 
 /// Reusable buffers of the W1-A8 kernels, sized at plan time.
@@ -52,9 +55,17 @@ pub struct QuantScratch {
     col: Vec<i16>,
     scale: Vec<f32>,
     acc: Vec<i16>,
+    /// Activations of a few pixels as 32-bit words holding the value twice (one load
+    /// broadcasts it to 32 16-bit lanes).
+    dup: Vec<i32>,
 }
 
 impl QuantScratch {
+    /// The activation scale of image `b` of the last [`A8Conv::forward_raw`].
+    pub fn image_scale(&self, b: usize) -> f32 {
+        self.scale[b]
+    }
+
     /// Grow to fit `c` (called once per layer at plan time).
     pub fn reserve(&mut self, c: &A8Conv) {
         let g = &c.g;
@@ -63,6 +74,9 @@ impl QuantScratch {
         grow(&mut self.acc, g.cin);
         if c.kind == A8Kind::Dense {
             grow(&mut self.col, g.out_rows() * g.kh * g.kw * g.cin);
+        }
+        if c.masks.is_some() {
+            grow(&mut self.dup, avx512::ROWS * g.kh * g.kw * g.cin);
         }
     }
 }
@@ -116,7 +130,33 @@ impl A8Conv {
             }
             (wp, wn)
         };
-        A8Conv { g, kind, wp, wn, zeros }
+        // Depthwise: `[tap][block]` (weights `[c][tap]`); dense: `[k][block]` (`[co][k]`).
+        let masks = avx512::available().then(|| {
+            let kt = if depthwise { g.kh * g.kw } else { g.kh * g.kw * g.cin };
+            let nblk = g.cout.div_ceil(32);
+            let (mut mp, mut mn) = (vec![0u32; kt * nblk], vec![0u32; kt * nblk]);
+            for co in 0..g.cout {
+                for k in 0..kt {
+                    let v = w[co * kt + k];
+                    mp[k * nblk + co / 32] |= u32::from(v > 0.0) << (co % 32);
+                    mn[k * nblk + co / 32] |= u32::from(v < 0.0) << (co % 32);
+                }
+            }
+            (mp, mn)
+        });
+        A8Conv { g, kind, wp, wn, zeros, masks }
+    }
+
+    /// Rows of `k` activations through the dense kernel: AVX-512 where planned, else the
+    /// 16-bit AND-mask loops.
+    fn rows(&self, x: &[i16], k: usize, y: &mut [f32], dup: &mut [i32]) {
+        match &self.masks {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: masks are planned only where `avx512::available()` (avx512f + avx512bw);
+            // `dup` was sized by `QuantScratch::reserve` for this layer.
+            Some((mp, mn)) => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, y, dup) },
+            _ => pw_rows(x, k, self.g.cout, &self.wp, &self.wn, self.zeros, y),
+        }
     }
 
     /// Whether this is a depthwise layer.
@@ -127,6 +167,16 @@ impl A8Conv {
     /// `y = conv(x)` for `n` images of `f32` input, through 8-bit activations: `y` (NHWC,
     /// `n * oh * ow * cout`) gets `scale_image * integer sum`.
     pub fn forward(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch) {
+        self.forward_raw(n, x, y, s);
+        let ol = self.g.oh * self.g.ow * self.g.cout;
+        for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
+            scale_in_place(yb, s.scale[b]);
+        }
+    }
+
+    /// As [`A8Conv::forward`] without the last multiplication: `y` gets the integer sums
+    /// (as `f32`, exact below 2^24) and `s.image_scale(b)` each image's scale.
+    pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch) {
         let g = ConvGeom { batch: n, ..self.g };
         let il = g.h * g.w * g.cin;
         let ol = g.oh * g.ow * g.cout;
@@ -136,20 +186,22 @@ impl A8Conv {
         match self.kind {
             A8Kind::Depthwise => {
                 for b in 0..n {
-                    let acc = &mut s.acc[..g.cin];
-                    dw_image(&g, &s.q[b * il..][..il], &self.wp, &self.wn, &mut y[b * ol..][..ol], acc);
+                    let (xb, yb) = (&s.q[b * il..][..il], &mut y[b * ol..][..ol]);
+                    match &self.masks {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: masks are planned only where `avx512::available()`.
+                        Some((mp, mn)) => unsafe { avx512::dw_image(&g, xb, mp, mn, yb) },
+                        _ => dw_image(&g, xb, &self.wp, &self.wn, yb, &mut s.acc[..g.cin]),
+                    }
                 }
             }
-            A8Kind::Pointwise => pw_rows(&s.q[..n * il], g.cin, g.cout, &self.wp, &self.wn, self.zeros, y),
+            A8Kind::Pointwise => self.rows(&s.q[..n * il], g.cin, y, &mut s.dup),
             A8Kind::Dense => {
                 let kt = g.kh * g.kw * g.cin;
                 let rows = g.out_rows();
                 im2col_i16(&g, &s.q[..n * il], &mut s.col[..rows * kt]);
-                pw_rows(&s.col[..rows * kt], kt, g.cout, &self.wp, &self.wn, self.zeros, y);
+                self.rows(&s.col[..rows * kt], kt, y, &mut s.dup);
             }
-        }
-        for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
-            scale_in_place(yb, s.scale[b]);
         }
     }
 }
@@ -351,6 +403,221 @@ fn im2col_i16(g: &ConvGeom, x: &[i16], col: &mut [i16]) {
     }
 }
 
+/// The dense W1-A8 kernel on AVX-512: output channels in 16-bit lanes (32 per register),
+/// each input value broadcast to all lanes and added under the `k` mask of the channels whose
+/// weight is `+1` (`vpaddw` with a mask: one instruction per 32 additions, no AND), and
+/// subtracted under the `-1` mask where the layer has zeros. Tiles of 4 pixels x 4 registers
+/// (128 channels) stay in registers over runs of 256 inputs (`256 * 127 < 2^15`, no overflow),
+/// then widen into 32-bit sums. Integer sums identical to [`pw_rows`].
+mod avx512 {
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// Pixels per tile.
+    pub const ROWS: usize = 4;
+    /// Registers of 32 channels per tile.
+    const NV: usize = 4;
+    /// Inputs per 16-bit run.
+    const RUN: usize = 256;
+
+    /// Whether the kernel can run (AVX-512 F + BW, no forced fallback).
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `y[r][co] = sum_k sign(w[co][k]) * x[r][k]` as `f32`, masks `[k][cout / 32]`; `dup`
+    /// holds at least `ROWS * k` words.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pw_rows(
+        x: &[i16],
+        k: usize,
+        cout: usize,
+        mp: &[u32],
+        mn: &[u32],
+        zeros: bool,
+        y: &mut [f32],
+        dup: &mut [i32],
+    ) {
+        let nblk = cout.div_ceil(32);
+        assert!(mp.len() >= k * nblk && mn.len() >= k * nblk && dup.len() >= ROWS * k);
+        let rows = x.len() / k;
+        assert!(y.len() >= rows * cout);
+        let mut r = 0;
+        while r < rows {
+            let np = ROWS.min(rows - r);
+            let mut sums = [0i32; ROWS];
+            for (p, s) in sums.iter_mut().enumerate() {
+                let src = &x[(r + p.min(np - 1)) * k..][..k];
+                for (d, &v) in dup[p * k..][..k].iter_mut().zip(src) {
+                    *d = (u32::from(v as u16) * 0x1_0001) as i32;
+                }
+                *s = src.iter().map(|&v| i32::from(v)).sum();
+            }
+            let yr = &mut y[r * cout..(r + np) * cout];
+            let mut b0 = 0;
+            while b0 < nblk {
+                let nv = NV.min(nblk - b0);
+                match (nv, zeros) {
+                    (4, false) => tile::<4, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (4, true) => tile::<4, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (3, false) => tile::<3, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (3, true) => tile::<3, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (2, false) => tile::<2, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (2, true) => tile::<2, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (_, false) => tile::<1, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (_, true) => tile::<1, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                }
+                b0 += nv;
+            }
+            r += np;
+        }
+    }
+
+    /// Blocks `b0..b0 + V` of 32 channels for the `np` pixels in `dup`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn tile<const V: usize, const ZEROS: bool>(
+        dup: &[i32],
+        k: usize,
+        mp: &[u32],
+        mn: &[u32],
+        nblk: usize,
+        b0: usize,
+        sums: &[i32; ROWS],
+        np: usize,
+        cout: usize,
+        y: &mut [f32],
+    ) {
+        let mut wide = [[[_mm512_setzero_si512(); 2]; V]; ROWS];
+        let (dp, pp, np_) = (dup.as_ptr(), mp.as_ptr(), mn.as_ptr());
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + RUN).min(k);
+            let mut acc = [[_mm512_setzero_si512(); V]; ROWS];
+            for kk in k0..k1 {
+                let xb: [__m512i; ROWS] = std::array::from_fn(|p| _mm512_set1_epi32(*dp.add(p * k + kk)));
+                for v in 0..V {
+                    let m = *pp.add(kk * nblk + b0 + v);
+                    for p in 0..ROWS {
+                        acc[p][v] = _mm512_mask_add_epi16(acc[p][v], m, acc[p][v], xb[p]);
+                    }
+                    if ZEROS {
+                        let n = *np_.add(kk * nblk + b0 + v);
+                        for p in 0..ROWS {
+                            acc[p][v] = _mm512_mask_sub_epi16(acc[p][v], n, acc[p][v], xb[p]);
+                        }
+                    }
+                }
+            }
+            for p in 0..ROWS {
+                for v in 0..V {
+                    let w = &mut wide[p][v];
+                    w[0] = _mm512_add_epi32(w[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[p][v])));
+                    w[1] = _mm512_add_epi32(w[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(acc[p][v])));
+                }
+            }
+            k0 = k1;
+        }
+        for (p, &s) in sums.iter().enumerate().take(np) {
+            for v in 0..V {
+                for (h, &w) in wide[p][v].iter().enumerate() {
+                    // No zeros: sum_{+} x - sum_{-} x = 2 * sum_{+} x - sum x.
+                    let w = if ZEROS { w } else { _mm512_sub_epi32(_mm512_slli_epi32::<1>(w), _mm512_set1_epi32(s)) };
+                    let c0 = (b0 + v) * 32 + 16 * h;
+                    if c0 >= cout {
+                        continue;
+                    }
+                    let m = if cout - c0 >= 16 { 0xFFFF } else { (1u16 << (cout - c0)) - 1 };
+                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(p * cout + c0), m, _mm512_cvtepi32_ps(w));
+                }
+            }
+        }
+    }
+
+    /// Output pixels per depthwise pass (independent accumulators).
+    const SEG: usize = 16;
+
+    /// Depthwise over one image (any kernel up to 15 x 15: `225 * 127 < 2^15`), channels in
+    /// 16-bit lanes: for each block of 32 channels and each tap, the tap's two masks are
+    /// loaded once and a segment of up to 16 output pixels of a row each gets one load and a
+    /// masked add and subtract (16 independent chains); taps in the zero padding load zeros
+    /// (masked loads of no lane). Integer sums identical to [`super::dw_image`]. Masks
+    /// `[tap][c / 32]`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dw_image(g: &sbdnet_kernels::conv::ConvGeom, x: &[i16], mp: &[u32], mn: &[u32], y: &mut [f32]) {
+        let c = g.cin;
+        let nblk = c.div_ceil(32);
+        assert!(g.kh * g.kw <= 225 && x.len() >= g.h * g.w * c && y.len() >= g.oh * g.ow * c);
+        assert!(mp.len() >= g.kh * g.kw * nblk && mn.len() >= g.kh * g.kw * nblk);
+        for oy in 0..g.oh {
+            for ox0 in (0..g.ow).step_by(SEG) {
+                let np = SEG.min(g.ow - ox0);
+                for blk in 0..nblk {
+                    let c0 = blk * 32;
+                    let lanes = (c - c0).min(32);
+                    let lm: __mmask32 = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
+                    let mut acc = [_mm512_setzero_si512(); SEG];
+                    for ky in 0..g.kh {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let row = x.as_ptr().add(iy as usize * g.w * c + c0);
+                        for kx in 0..g.kw {
+                            let t = ky * g.kw + kx;
+                            let (p, n) = (mp[t * nblk + blk], mn[t * nblk + blk]);
+                            for (i, a) in acc.iter_mut().enumerate().take(np) {
+                                let ix = ((ox0 + i) * g.stride + kx) as isize - g.pad as isize;
+                                let inside = ix >= 0 && ix < g.w as isize;
+                                // Outside the image: no lane is loaded (the address is not read).
+                                let m = if inside { lm } else { 0 };
+                                let xv = _mm512_maskz_loadu_epi16(m, row.wrapping_offset(ix * c as isize));
+                                *a = _mm512_mask_add_epi16(*a, p, *a, xv);
+                                *a = _mm512_mask_sub_epi16(*a, n, *a, xv);
+                            }
+                        }
+                    }
+                    for (i, &a) in acc.iter().enumerate().take(np) {
+                        let yp = y.as_mut_ptr().add((oy * g.ow + ox0 + i) * c + c0);
+                        let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
+                        for (h, &v) in halves.iter().enumerate() {
+                            let n = lanes.saturating_sub(16 * h).min(16);
+                            if n > 0 {
+                                let m = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                                _mm512_mask_storeu_ps(yp.add(16 * h), m, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(v)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn dw_image(_: &sbdnet_kernels::conv::ConvGeom, _: &[i16], _: &[u32], _: &[u32], _: &mut [f32]) {
+        unreachable!("masks are planned only on x86_64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pw_rows(_: &[i16], _: usize, _: usize, _: &[u32], _: &[u32], _: bool, _: &mut [f32], _: &mut [i32]) {
+        unreachable!("masks are planned only on x86_64")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,8 +697,14 @@ mod tests {
         for (i, &(b, h, cin, cout, k, stride, pad, groups)) in [
             (1, 5, 7, 9, 1, 1, 0, 1),
             (3, 4, 300, 70, 1, 1, 0, 1),
+            // Three 256-input runs; 7 blocks of 32 channels (tiles of 4 and 3) with a partial
+            // last one; 9 pixels (a tile of 1).
+            (1, 3, 600, 200, 1, 1, 0, 1),
             (2, 6, 16, 16, 3, 1, 1, 16),
             (2, 7, 70, 70, 3, 2, 1, 70),
+            (1, 9, 32, 32, 3, 1, 1, 32),
+            (1, 6, 130, 130, 5, 2, 2, 130),
+            (1, 21, 40, 40, 3, 1, 1, 40),
             (1, 6, 5, 130, 3, 1, 1, 1),
             (2, 5, 3, 8, 3, 2, 0, 1),
         ]

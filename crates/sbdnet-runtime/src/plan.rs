@@ -543,9 +543,27 @@ fn rows_per_thread(rows: usize) -> usize {
 
 /// `y = act(scale[c] * x + bias[c])` over rows of `c` channels.
 fn affine_rows(x: &[f32], c: usize, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
-    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-        for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
-            *y = act.apply(s * x + b);
+    affine_rows_scaled(x, c, 1.0, scale, bias, act, y);
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// `y = act(scale[c] * (k * x) + bias[c])` over rows of `c` channels (`k * x` skipped
+    /// for `k = 1`, where it is exact anyway); the activation chosen outside the loop so each
+    /// loop vectorizes. The W1-A8 path passes an image's activation scale as `k`: the same
+    /// two roundings as scaling the sums first, in one pass.
+    fn affine_rows_scaled(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
+        #[inline(always)]
+        fn run(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
+            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
+                    *y = f(s * (k * x) + b);
+                }
+            }
+        }
+        match act {
+            Act::None => run(x, c, k, scale, bias, y, |v| Act::None.apply(v)),
+            Act::Relu => run(x, c, k, scale, bias, y, |v| Act::Relu.apply(v)),
+            Act::Hardtanh => run(x, c, k, scale, bias, y, |v| Act::Hardtanh.apply(v)),
         }
     }
 }
@@ -957,8 +975,17 @@ impl Plan {
             }
             Kernel::A8 { conv, stage } => {
                 let raw = &mut self.raw_f32[..n * yo.len()];
-                conv.forward(n, xf, raw, &mut self.quant);
-                stage_f32(stage, raw, yo.c, yf, yb);
+                if let Stage::Affine { scale, bias, act } = stage {
+                    // The image's activation scale applied inside the affine pass.
+                    conv.forward_raw(n, xf, raw, &mut self.quant);
+                    let ol = yo.len();
+                    for (b, (rb, yb)) in raw.chunks_exact(ol).zip(yf.chunks_exact_mut(ol)).enumerate() {
+                        affine_rows_scaled(rb, yo.c, self.quant.image_scale(b), scale, bias, *act, yb);
+                    }
+                } else {
+                    conv.forward(n, xf, raw, &mut self.quant);
+                    stage_f32(stage, raw, yo.c, yf, yb);
+                }
             }
             Kernel::Linear { inp, out, wt, b } => {
                 for (xr, yr) in xf.chunks_exact(*inp).zip(yf.chunks_exact_mut(*out)) {
