@@ -58,6 +58,11 @@ pub struct QuantScratch {
     /// Activations of a few pixels as 32-bit words holding the value twice (one load
     /// broadcasts it to 32 16-bit lanes).
     dup: Vec<i32>,
+    /// `max |x|` per image of the value `known_for` (the plan's value index), written by
+    /// the pass that produced it, so the quantization of that value skips its own max pass.
+    pub known: Vec<f32>,
+    /// The value `known` describes.
+    pub known_for: Option<usize>,
 }
 
 impl QuantScratch {
@@ -71,6 +76,7 @@ impl QuantScratch {
         let g = &c.g;
         grow(&mut self.q, g.in_len());
         grow(&mut self.scale, g.batch);
+        grow(&mut self.known, g.batch);
         grow(&mut self.acc, g.cin);
         if c.kind == A8Kind::Dense {
             grow(&mut self.col, g.out_rows() * g.kh * g.kw * g.cin);
@@ -167,7 +173,7 @@ impl A8Conv {
     /// `y = conv(x)` for `n` images of `f32` input, through 8-bit activations: `y` (NHWC,
     /// `n * oh * ow * cout`) gets `scale_image * integer sum`.
     pub fn forward(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch) {
-        self.forward_raw(n, x, y, s);
+        self.forward_raw(n, x, y, s, false);
         let ol = self.g.oh * self.g.ow * self.g.cout;
         for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
             scale_in_place(yb, s.scale[b]);
@@ -176,12 +182,15 @@ impl A8Conv {
 
     /// As [`A8Conv::forward`] without the last multiplication: `y` gets the integer sums
     /// (as `f32`, exact below 2^24) and `s.image_scale(b)` each image's scale.
-    pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch) {
+    /// With `known`, `s.known[b]` is taken as image `b`'s `max |x|` (as [`abs_max`] gives it)
+    /// instead of a pass over `x`.
+    pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch, known: bool) {
         let g = ConvGeom { batch: n, ..self.g };
         let il = g.h * g.w * g.cin;
         let ol = g.oh * g.ow * g.cout;
         for b in 0..n {
-            s.scale[b] = quantize(&x[b * il..][..il], &mut s.q[b * il..][..il]);
+            let (xb, qb) = (&x[b * il..][..il], &mut s.q[b * il..][..il]);
+            s.scale[b] = if known { quantize_with(xb, qb, s.known[b]) } else { quantize(xb, qb) };
         }
         match self.kind {
             A8Kind::Depthwise => {
@@ -207,7 +216,8 @@ impl A8Conv {
 }
 
 sbdnet_kernels::simd_kernel! {
-    fn scale_in_place(y: &mut [f32], s: f32) {
+    /// `y *= s`.
+    pub(crate) fn scale_in_place(y: &mut [f32], s: f32) {
         for v in y.iter_mut() {
             *v *= s;
         }
@@ -215,8 +225,8 @@ sbdnet_kernels::simd_kernel! {
 }
 
 sbdnet_kernels::simd_kernel! {
-    /// `max |x|` into `out[0]` (eight running maxima, so it vectorizes).
-    fn abs_max(x: &[f32], out: &mut [f32]) {
+    /// `max |x|` into `out[0]` (eight running maxima, so it vectorizes; NaN skipped).
+    pub(crate) fn abs_max(x: &[f32], out: &mut [f32]) {
         let mut m = [0.0f32; 8];
         let mut chunks = x.chunks_exact(8);
         for c in &mut chunks {
@@ -237,7 +247,11 @@ sbdnet_kernels::simd_kernel! {
 fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
     let mut amax = [0.0f32];
     abs_max(x, &mut amax);
-    let amax = amax[0];
+    quantize_with(x, q, amax[0])
+}
+
+/// [`quantize`] with `max |x|` given.
+fn quantize_with(x: &[f32], q: &mut [i16], amax: f32) -> f32 {
     if !(amax > 0.0 && amax.is_finite()) {
         q.fill(0);
         return 1.0;

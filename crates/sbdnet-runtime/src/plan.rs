@@ -541,30 +541,70 @@ fn rows_per_thread(rows: usize) -> usize {
     }
 }
 
+sbdnet_kernels::simd_kernel! {
+    /// [`affine_rows_scaled`] that also finds `max |y|` into `m[0]` (as
+    /// [`crate::int8::abs_max`]: NaN skipped), row by row while each row is in L1, so the next
+    /// W1-A8 layer's quantization needs no pass of its own for it.
+    fn affine_rows_scaled_max(
+        x: &[f32],
+        c: usize,
+        k: f32,
+        scale: &[f32],
+        bias: &[f32],
+        act: Act,
+        y: &mut [f32],
+        m: &mut [f32],
+    ) {
+        let mut lanes = [0.0f32; 8];
+        let mut rest = 0.0f32;
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            affine_body(xr, c, k, scale, bias, act, yr);
+            let mut ch = yr.chunks_exact(8);
+            for v in &mut ch {
+                for j in 0..8 {
+                    let a = v[j].abs();
+                    lanes[j] = if a > lanes[j] { a } else { lanes[j] };
+                }
+            }
+            for &v in ch.remainder() {
+                rest = rest.max(v.abs());
+            }
+        }
+        m[0] = lanes.iter().fold(rest, |a, &b| a.max(b));
+    }
+}
+
 /// `y = act(scale[c] * x + bias[c])` over rows of `c` channels.
 fn affine_rows(x: &[f32], c: usize, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
     affine_rows_scaled(x, c, 1.0, scale, bias, act, y);
 }
 
-sbdnet_kernels::simd_kernel! {
-    /// `y = act(scale[c] * (k * x) + bias[c])` over rows of `c` channels (`k * x` skipped
-    /// for `k = 1`, where it is exact anyway); the activation chosen outside the loop so each
-    /// loop vectorizes. The W1-A8 path passes an image's activation scale as `k`: the same
-    /// two roundings as scaling the sums first, in one pass.
-    fn affine_rows_scaled(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
-        #[inline(always)]
-        fn run(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
-            for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
-                    *y = f(s * (k * x) + b);
-                }
+/// `y = act(scale[c] * (k * x) + bias[c])` over rows of `c` channels, the activation chosen
+/// outside the loop so each loop vectorizes (inlined into the [`sbdnet_kernels::simd_kernel`]
+/// functions that call it).
+#[inline(always)]
+fn affine_body(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
+    #[inline(always)]
+    fn run(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for (((y, &x), &s), &b) in yr.iter_mut().zip(xr).zip(scale).zip(bias) {
+                *y = f(s * (k * x) + b);
             }
         }
-        match act {
-            Act::None => run(x, c, k, scale, bias, y, |v| Act::None.apply(v)),
-            Act::Relu => run(x, c, k, scale, bias, y, |v| Act::Relu.apply(v)),
-            Act::Hardtanh => run(x, c, k, scale, bias, y, |v| Act::Hardtanh.apply(v)),
-        }
+    }
+    match act {
+        Act::None => run(x, c, k, scale, bias, y, |v| Act::None.apply(v)),
+        Act::Relu => run(x, c, k, scale, bias, y, |v| Act::Relu.apply(v)),
+        Act::Hardtanh => run(x, c, k, scale, bias, y, |v| Act::Hardtanh.apply(v)),
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// `y = act(scale[c] * (k * x) + bias[c])` over rows of `c` channels (`k = 1` is exact).
+    /// The W1-A8 path passes an image's activation scale as `k`: the same two roundings as
+    /// scaling the sums first, in one pass.
+    fn affine_rows_scaled(x: &[f32], c: usize, k: f32, scale: &[f32], bias: &[f32], act: Act, y: &mut [f32]) {
+        affine_body(x, c, k, scale, bias, act, y)
     }
 }
 
@@ -975,15 +1015,24 @@ impl Plan {
             }
             Kernel::A8 { conv, stage } => {
                 let raw = &mut self.raw_f32[..n * yo.len()];
+                let known = self.quant.known_for == Some(a);
                 if let Stage::Affine { scale, bias, act } = stage {
-                    // The image's activation scale applied inside the affine pass.
-                    conv.forward_raw(n, xf, raw, &mut self.quant);
+                    // The image's activation scale applied inside the affine pass, which also
+                    // finds the output's max |y| for the next W1-A8 layer's quantization.
+                    conv.forward_raw(n, xf, raw, &mut self.quant, known);
                     let ol = yo.len();
                     for (b, (rb, yb)) in raw.chunks_exact(ol).zip(yf.chunks_exact_mut(ol)).enumerate() {
-                        affine_rows_scaled(rb, yo.c, self.quant.image_scale(b), scale, bias, *act, yb);
+                        let k = self.quant.image_scale(b);
+                        let mut m = [0.0f32];
+                        affine_rows_scaled_max(rb, yo.c, k, scale, bias, *act, yb, &mut m);
+                        self.quant.known[b] = m[0];
                     }
+                    self.quant.known_for = Some(i + 1);
                 } else {
-                    conv.forward(n, xf, raw, &mut self.quant);
+                    conv.forward_raw(n, xf, raw, &mut self.quant, known);
+                    for (b, rb) in raw.chunks_exact_mut(yo.len()).enumerate() {
+                        crate::int8::scale_in_place(rb, self.quant.image_scale(b));
+                    }
                     stage_f32(stage, raw, yo.c, yf, yb);
                 }
             }
@@ -1040,6 +1089,43 @@ impl Plan {
                     *y = p + q;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The max the fused affine pass hands to the next W1-A8 layer is exactly the max its
+    /// quantization would find itself (NaN skipped, signed zeros, rows not a multiple of 8).
+    #[test]
+    fn affine_max_equals_the_quantizers_max() {
+        let mut r = sbdnet_kernels::rng::Rng::new(3);
+        for case in 0..40 {
+            let (c, rows) = (1 + r.below(40), 1 + r.below(9));
+            let x: Vec<f32> = (0..c * rows)
+                .map(|_| match r.below(12) {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    _ => r.normal() * 3.0,
+                })
+                .collect();
+            let scale: Vec<f32> = (0..c).map(|_| r.normal()).collect();
+            let bias: Vec<f32> = (0..c).map(|_| r.normal()).collect();
+            let act = [Act::None, Act::Relu, Act::Hardtanh][case % 3];
+            let k = 0.01 + r.uniform();
+            let (mut y, mut y2) = (vec![0.0; c * rows], vec![0.0; c * rows]);
+            let mut m = [f32::NAN];
+            affine_rows_scaled_max(&x, c, k, &scale, &bias, act, &mut y, &mut m);
+            affine_rows_scaled(&x, c, k, &scale, &bias, act, &mut y2);
+            assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let mut want = [0.0f32];
+            crate::int8::abs_max(&y, &mut want);
+            assert_eq!(m[0].to_bits(), want[0].to_bits(), "case {case}: c {c} rows {rows}");
         }
     }
 }
