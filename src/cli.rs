@@ -252,7 +252,9 @@ pub struct ModelArgs {
     /// baseline), bdnet (dscnn with binary weights), mobilenet (MobileNet-V1 widths, 32x32),
     /// resnet20-ds (ResNet-20 with depthwise-separable blocks, 32x32), mlp (784-256-256-10 on
     /// flattened images), mlp-wide (784-1024-1024-10), vit-tiny (vision transformer: 7x7
-    /// patches on 28x28, width 192, 6 blocks of 3 heads, MLP ratio 4, mean pooling; float).
+    /// patches on 28x28, width 192, 6 blocks of 3 heads, MLP ratio 4, mean pooling; float),
+    /// mixer-tiny (MLP-Mixer: the same patches and width, 6 blocks of token mixing (hidden
+    /// 4 x tokens) and channel mixing (hidden 4 x 192); float).
     #[arg(long, default_value = "dscnn")]
     pub model: String,
     /// Precision of every convolution but the first: float, w1 (binary weights: additions and

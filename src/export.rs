@@ -269,7 +269,7 @@ impl Exporter<'_> {
             Op::DiagLinear(_) | Op::MaskedLinear(_) => {
                 bail!("{name}: sparse linear layers (--linear diag|set|rigl) are not exported yet")
             }
-            _ => bail!("{name}: {} layers (vit-tiny) are not exported to .sbd yet", node.op.kind()),
+            _ => bail!("{name}: {} layers (vit-tiny, mixer-tiny) are not exported to .sbd yet", node.op.kind()),
         };
         let inputs = (0..node.inputs.len()).map(|k| self.input_of(node, k)).collect::<Result<Vec<_>>>()?;
         let bits = matches!(op, ROp::Binarize { .. });

@@ -250,7 +250,7 @@ pub fn to_onnx(model: &Model) -> Result<Vec<u8>> {
                 g.node("Add", nm, &[&x, &other], &y, vec![]);
             }
             Op::DiagLinear(_) | Op::MaskedLinear(_) => bail!("{nm}: sparse linear layers are not exported to ONNX"),
-            _ => bail!("{nm}: {} layers (vit-tiny) are not exported to ONNX yet", node.op.kind()),
+            _ => bail!("{nm}: {} layers (vit-tiny, mixer-tiny) are not exported to ONNX yet", node.op.kind()),
         }
         let is_flat = matches!(node.op, Op::Flatten | Op::Linear(_))
             || (flat[node.inputs[0]] && !matches!(node.op, Op::Conv(_) | Op::Pool(_) | Op::GlobalAvgPool));

@@ -108,6 +108,20 @@ pub enum Block {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sparse: Option<SparseSpec>,
     },
+    /// MLP-Mixer block (Tolstikhin et al., 2021) on a token grid of width `dim` with `T`
+    /// tokens: `x += transpose(fc2(gelu(fc1(transpose(ln1(x))))))` (token mixing: linear
+    /// layers across the `T` tokens, shared by all channels, hidden width
+    /// `token_ratio * T`), then `x += fc2(gelu(fc1(ln2(x))))` (channel mixing, hidden
+    /// `channel_ratio * dim`). The four linear layers have biases and follow `sparse`.
+    Mixer {
+        /// Hidden width of the token-mixing MLP as a multiple of the token count.
+        token_ratio: f32,
+        /// Hidden width of the channel-mixing MLP as a multiple of the token width.
+        channel_ratio: f32,
+        /// Sparse kind of the four linear layers; dense when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sparse: Option<SparseSpec>,
+    },
     /// Layer normalization over the channels of every position (token), with scale and shift.
     LayerNorm,
     /// Residual: `y = body(x) + shortcut(x)`, then the activation. The shortcut is the
@@ -138,7 +152,8 @@ pub struct ModelConfig {
 }
 
 /// Names of the built-in models.
-pub const PRESETS: &[&str] = &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds", "mlp", "mlp-wide", "vit-tiny"];
+pub const PRESETS: &[&str] =
+    &["dscnn", "cnn", "bdnet", "mobilenet", "resnet20-ds", "mlp", "mlp-wide", "vit-tiny", "mixer-tiny"];
 
 impl ModelConfig {
     /// A built-in model, full precision, width 1 (see [`ModelConfig::build`]).
@@ -169,6 +184,10 @@ impl ModelConfig {
     ///   scales the head width), 6 pre-LayerNorm encoder blocks with MLP ratio 4, a final
     ///   LayerNorm, mean pooling over the tokens (no class token) and a linear classifier
     ///   (see [`ModelConfig::vit`]). Float only.
+    /// - `mixer-tiny`: an MLP-Mixer with the same patch embedding and width (192), 6 Mixer
+    ///   blocks with token-mixing hidden width 4 x tokens and channel-mixing hidden width
+    ///   4 x 192, a final LayerNorm, mean pooling and a linear classifier (see
+    ///   [`ModelConfig::mixer`]). Float only.
     ///
     /// With binary activations (`w1a1`) the blocks' activation is Hardtanh (the binarizer that
     /// follows is the nonlinearity; Hardtanh keeps the sign information ReLU would drop).
@@ -197,7 +216,7 @@ impl ModelConfig {
             let blocks = vec![Block::Flatten, fc(ch(hidden), act), fc(ch(hidden), act), fc(classes, Act::None)];
             return Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant });
         }
-        if name == "vit-tiny" {
+        if name == "vit-tiny" || name == "mixer-tiny" {
             if quant.precision != Precision::Float {
                 return Err(NnError::Config(format!(
                     "{name} is float only (got precision {})",
@@ -210,7 +229,11 @@ impl ModelConfig {
                 .ok_or_else(|| {
                     NnError::Config(format!("{name}: input {}x{} is divisible by neither 7 nor 4", input[0], input[1]))
                 })?;
-            let mut cfg = Self::vit(input, classes, patch, 3 * ch(64), 6, 3, 4.0);
+            let mut cfg = if name == "vit-tiny" {
+                Self::vit(input, classes, patch, 3 * ch(64), 6, 3, 4.0)
+            } else {
+                Self::mixer(input, classes, patch, 3 * ch(64), 6, 4.0, 4.0)
+            };
             cfg.name = name.to_string();
             return Ok(cfg);
         }
@@ -283,6 +306,27 @@ impl ModelConfig {
         ModelConfig { name: "vit".into(), input, classes, blocks, quant: QuantConfig::default() }
     }
 
+    /// An MLP-Mixer named `mixer`: patch embedding (`patch`, width `dim`), `depth` Mixer
+    /// blocks, a final LayerNorm, mean pooling over the tokens and a dense linear classifier.
+    pub fn mixer(
+        input: [usize; 3],
+        classes: usize,
+        patch: usize,
+        dim: usize,
+        depth: usize,
+        token_ratio: f32,
+        channel_ratio: f32,
+    ) -> Self {
+        let mut blocks = vec![Block::PatchEmbed { patch, dim }];
+        blocks.extend((0..depth).map(|_| Block::Mixer { token_ratio, channel_ratio, sparse: None }));
+        blocks.extend([
+            Block::LayerNorm,
+            Block::GlobalAvgPool,
+            Block::Linear { out: classes, bias: true, act: Act::None, sparse: None },
+        ]);
+        ModelConfig { name: "mixer".into(), input, classes, blocks, quant: QuantConfig::default() }
+    }
+
     /// Make every `Linear` block but the last one (the classifier, which stays dense) follow
     /// `spec` (`None`: dense), including those inside residual bodies, and so the linear
     /// layers of every `Transformer` block.
@@ -290,7 +334,9 @@ impl ModelConfig {
         fn visit<'a>(blocks: &'a mut [Block], out: &mut Vec<&'a mut Option<SparseSpec>>) {
             for b in blocks {
                 match b {
-                    Block::Linear { sparse, .. } | Block::Transformer { sparse, .. } => out.push(sparse),
+                    Block::Linear { sparse, .. } | Block::Transformer { sparse, .. } | Block::Mixer { sparse, .. } => {
+                        out.push(sparse)
+                    }
                     Block::Residual { body, .. } => visit(body, out),
                     _ => {}
                 }
@@ -309,7 +355,9 @@ impl ModelConfig {
     pub fn has_sparse(&self) -> bool {
         fn any(blocks: &[Block]) -> bool {
             blocks.iter().any(|b| match b {
-                Block::Linear { sparse, .. } | Block::Transformer { sparse, .. } => sparse.is_some(),
+                Block::Linear { sparse, .. } | Block::Transformer { sparse, .. } | Block::Mixer { sparse, .. } => {
+                    sparse.is_some()
+                }
                 Block::Residual { body, .. } => any(body),
                 _ => false,
             })

@@ -85,6 +85,14 @@ pub enum Op {
     Gelu,
     /// Multi-head self-attention over each image's tokens.
     Attention(Attention),
+    /// Per image, the `rows x cols` matrix of its values transposed (MLP-Mixer's token
+    /// mixing: tokens x channels to channels x tokens and back).
+    Transpose {
+        /// Rows of the input matrix (its columns are the output's rows).
+        rows: usize,
+        /// Columns of the input matrix.
+        cols: usize,
+    },
 }
 
 impl Op {
@@ -112,6 +120,7 @@ impl Op {
             Op::PatchEmbed(_) => "patch-embed",
             Op::LayerNorm(_) => "layernorm",
             Op::Gelu => "gelu",
+            Op::Transpose { .. } => "transpose",
             Op::Attention(_) => "attention",
         }
     }
@@ -423,6 +432,9 @@ impl Builder {
             Block::Transformer { heads, mlp_ratio, sparse } => {
                 self.transformer(name, x, *heads, *mlp_ratio, sparse.as_ref())?
             }
+            Block::Mixer { token_ratio, channel_ratio, sparse } => {
+                self.mixer(name, x, *token_ratio, *channel_ratio, sparse.as_ref())?
+            }
             Block::LayerNorm => self.layer_norm(name, x),
             Block::Residual { body, act } => {
                 let mut y = x;
@@ -457,6 +469,19 @@ impl Builder {
 /// layer (`inp == s.c`, vision transformers).
 fn rows_per_image(s: Shape, inp: usize) -> usize {
     s.len() / inp.max(1)
+}
+
+/// Per image of `rows * cols` values: `y[j][i] = x[i][j]` (or `+=` with `add`).
+fn transpose_images(x: &[f32], y: &mut [f32], rows: usize, cols: usize, add: bool) {
+    let len = rows * cols;
+    for (xi, yi) in x.chunks_exact(len).zip(y.chunks_exact_mut(len)) {
+        for (i, xr) in xi.chunks_exact(cols).enumerate() {
+            for (j, &v) in xr.iter().enumerate() {
+                let o = &mut yi[j * rows + i];
+                *o = if add { *o + v } else { v };
+            }
+        }
+    }
 }
 
 /// Split a buffer so that activation `out` is mutable and everything before it readable.
@@ -495,6 +520,7 @@ impl Model {
                 Block::Dropout { .. } => "dropout",
                 Block::PatchEmbed { .. } => "embed",
                 Block::Transformer { .. } => "blk",
+                Block::Mixer { .. } => "mix",
                 Block::LayerNorm => "ln",
             };
             let n = counts.entry(base).or_insert(0);
@@ -629,6 +655,7 @@ impl Model {
                 Op::LayerNorm(l) => l.forward(x, y, p),
                 Op::Gelu => tf::gelu_forward(x, y),
                 Op::Attention(a) => a.forward(n, x, y),
+                Op::Transpose { rows, cols } => transpose_images(x, y, *rows, *cols, false),
                 Op::Add => {
                     let (o1, l1) = in1.expect("add has two inputs");
                     y.copy_from_slice(x);
@@ -694,6 +721,7 @@ impl Model {
                     Op::LayerNorm(l) => l.backward(x, dy, dx, p, add0),
                     Op::Gelu => tf::gelu_backward(x, dy, dx, add0),
                     Op::Attention(a) => a.backward(n, x, dy, dx, add0),
+                    Op::Transpose { rows, cols } => transpose_images(dy, dx, *cols, *rows, add0),
                     Op::Add => unreachable!("handled above"),
                 }
             }
@@ -1004,6 +1032,39 @@ impl Builder {
             }
         };
         Ok(self.push(name.to_string(), op, vec![x], Shape { c: out, ..s }))
+    }
+
+    fn mixer(
+        &mut self,
+        name: &str,
+        x: usize,
+        token_ratio: f32,
+        channel_ratio: f32,
+        sparse: Option<&SparseSpec>,
+    ) -> Result<usize, NnError> {
+        let s = self.shapes[x];
+        let tokens = s.h * s.w;
+        let th = (token_ratio * tokens as f32).round() as usize;
+        let ch = (channel_ratio * s.c as f32).round() as usize;
+        if th == 0 || ch == 0 || !token_ratio.is_finite() || !channel_ratio.is_finite() {
+            return Err(NnError::Config(format!(
+                "{name}: the token ({token_ratio}) and channel ({channel_ratio}) MLP ratios must be positive"
+            )));
+        }
+        // Channels x tokens: the token-mixing layers run on rows of `tokens` values.
+        let ts = Shape { h: 1, w: s.c, c: tokens };
+        let h = self.layer_norm(&format!("{name}.ln1"), x);
+        let t = self.push(format!("{name}.tokens.t"), Op::Transpose { rows: tokens, cols: s.c }, vec![h], ts);
+        let t = self.token_linear(&format!("{name}.tokens.fc1"), t, th, sparse)?;
+        let t = self.push(format!("{name}.tokens.gelu"), Op::Gelu, vec![t], self.shapes[t]);
+        let t = self.token_linear(&format!("{name}.tokens.fc2"), t, tokens, sparse)?;
+        let t = self.push(format!("{name}.tokens.tt"), Op::Transpose { rows: s.c, cols: tokens }, vec![t], s);
+        let x1 = self.push(format!("{name}.add1"), Op::Add, vec![t, x], s);
+        let h = self.layer_norm(&format!("{name}.ln2"), x1);
+        let f = self.token_linear(&format!("{name}.channels.fc1"), h, ch, sparse)?;
+        let f = self.push(format!("{name}.channels.gelu"), Op::Gelu, vec![f], self.shapes[f]);
+        let f = self.token_linear(&format!("{name}.channels.fc2"), f, s.c, sparse)?;
+        Ok(self.push(format!("{name}.add2"), Op::Add, vec![f, x1], s))
     }
 
     fn transformer(

@@ -139,3 +139,17 @@ fn vit_tiny_dims() {
         check(c, 3, 6);
     }
 }
+
+/// A tiny MLP-Mixer (5 tokens of width 8, 2 blocks): the per-image transposes of token
+/// mixing, LayerNorm, GELU and the four linear layers of each block against finite
+/// differences, dense and with DynaDiag (soft phase) and masked linear layers.
+#[test]
+fn mixer_tiny_dims() {
+    use sbdnet_nn::sparse::{SparseKind, SparseSpec};
+    for sparse in [None, Some((SparseKind::Diag, 0.5)), Some((SparseKind::Rigl, 0.0))] {
+        let mut c = ModelConfig::mixer([10, 2, 1], 3, 2, 8, 2, 2.0, 2.0);
+        c = c.with_hidden_linear(sparse.map(|(k, s)| SparseSpec::new(k, s)));
+        assert_eq!(c.has_sparse(), sparse.is_some());
+        check(c, 3, 7);
+    }
+}
