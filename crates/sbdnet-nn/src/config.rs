@@ -296,14 +296,8 @@ impl ModelConfig {
         heads: usize,
         mlp_ratio: f32,
     ) -> Self {
-        let mut blocks = vec![Block::PatchEmbed { patch, dim }];
-        blocks.extend((0..depth).map(|_| Block::Transformer { heads, mlp_ratio, sparse: None }));
-        blocks.extend([
-            Block::LayerNorm,
-            Block::GlobalAvgPool,
-            Block::Linear { out: classes, bias: true, act: Act::None, sparse: None },
-        ]);
-        ModelConfig { name: "vit".into(), input, classes, blocks, quant: QuantConfig::default() }
+        let body = (0..depth).map(|_| Block::Transformer { heads, mlp_ratio, sparse: None });
+        Self::token_model("vit", input, classes, patch, dim, body)
     }
 
     /// An MLP-Mixer named `mixer`: patch embedding (`patch`, width `dim`), `depth` Mixer
@@ -317,14 +311,28 @@ impl ModelConfig {
         token_ratio: f32,
         channel_ratio: f32,
     ) -> Self {
+        let body = (0..depth).map(|_| Block::Mixer { token_ratio, channel_ratio, sparse: None });
+        Self::token_model("mixer", input, classes, patch, dim, body)
+    }
+
+    /// Patch embedding, `body`, a final LayerNorm, mean pooling over the tokens and a dense
+    /// linear classifier.
+    fn token_model(
+        name: &str,
+        input: [usize; 3],
+        classes: usize,
+        patch: usize,
+        dim: usize,
+        body: impl Iterator<Item = Block>,
+    ) -> Self {
         let mut blocks = vec![Block::PatchEmbed { patch, dim }];
-        blocks.extend((0..depth).map(|_| Block::Mixer { token_ratio, channel_ratio, sparse: None }));
+        blocks.extend(body);
         blocks.extend([
             Block::LayerNorm,
             Block::GlobalAvgPool,
             Block::Linear { out: classes, bias: true, act: Act::None, sparse: None },
         ]);
-        ModelConfig { name: "mixer".into(), input, classes, blocks, quant: QuantConfig::default() }
+        ModelConfig { name: name.into(), input, classes, blocks, quant: QuantConfig::default() }
     }
 
     /// Make every `Linear` block but the last one (the classifier, which stays dense) follow

@@ -131,12 +131,16 @@ fn binary_weight_model_smooth_parameters() {
 /// mask: off the mask the gradient is zero by design, which tests/sparse.rs checks).
 #[test]
 fn vit_tiny_dims() {
+    check_dense_and_sparse(|| ModelConfig::vit([10, 2, 1], 3, 2, 8, 2, 2, 2.0), 6);
+}
+
+/// `cfg()` with dense, DynaDiag and masked (at sparsity 0) hidden linear layers.
+fn check_dense_and_sparse(cfg: impl Fn() -> ModelConfig, seed: u64) {
     use sbdnet_nn::sparse::{SparseKind, SparseSpec};
     for sparse in [None, Some((SparseKind::Diag, 0.5)), Some((SparseKind::Rigl, 0.0))] {
-        let mut c = ModelConfig::vit([10, 2, 1], 3, 2, 8, 2, 2, 2.0);
-        c = c.with_hidden_linear(sparse.map(|(k, s)| SparseSpec::new(k, s)));
+        let c = cfg().with_hidden_linear(sparse.map(|(k, s)| SparseSpec::new(k, s)));
         assert_eq!(c.has_sparse(), sparse.is_some());
-        check(c, 3, 6);
+        check(c, 3, seed);
     }
 }
 
@@ -145,11 +149,5 @@ fn vit_tiny_dims() {
 /// differences, dense and with DynaDiag (soft phase) and masked linear layers.
 #[test]
 fn mixer_tiny_dims() {
-    use sbdnet_nn::sparse::{SparseKind, SparseSpec};
-    for sparse in [None, Some((SparseKind::Diag, 0.5)), Some((SparseKind::Rigl, 0.0))] {
-        let mut c = ModelConfig::mixer([10, 2, 1], 3, 2, 8, 2, 2.0, 2.0);
-        c = c.with_hidden_linear(sparse.map(|(k, s)| SparseSpec::new(k, s)));
-        assert_eq!(c.has_sparse(), sparse.is_some());
-        check(c, 3, 7);
-    }
+    check_dense_and_sparse(|| ModelConfig::mixer([10, 2, 1], 3, 2, 8, 2, 2.0, 2.0), 7);
 }

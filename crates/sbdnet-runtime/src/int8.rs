@@ -224,22 +224,42 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
-sbdnet_kernels::simd_kernel! {
-    /// `max |x|` into `out[0]` (eight running maxima, so it vectorizes; NaN skipped).
-    pub(crate) fn abs_max(x: &[f32], out: &mut [f32]) {
-        let mut m = [0.0f32; 8];
+/// A running `max |x|` with NaN skipped: eight lanes (so it vectorizes) and a scalar for
+/// the tails; [`AbsMax::add`] any number of slices, then [`AbsMax::get`].
+#[derive(Clone, Copy, Default)]
+pub(crate) struct AbsMax {
+    lanes: [f32; 8],
+    rest: f32,
+}
+
+impl AbsMax {
+    #[inline(always)]
+    pub(crate) fn add(&mut self, x: &[f32]) {
         let mut chunks = x.chunks_exact(8);
         for c in &mut chunks {
             for j in 0..8 {
                 let a = c[j].abs();
                 // A compare-select (not f32::max) so it compiles to vmaxps; NaN is skipped.
-                m[j] = if a > m[j] { a } else { m[j] };
+                self.lanes[j] = if a > self.lanes[j] { a } else { self.lanes[j] };
             }
         }
         for &v in chunks.remainder() {
-            m[0] = m[0].max(v.abs());
+            self.rest = self.rest.max(v.abs());
         }
-        out[0] = m.iter().fold(0.0f32, |a, &b| a.max(b));
+    }
+
+    #[inline(always)]
+    pub(crate) fn get(&self) -> f32 {
+        self.lanes.iter().fold(self.rest, |a, &b| a.max(b))
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// `max |x|` into `out[0]` (NaN skipped).
+    pub(crate) fn abs_max(x: &[f32], out: &mut [f32]) {
+        let mut m = AbsMax::default();
+        m.add(x);
+        out[0] = m.get();
     }
 }
 

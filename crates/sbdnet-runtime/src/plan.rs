@@ -555,22 +555,12 @@ sbdnet_kernels::simd_kernel! {
         y: &mut [f32],
         m: &mut [f32],
     ) {
-        let mut lanes = [0.0f32; 8];
-        let mut rest = 0.0f32;
+        let mut max = crate::int8::AbsMax::default();
         for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
             affine_body(xr, c, k, scale, bias, act, yr);
-            let mut ch = yr.chunks_exact(8);
-            for v in &mut ch {
-                for j in 0..8 {
-                    let a = v[j].abs();
-                    lanes[j] = if a > lanes[j] { a } else { lanes[j] };
-                }
-            }
-            for &v in ch.remainder() {
-                rest = rest.max(v.abs());
-            }
+            max.add(yr);
         }
-        m[0] = lanes.iter().fold(rest, |a, &b| a.max(b));
+        m[0] = max.get();
     }
 }
 
