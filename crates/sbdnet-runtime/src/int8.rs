@@ -237,10 +237,10 @@ impl AbsMax {
     pub(crate) fn add(&mut self, x: &[f32]) {
         let mut chunks = x.chunks_exact(8);
         for c in &mut chunks {
-            for j in 0..8 {
-                let a = c[j].abs();
+            for (l, &v) in self.lanes.iter_mut().zip(c) {
+                let a = v.abs();
                 // A compare-select (not f32::max) so it compiles to vmaxps; NaN is skipped.
-                self.lanes[j] = if a > self.lanes[j] { a } else { self.lanes[j] };
+                *l = if a > *l { a } else { *l };
             }
         }
         for &v in chunks.remainder() {
