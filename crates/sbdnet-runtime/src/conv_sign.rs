@@ -163,21 +163,63 @@ fn pad_input(g: &ConvGeom, x: &[f32], xp: &mut [f32]) {
     }
 }
 
-/// Convolution + sign for `g.cout` in {32, 64}: one output word per pixel, with the stage
-/// folded by [`fold`]. `xp`: scratch of [`padded_len`]; requires [`available`].
-pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out: &mut [u64]) {
+/// A float affine stage after the first convolution: `act(scale * s + bias)`.
+pub(crate) struct AffineStage<'a> {
+    pub scale: &'a [f32],
+    pub bias: &'a [f32],
+    /// 0 none, 1 ReLU, 2 hardtanh.
+    pub act: u8,
+}
+
+/// Checks shared by both outputs; the padded input in `xp`; each tap's offset from a pixel's
+/// first input in the padded image.
+fn prepare(g: &ConvGeom, x: &[f32], wt: &[f32], xp: &mut [f32]) -> Vec<usize> {
     assert!(available(), "the fused first convolution needs AVX-512");
     assert!(matches!(g.cout, 32 | 64) && g.groups == 1);
-    assert!(x.len() >= g.in_len() && f.wt.len() >= g.weight_len() && out.len() >= g.batch * g.oh * g.ow);
-    assert!(f.thr.len() >= g.cout);
+    assert!(x.len() >= g.in_len() && wt.len() >= g.weight_len());
     // Every tap of every output pixel lies inside the padded image.
     assert!((g.oh - 1) * g.stride + g.kh <= g.h + 2 * g.pad && (g.ow - 1) * g.stride + g.kw <= g.w + 2 * g.pad);
     pad_input(g, x, xp);
     let wp = g.w + 2 * g.pad;
-    // Offset of each tap `(ky, kx, ci)` from a pixel's first input in the padded image.
-    let taps: Vec<usize> = (0..g.kh)
+    (0..g.kh)
         .flat_map(|ky| (0..g.kw).flat_map(move |kx| (0..g.cin).map(move |ci| (ky * wp + kx) * g.cin + ci)))
-        .collect();
+        .collect()
+}
+
+/// Convolution + float affine stage for `g.cout` in {32, 64}, NHWC `f32` output, the sums
+/// in registers as in [`conv_sign`]; `max[b]` gets image `b`'s `max |y|` (NaN skipped, as
+/// the W1-A8 quantizer finds it). Same arithmetic as the plan's direct convolution and affine
+/// pass. Requires [`available`].
+pub(crate) fn conv_affine(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    st: &AffineStage,
+    xp: &mut [f32],
+    out: &mut [f32],
+    max: &mut [f32],
+) {
+    let taps = prepare(g, x, wt, xp);
+    assert!(out.len() >= g.out_len() && max.len() >= g.batch && st.scale.len() >= g.cout && st.bias.len() >= g.cout);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available` checked avx512f; the slices hold what the loops index (asserted).
+    unsafe {
+        match (g.cout, taps.len()) {
+            (32, 9) => avx512::conv_affine::<2, 9, 4>(g, xp, &taps, wt, st, out, max),
+            (32, 27) => avx512::conv_affine::<2, 27, 4>(g, xp, &taps, wt, st, out, max),
+            (32, _) => avx512::conv_affine::<2, 0, 4>(g, xp, &taps, wt, st, out, max),
+            (_, 9) => avx512::conv_affine::<4, 9, 4>(g, xp, &taps, wt, st, out, max),
+            (_, 27) => avx512::conv_affine::<4, 27, 4>(g, xp, &taps, wt, st, out, max),
+            _ => avx512::conv_affine::<4, 0, 4>(g, xp, &taps, wt, st, out, max),
+        }
+    }
+}
+
+/// Convolution + sign for `g.cout` in {32, 64}: one output word per pixel, with the stage
+/// folded by [`fold`]. `xp`: scratch of [`padded_len`]; requires [`available`].
+pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out: &mut [u64]) {
+    let taps = prepare(g, x, &f.wt, xp);
+    assert!(out.len() >= g.batch * g.oh * g.ow && f.thr.len() >= g.cout);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available` checked avx512f; the slices hold what the loops index (asserted).
     unsafe {
@@ -197,26 +239,27 @@ pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Folded;
+    use super::{AffineStage, Folded};
     use sbdnet_kernels::conv::ConvGeom;
     use std::arch::x86_64::*;
 
-    /// `NV` vectors of 16 output channels; `KT` taps when known at compile time (0: use
-    /// `taps.len()`); `P` output pixels per pass; `xp` zero-padded.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn conv_sign<const NV: usize, const KT: usize, const P: usize>(
+    /// The shared loop: `NV` vectors of 16 output channels; `KT` taps when known at compile
+    /// time (0: use `taps.len()`); `P` output pixels per pass; `xp` zero-padded; weights
+    /// `[tap][co]`. `epi(pixel, sums)` gets each output pixel's sums (pixels numbered
+    /// `(b * oh + oy) * ow + ox`).
+    #[inline(always)]
+    unsafe fn tiles<const NV: usize, const KT: usize, const P: usize>(
         g: &ConvGeom,
         xp: &[f32],
         taps: &[usize],
-        f: &Folded,
-        out: &mut [u64],
+        wt: &[f32],
+        mut epi: impl FnMut(usize, &[__m512; NV]),
     ) {
         let kt = if KT == 0 { taps.len() } else { KT };
         debug_assert_eq!(kt, taps.len());
         let co = 16 * NV;
         let (hp, wp, c) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin);
-        let thr: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(f.thr.as_ptr().add(16 * j)));
-        let wt = f.wt.as_ptr();
+        let wt = wt.as_ptr();
         for b in 0..g.batch {
             let xb = xp[b * hp * wp * c..][..hp * wp * c].as_ptr();
             for oy in 0..g.oh {
@@ -237,16 +280,80 @@ mod avx512 {
                         }
                     }
                     for (p, a) in acc.iter().enumerate().take(np) {
-                        let mut word = 0u64;
-                        for j in 0..NV {
-                            word |= u64::from(_mm512_cmp_ps_mask::<_CMP_NGE_UQ>(a[j], thr[j])) << (16 * j);
-                        }
-                        out[(b * g.oh + oy) * g.ow + ox + p] = (word | f.one) & !f.zero;
+                        epi((b * g.oh + oy) * g.ow + ox + p, a);
                     }
                     ox += P;
                 }
             }
         }
+    }
+
+    /// Sign output: one word per pixel from the folded thresholds.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn conv_sign<const NV: usize, const KT: usize, const P: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        taps: &[usize],
+        f: &Folded,
+        out: &mut [u64],
+    ) {
+        let thr: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(f.thr.as_ptr().add(16 * j)));
+        tiles::<NV, KT, P>(g, xp, taps, &f.wt, |pix, a| {
+            let mut word = 0u64;
+            for j in 0..NV {
+                word |= u64::from(_mm512_cmp_ps_mask::<_CMP_NGE_UQ>(a[j], thr[j])) << (16 * j);
+            }
+            out[pix] = (word | f.one) & !f.zero;
+        });
+    }
+
+    /// Float output `act(scale * s + bias)` (multiply, then add, as the scalar stage) and
+    /// each image's `max |y|` (NaN skipped) into `max[b]`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn conv_affine<const NV: usize, const KT: usize, const P: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        taps: &[usize],
+        wt: &[f32],
+        st: &AffineStage,
+        out: &mut [f32],
+        max: &mut [f32],
+    ) {
+        let co = 16 * NV;
+        let ld = |v: &[f32]| -> [__m512; NV] { std::array::from_fn(|j| _mm512_loadu_ps(v.as_ptr().add(16 * j))) };
+        let (scale, bias) = (ld(st.scale), ld(st.bias));
+        let per_image = g.oh * g.ow;
+        let mut m = _mm512_setzero_ps();
+        let mut image = 0;
+        tiles::<NV, KT, P>(g, xp, taps, wt, |pix, a| {
+            if pix / per_image != image {
+                max[image] = horizontal_max(m);
+                m = _mm512_setzero_ps();
+                image = pix / per_image;
+            }
+            for j in 0..NV {
+                let mut y = _mm512_add_ps(_mm512_mul_ps(scale[j], a[j]), bias[j]);
+                // max/min return their second operand when one is NaN: NaN -> 0 (ReLU), -1
+                // then -1 (hardtanh), as `Act::apply`.
+                match st.act {
+                    1 => y = _mm512_max_ps(y, _mm512_setzero_ps()),
+                    2 => y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
+                    _ => {}
+                }
+                _mm512_storeu_ps(out.as_mut_ptr().add(pix * co + 16 * j), y);
+                // `max(|y|, m)` keeps `m` for NaN: the quantizer's max skips NaN too.
+                m = _mm512_max_ps(_mm512_abs_ps(y), m);
+            }
+        });
+        max[image] = horizontal_max(m);
+    }
+
+    #[inline(always)]
+    unsafe fn horizontal_max(m: __m512) -> f32 {
+        let mut l = [0f32; 16];
+        _mm512_storeu_ps(l.as_mut_ptr(), m);
+        l.iter().fold(0.0f32, |a, &b| a.max(b))
     }
 }
 
@@ -348,6 +455,42 @@ mod tests {
             let f = fold(&wt, cout, &st).expect("non-zero finite scales fold");
             conv_sign(&g, &x, &f, &mut xp, &mut got);
             assert_eq!(got, plain(&g, &x, &wt, &st).1, "case {case}: {g:?} act {act}");
+        }
+    }
+
+    /// The float-output form: every value equal to the scalar path's (sums by fused
+    /// multiply-add in tap order, then multiply, add, activation), each image's max |y| equal
+    /// to the quantizer's.
+    #[test]
+    fn affine_output_equals_plain_loops() {
+        if !available() {
+            eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
+            return;
+        }
+        let mut r = Rng::new(9);
+        for case in 0..40 {
+            let (cin, h, w) = (1 + r.below(3), 1 + r.below(12), 1 + r.below(12));
+            let (k, stride): (usize, usize) = ([1, 3, 5][r.below(3)], 1 + r.below(2));
+            let pad = r.below(k.div_ceil(2) + 1).min(k - 1);
+            let (cout, batch) = ([32, 64][r.below(2)], 1 + r.below(3));
+            let (cin, h, w, k, stride, pad, cout) =
+                if case == 0 { (3, 32, 32, 3, 1, 1, 32) } else { (cin, h, w, k, stride, pad, cout) };
+            let Some(g) = ConvGeom::new(batch, h, w, cin, cout, k, stride, pad, 1) else { continue };
+            let mut v =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| if r.below(8) == 0 { 0.0 } else { r.normal() }).collect() };
+            let (x, wt, scale, bias) = (v(g.in_len()), v(g.weight_len()), v(cout), v(cout));
+            let act = (case % 3) as u8;
+            let st = SignStage { scale: &scale, bias: &bias, t: &bias, act };
+            let (want, _) = plain(&g, &x, &wt, &st);
+            let mut xp = vec![f32::NAN; padded_len(&g)];
+            let (mut got, mut max) = (vec![f32::NAN; g.out_len()], vec![f32::NAN; batch]);
+            let ast = AffineStage { scale: &scale, bias: &bias, act };
+            conv_affine(&g, &x, &wt, &ast, &mut xp, &mut got, &mut max);
+            assert!(got.iter().zip(&want).all(|(a, b)| a == b), "case {case}: {g:?} act {act}");
+            for (b, img) in got.chunks_exact(g.oh * g.ow * cout).enumerate() {
+                let m = img.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert_eq!(max[b], m, "case {case} image {b}");
+            }
         }
     }
 

@@ -66,6 +66,11 @@ pub struct QuantScratch {
 }
 
 impl QuantScratch {
+    /// Room for `batch` images' known maxima.
+    pub fn known_at_least(&mut self, batch: usize) {
+        grow(&mut self.known, batch);
+    }
+
     /// The activation scale of image `b` of the last [`A8Conv::forward_raw`].
     pub fn image_scale(&self, b: usize) -> f32 {
         self.scale[b]

@@ -70,6 +70,8 @@ enum Kernel {
         stage: Stage,
         /// Sign output fused into the convolution on AVX-512 ([`crate::conv_sign`]).
         fused: Option<crate::conv_sign::Folded>,
+        /// An affine stage run in the AVX-512 kernel's registers ([`crate::conv_sign::conv_affine`]).
+        affine512: bool,
     },
     /// Float weights (or unpacked binary ones) on `f32`.
     FloatConv {
@@ -150,6 +152,7 @@ impl Kernel {
     fn name(&self) -> &'static str {
         match self {
             Kernel::SmallConv { fused: Some(_), .. } => "conv-f32-direct-sign512",
+            Kernel::SmallConv { affine512: true, .. } => "conv-f32-direct-affine512",
             Kernel::SmallConv { .. } => "conv-f32-direct",
             Kernel::FloatConv { .. } => "conv-f32",
             Kernel::BinPw { gap: true, .. } => "bpw-xnor+affine+gap",
@@ -791,10 +794,16 @@ impl Plan {
                                 }
                                 _ => None,
                             };
-                            if fused.is_some() {
+                            let affine512 = matches!(stage, Stage::Affine { .. })
+                                && crate::conv_sign::available()
+                                && wt.iter().all(|v| v.is_finite());
+                            if fused.is_some() || affine512 {
                                 unpacked_len = unpacked_len.max(crate::conv_sign::padded_len(&g));
                             }
-                            Kernel::SmallConv { g, wt, stage, fused }
+                            if affine512 {
+                                quant.known_at_least(batch);
+                            }
+                            Kernel::SmallConv { g, wt, stage, fused, affine512 }
                         }
                         (_, Kind::F32) => {
                             fmacs = macs;
@@ -933,6 +942,12 @@ impl Plan {
             Kernel::SmallConv { g, fused: Some(f), .. } => {
                 let g = ConvGeom { batch: n, ..*g };
                 crate::conv_sign::conv_sign(&g, xf, f, &mut self.unpacked, yb);
+            }
+            Kernel::SmallConv { g, wt, stage: Stage::Affine { scale, bias, act }, affine512: true, .. } => {
+                let g = ConvGeom { batch: n, ..*g };
+                let st = crate::conv_sign::AffineStage { scale, bias, act: *act as u8 };
+                crate::conv_sign::conv_affine(&g, xf, wt, &st, &mut self.unpacked, yf, &mut self.quant.known[..n]);
+                self.quant.known_for = Some(i + 1);
             }
             Kernel::SmallConv { g, wt, stage, .. } => {
                 let g = ConvGeom { batch: n, ..*g };
