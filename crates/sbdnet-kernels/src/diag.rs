@@ -970,7 +970,7 @@ unsafe fn plan_chunk_avx2(
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f") && std::env::var_os("TMP_NO512").is_none())
+    *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f"))
 }
 
 /// The blocked kernel ([`plan_chunk`]) on 512-bit registers: one register per row and output

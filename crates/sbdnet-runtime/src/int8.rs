@@ -38,14 +38,22 @@ enum A8Kind {
 pub struct A8Conv {
     g: ConvGeom,
     kind: A8Kind,
-    /// Dense/pointwise: `[co_block][k_total][CO_BLOCK]` masks; depthwise: `[tap][c]`.
-    wp: Vec<i16>,
-    wn: Vec<i16>,
+    /// The weights' signs in the form the chosen kernels read.
+    signs: Signs,
     /// Some weight is zero (a sparse layer): use `P - N` instead of `2P - S`.
     zeros: bool,
-    /// Dense/pointwise on AVX-512 (BW): the signs as bit masks `[k][block of 32 channels]`,
-    /// `+1` weights and `-1` weights ([`avx512::pw_rows`]).
-    masks: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+/// Where the `+1` and the `-1` weights are, one layout per kernel family (only the one the
+/// plan runs is built).
+#[derive(Clone, Debug)]
+enum Signs {
+    /// 16-bit AND-masks (`-1` where set) for the portable/AVX2 loops. Dense/pointwise:
+    /// `[co_block][k_total][CO_BLOCK]`; depthwise: `[tap][c]`.
+    Wide { wp: Vec<i16>, wn: Vec<i16> },
+    /// Bit masks for the AVX-512 (BW) kernels ([`avx512`]): dense/pointwise
+    /// `[k][block of 32 channels]`, depthwise `[tap][block]`.
+    Bits { mp: Vec<u32>, mn: Vec<u32> },
 }
 
 /// Reusable buffers of the W1-A8 kernels, sized at plan time.
@@ -86,7 +94,7 @@ impl QuantScratch {
         if c.kind == A8Kind::Dense {
             grow(&mut self.col, g.out_rows() * g.kh * g.kw * g.cin);
         }
-        if c.masks.is_some() {
+        if matches!(c.signs, Signs::Bits { .. }) {
             grow(&mut self.dup, avx512::ROWS * g.kh * g.kw * g.cin);
         }
     }
@@ -118,7 +126,20 @@ impl A8Conv {
         } else {
             A8Kind::Dense
         };
-        let (wp, wn) = if depthwise {
+        let signs = if avx512::available() {
+            // Depthwise: weights `[c][tap]`; dense: `[co][k]`.
+            let kt = if depthwise { g.kh * g.kw } else { g.kh * g.kw * g.cin };
+            let nblk = g.cout.div_ceil(32);
+            let (mut mp, mut mn) = (vec![0u32; kt * nblk], vec![0u32; kt * nblk]);
+            for co in 0..g.cout {
+                for k in 0..kt {
+                    let v = w[co * kt + k];
+                    mp[k * nblk + co / 32] |= u32::from(v > 0.0) << (co % 32);
+                    mn[k * nblk + co / 32] |= u32::from(v < 0.0) << (co % 32);
+                }
+            }
+            Signs::Bits { mp, mn }
+        } else if depthwise {
             let taps = g.kh * g.kw;
             let (mut wp, mut wn) = (vec![0i16; taps * g.cin], vec![0i16; taps * g.cin]);
             for c in 0..g.cin {
@@ -127,7 +148,7 @@ impl A8Conv {
                     wn[t * g.cin + c] = mask(w[c * taps + t] < 0.0);
                 }
             }
-            (wp, wn)
+            Signs::Wide { wp, wn }
         } else {
             let kt = g.kh * g.kw * g.cin;
             let blocks = g.cout.div_ceil(CO_BLOCK);
@@ -139,34 +160,19 @@ impl A8Conv {
                     wn[(b * kt + k) * CO_BLOCK + j] = mask(w[co * kt + k] < 0.0);
                 }
             }
-            (wp, wn)
+            Signs::Wide { wp, wn }
         };
-        // Depthwise: `[tap][block]` (weights `[c][tap]`); dense: `[k][block]` (`[co][k]`).
-        let masks = avx512::available().then(|| {
-            let kt = if depthwise { g.kh * g.kw } else { g.kh * g.kw * g.cin };
-            let nblk = g.cout.div_ceil(32);
-            let (mut mp, mut mn) = (vec![0u32; kt * nblk], vec![0u32; kt * nblk]);
-            for co in 0..g.cout {
-                for k in 0..kt {
-                    let v = w[co * kt + k];
-                    mp[k * nblk + co / 32] |= u32::from(v > 0.0) << (co % 32);
-                    mn[k * nblk + co / 32] |= u32::from(v < 0.0) << (co % 32);
-                }
-            }
-            (mp, mn)
-        });
-        A8Conv { g, kind, wp, wn, zeros, masks }
+        A8Conv { g, kind, signs, zeros }
     }
 
     /// Rows of `k` activations through the dense kernel: AVX-512 where planned, else the
     /// 16-bit AND-mask loops.
     fn rows(&self, x: &[i16], k: usize, y: &mut [f32], dup: &mut [i32]) {
-        match &self.masks {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: masks are planned only where `avx512::available()` (avx512f + avx512bw);
-            // `dup` was sized by `QuantScratch::reserve` for this layer.
-            Some((mp, mn)) => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, y, dup) },
-            _ => pw_rows(x, k, self.g.cout, &self.wp, &self.wn, self.zeros, y),
+        match &self.signs {
+            // SAFETY: bit masks are planned only where `avx512::available()` (avx512f +
+            // avx512bw); `dup` was sized by `QuantScratch::reserve` for this layer.
+            Signs::Bits { mp, mn } => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, y, dup) },
+            Signs::Wide { wp, wn } => pw_rows(x, k, self.g.cout, wp, wn, self.zeros, y),
         }
     }
 
@@ -176,9 +182,10 @@ impl A8Conv {
     }
 
     /// `y = conv(x)` for `n` images of `f32` input, through 8-bit activations: `y` (NHWC,
-    /// `n * oh * ow * cout`) gets `scale_image * integer sum`.
-    pub fn forward(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch) {
-        self.forward_raw(n, x, y, s, false);
+    /// `n * oh * ow * cout`) gets `scale_image * integer sum`. `known` as for
+    /// [`A8Conv::forward_raw`].
+    pub fn forward(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch, known: bool) {
+        self.forward_raw(n, x, y, s, known);
         let ol = self.g.oh * self.g.ow * self.g.cout;
         for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
             scale_in_place(yb, s.scale[b]);
@@ -201,11 +208,10 @@ impl A8Conv {
             A8Kind::Depthwise => {
                 for b in 0..n {
                     let (xb, yb) = (&s.q[b * il..][..il], &mut y[b * ol..][..ol]);
-                    match &self.masks {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: masks are planned only where `avx512::available()`.
-                        Some((mp, mn)) => unsafe { avx512::dw_image(&g, xb, mp, mn, yb) },
-                        _ => dw_image(&g, xb, &self.wp, &self.wn, yb, &mut s.acc[..g.cin]),
+                    match &self.signs {
+                        // SAFETY: bit masks are planned only where `avx512::available()`.
+                        Signs::Bits { mp, mn } => unsafe { avx512::dw_image(&g, xb, mp, mn, yb) },
+                        Signs::Wide { wp, wn } => dw_image(&g, xb, wp, wn, yb, &mut s.acc[..g.cin]),
                     }
                 }
             }
@@ -222,7 +228,7 @@ impl A8Conv {
 
 sbdnet_kernels::simd_kernel! {
     /// `y *= s`.
-    pub(crate) fn scale_in_place(y: &mut [f32], s: f32) {
+    fn scale_in_place(y: &mut [f32], s: f32) {
         for v in y.iter_mut() {
             *v *= s;
         }
@@ -715,7 +721,7 @@ mod tests {
         let mut s = QuantScratch::default();
         s.reserve(&conv);
         let mut y = vec![0.0f32; g.out_len()];
-        conv.forward(g.batch, &x, &mut y, &mut s);
+        conv.forward(g.batch, &x, &mut y, &mut s, false);
         // Recompute the quantized input and the exact integer sums.
         let il = g.h * g.w * g.cin;
         let mut q = vec![0i16; g.in_len()];

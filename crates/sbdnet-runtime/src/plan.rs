@@ -785,18 +785,16 @@ impl Plan {
                                     wt[k * cv.cout + co] = w[co * kt + k];
                                 }
                             }
+                            // The AVX-512 kernel adds `0 * w` for padding taps: finite weights only.
+                            let avx512 = crate::conv_sign::available() && wt.iter().all(|v| v.is_finite());
                             let fused = match &stage {
-                                Stage::Sign { scale, bias, act, t }
-                                    if crate::conv_sign::available() && wt.iter().all(|v| v.is_finite()) =>
-                                {
+                                Stage::Sign { scale, bias, act, t } if avx512 => {
                                     let st = crate::conv_sign::SignStage { scale, bias, t, act: *act as u8 };
                                     crate::conv_sign::fold(&wt, cv.cout, &st)
                                 }
                                 _ => None,
                             };
-                            let affine512 = matches!(stage, Stage::Affine { .. })
-                                && crate::conv_sign::available()
-                                && wt.iter().all(|v| v.is_finite());
+                            let affine512 = avx512 && matches!(stage, Stage::Affine { .. });
                             if fused.is_some() || affine512 {
                                 unpacked_len = unpacked_len.max(crate::conv_sign::padded_len(&g));
                             }
@@ -1034,10 +1032,7 @@ impl Plan {
                     }
                     self.quant.known_for = Some(i + 1);
                 } else {
-                    conv.forward_raw(n, xf, raw, &mut self.quant, known);
-                    for (b, rb) in raw.chunks_exact_mut(yo.len()).enumerate() {
-                        crate::int8::scale_in_place(rb, self.quant.image_scale(b));
-                    }
+                    conv.forward(n, xf, raw, &mut self.quant, known);
                     stage_f32(stage, raw, yo.c, yf, yb);
                 }
             }
