@@ -47,8 +47,8 @@ impl Loss {
             let z = &logits[i * classes..(i + 1) * classes];
             let t = &teacher[i * classes..(i + 1) * classes];
             let scaled = |v: &[f32], k: usize| v[k] / temp;
-            let lse_z = log_sum_exp_by(classes, |k| scaled(z, k));
-            let lse_t = log_sum_exp_by(classes, |k| scaled(t, k));
+            let lse_z = log_sum_exp_by(classes, |k| scaled(z, k)).0;
+            let lse_t = log_sum_exp_by(classes, |k| scaled(t, k)).0;
             for (k, dk) in d.iter_mut().enumerate() {
                 let (lz, lt) = (scaled(z, k) - lse_z, scaled(t, k) - lse_t);
                 let pt = lt.exp();
@@ -86,22 +86,23 @@ impl Loss {
 /// `log(sum exp z)` and the index of the largest logit (first on ties). A NaN logit makes
 /// the result NaN, which the trainer reports as a diverged run.
 pub fn log_sum_exp(z: &[f32]) -> (f32, usize) {
+    log_sum_exp_by(z.len(), |k| z[k])
+}
+
+/// [`log_sum_exp`] of `f(0), ..., f(n - 1)` (values computed on the fly, e.g. scaled by a
+/// temperature).
+fn log_sum_exp_by(n: usize, f: impl Fn(usize) -> f32) -> (f32, usize) {
     let mut m = f32::NEG_INFINITY;
     let mut arg = 0;
-    for (k, &v) in z.iter().enumerate() {
+    for k in 0..n {
+        let v = f(k);
         if v > m || v.is_nan() {
             m = v;
             arg = k;
         }
     }
-    let s: f32 = z.iter().map(|&v| (v - m).exp()).sum();
+    let s: f32 = (0..n).map(|k| (f(k) - m).exp()).sum();
     (m + s.ln(), arg)
-}
-
-/// `log(sum_k exp f(k))` over `k < n`.
-fn log_sum_exp_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let m = (0..n).map(&f).fold(f32::NEG_INFINITY, f32::max);
-    m + (0..n).map(|k| (f(k) - m).exp()).sum::<f32>().ln()
 }
 
 #[cfg(test)]
