@@ -28,6 +28,7 @@ impl SignStage<'_> {
     /// Whether channel `c`'s output is `+1` for the raw sum `s`: `act(scale * s + bias) > t`
     /// with the arithmetic of the scalar path (multiply, then add; hardtanh as max then min).
     #[allow(clippy::neg_cmp_op_on_partial_ord, clippy::manual_clamp)]
+    #[inline(always)]
     pub fn positive(&self, c: usize, s: f32) -> bool {
         let mut y = self.scale[c] * s + self.bias[c];
         if self.act == 1 {

@@ -272,17 +272,13 @@ fn stage_f32(stage: &Stage, raw: &[f32], c: usize, out_f: &mut [f32], out_b: &mu
 sbdnet_kernels::simd_kernel! {
     /// One word of sign bits (`1` = `-1`): bit `i` = `!(act(scale[i] * x[i] + bias[i]) > t[i])`
     /// for up to 64 channels; `act`: 0 none, 1 relu, 2 hardtanh (as [`Act`]).
-    #[allow(clippy::manual_clamp, clippy::neg_cmp_op_on_partial_ord)]
+    /// The per-channel rule is [`crate::conv_sign::SignStage::positive`], the one the fused
+    /// kernel's folded thresholds are bisected from.
     fn sign_word_into(x: &[f32], scale: &[f32], bias: &[f32], t: &[f32], act: u8, out: &mut [u64]) {
+        let st = crate::conv_sign::SignStage { scale, bias, t, act };
         let mut neg = [false; 64];
-        for i in 0..x.len().min(64) {
-            let mut y = scale[i] * x[i] + bias[i];
-            if act == 1 {
-                y = y.max(0.0);
-            } else if act == 2 {
-                y = y.max(-1.0).min(1.0);
-            }
-            neg[i] = !(y > t[i]);
+        for (i, n) in neg.iter_mut().enumerate().take(x.len().min(64)) {
+            *n = !st.positive(i, x[i]);
         }
         let mut word = 0u64;
         for (i, &n) in neg.iter().enumerate().take(x.len()) {
