@@ -744,6 +744,11 @@ pub struct SparseTrainArgs {
     /// is below this threshold (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub prune_eps: f32,
+    /// sw1/sw1a1, wpc: while the lasso is on, scale each group below the clipping threshold
+    /// by its norm / threshold in the forward pass, so that a group the lasso shrinks fades
+    /// out instead of keeping full-size binary weights with random signs (docs/SPARSE.md).
+    #[arg(long)]
+    pub lasso_fade: bool,
 }
 
 impl Default for SparseTrainArgs {
@@ -759,6 +764,7 @@ impl Default for SparseTrainArgs {
             finetune_epochs: None,
             prune_every: 50,
             prune_eps: 0.0,
+            lasso_fade: false,
         }
     }
 }

@@ -68,6 +68,7 @@ struct SparsePlan {
     lambda: f32,
     ratio: f32,
     eps: f32,
+    fade: bool,
     lasso_warmup: usize,
     /// Pruning window `[t0, t1]`; from `t1` on the mask is frozen and the lasso off.
     t0: usize,
@@ -98,6 +99,7 @@ impl SparsePlan {
             lambda: s.lasso_lambda,
             ratio: s.wpc_ratio,
             eps: s.prune_eps,
+            fade: s.lasso_fade,
             lasso_warmup: (s.lasso_warmup_epochs.max(0.0) * spe as f32) as usize,
             t0,
             t1,
@@ -112,6 +114,12 @@ impl SparsePlan {
             return 0.0;
         }
         self.lambda * ((t + 1) as f32 / self.lasso_warmup.max(1) as f32).min(1.0)
+    }
+
+    /// The fade ratio for step `t`: the clipping ratio while the lasso is on with
+    /// `--lasso-fade`, else `None`.
+    fn fade(&self, t: usize) -> Option<f32> {
+        (self.fade && self.lambda(t) > 0.0).then_some(self.ratio)
     }
 
     /// After `done` optimizer steps: the pruning targets to apply now, if any.
@@ -450,6 +458,9 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
             }
             let global_step = epoch * steps_per_epoch + s;
             let lr = schedule.lr(global_step);
+            if let Some(plan) = &sparse_plan {
+                model.set_group_fade(plan.fade(global_step));
+            }
             let st = match teacher.as_mut() {
                 Some(t) => {
                     teacher_logits.copy_from_slice(t.forward(&xb, batch, false)?);
@@ -501,6 +512,8 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
         }
         let train_secs = t0.elapsed().as_secs_f32();
         bar.finish_and_clear();
+        // Evaluate (and save) the model as deployed: no fading.
+        model.set_group_fade(None);
         // Batch-norm re-estimation on the first batches of this epoch's order, unaugmented.
         let recal = a.bn_recalibrate.unwrap_or(if model.config.quant.precision.binary_weights() { 100 } else { 0 });
         if recal > 0 {

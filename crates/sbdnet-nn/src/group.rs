@@ -105,17 +105,9 @@ fn norm(w: &[f32]) -> f32 {
 /// The clipped group lasso of one layer: returns `R` and adds `lambda * dR/dW` into `grad`
 /// (module documentation). `mask` has one value per group; masked groups are skipped.
 pub fn penalty(w: &[f32], layout: &GroupLayout, mask: &[f32], r: f32, lambda: f32, grad: &mut [f32]) -> PenaltyStats {
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    for (range, &m) in layout.ranges().zip(mask) {
-        if m != 0.0 {
-            sum += norm(&w[range]) as f64;
-            count += 1;
-        }
-    }
-    if count == 0 {
+    let Some(tau) = clip_threshold(w, layout, mask, r) else {
         return PenaltyStats::default();
-    }
-    let tau = (r as f64 * sum / count as f64) as f32;
+    };
     let mut s = PenaltyStats { value: 0.0, tau, active: 0 };
     for (range, &m) in layout.ranges().zip(mask) {
         if m == 0.0 {
@@ -133,6 +125,52 @@ pub fn penalty(w: &[f32], layout: &GroupLayout, mask: &[f32], r: f32, lambda: f3
         }
     }
     s
+}
+
+/// The clipping threshold `tau = r * mean_{g in S} ||W_g||_2` over the surviving groups `S`
+/// (`None` when every group is pruned).
+pub fn clip_threshold(w: &[f32], layout: &GroupLayout, mask: &[f32], r: f32) -> Option<f32> {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for (range, &m) in layout.ranges().zip(mask) {
+        if m != 0.0 {
+            sum += norm(&w[range]) as f64;
+            count += 1;
+        }
+    }
+    (count > 0).then(|| (r as f64 * sum / count as f64) as f32)
+}
+
+/// Lasso fade (`--lasso-fade`, see docs/SPARSE.md): scale the binary weights `wb` of every
+/// surviving group whose latent norm `n_g` is below `tau` by `gate_g = n_g / tau`, so that a
+/// group the lasso shrinks also shrinks in the forward pass instead of keeping its full
+/// `+-alpha` with signs that flip at random near zero. Writes each group's gate into `gates`
+/// (1 for groups at or above `tau` and for pruned groups).
+pub fn fade(wb: &mut [f32], w: &[f32], layout: &GroupLayout, mask: &[f32], tau: f32, gates: &mut [f32]) {
+    for ((range, &m), gate) in layout.ranges().zip(mask).zip(gates.iter_mut()) {
+        let n = norm(&w[range.clone()]);
+        *gate = if m != 0.0 && n < tau { n / tau } else { 1.0 };
+        if *gate < 1.0 {
+            wb[range].iter_mut().for_each(|v| *v *= *gate);
+        }
+    }
+}
+
+/// Gradient through the gates of [`fade`], holding the signs, `alpha` and `tau` fixed: with
+/// `wb_g = gate_g * u_g` and `gate_g = n_g / tau`, `dL/dW_g += (dL/dwb_g . u_g) * W_g / (n_g * tau)
+/// = (dL/dwb_g . wb_g) * W_g / n_g^2`, added into `grad`. Groups with a gate of 1 or 0 get
+/// nothing (no dependence, or the subgradient 0 at `n_g = 0`).
+pub fn fade_backward(dwb: &[f32], wb: &[f32], w: &[f32], layout: &GroupLayout, gates: &[f32], grad: &mut [f32]) {
+    for (range, &gate) in layout.ranges().zip(gates) {
+        if gate <= 0.0 || gate >= 1.0 {
+            continue;
+        }
+        let n2 = w[range.clone()].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+        let s = dwb[range.clone()].iter().zip(&wb[range.clone()]).map(|(&d, &b)| d as f64 * b as f64).sum::<f64>();
+        let k = (s / n2) as f32;
+        for (g, &v) in grad[range.clone()].iter_mut().zip(&w[range]) {
+            *g += k * v;
+        }
+    }
 }
 
 /// Rank the surviving groups by `||W_g||_2 / sqrt(|g|)` (the root mean square, so that
@@ -233,6 +271,45 @@ mod tests {
         let mut v = w;
         apply_mask(&mut v, &l, &m);
         assert_eq!(v, [3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn fade_scales_weak_groups_and_its_gradient_matches_finite_differences() {
+        // Three groups of 3 (the last pruned); tau = 1.5 puts group 0 (n = sqrt(0.26)) below it.
+        let l = GroupLayout::new(9, 9, 3);
+        let mask = [1.0f32, 1.0, 0.0];
+        let w = [0.3f32, -0.4, 0.1, 1.0, 2.0, -2.0, 0.0, 0.0, 0.0];
+        let u = [0.5f32, -0.5, 0.5, 0.5, 0.5, -0.5, 0.0, 0.0, 0.0]; // alpha * sign, masked
+        let tau = 1.5;
+        let (mut wb, mut gates) = (u, [0.0f32; 3]);
+        fade(&mut wb, &w, &l, &mask, tau, &mut gates);
+        let g0 = 0.26f32.sqrt() / 1.5;
+        assert!((gates[0] - g0).abs() < 1e-6 && gates[1..] == [1.0, 1.0]);
+        assert_eq!(&wb[3..], &u[3..]);
+        for i in 0..3 {
+            assert!((wb[i] - u[i] * g0).abs() < 1e-6);
+        }
+        // L = sum c_i wb_i(W) with signs, alpha and tau fixed.
+        let c = [0.7f32, -1.3, 0.4, 2.0, -0.5, 1.0, 3.0, 3.0, 3.0];
+        let loss = |w: &[f32]| -> f64 {
+            let (mut b, mut g) = (u, [0.0f32; 3]);
+            fade(&mut b, w, &l, &mask, tau, &mut g);
+            b.iter().zip(&c).map(|(&b, &c)| b as f64 * c as f64).sum()
+        };
+        let mut grad = [0.0f32; 9];
+        fade_backward(&c, &wb, &w, &l, &gates, &mut grad);
+        for i in 0..9 {
+            let h = 1e-3f32;
+            let (mut p, mut m) = (w, w);
+            p[i] += h;
+            m[i] -= h;
+            let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
+            assert!((fd - grad[i] as f64).abs() < 1e-3, "weight {i}: fd {fd} vs {}", grad[i]);
+        }
+        assert!(grad[..3].iter().all(|&g| g != 0.0) && grad[3..].iter().all(|&g| g == 0.0));
+        let tau = clip_threshold(&w, &l, &mask, 0.6).unwrap();
+        assert!((tau - 0.6 * (0.26f32.sqrt() + 3.0) / 2.0).abs() < 1e-6);
+        assert_eq!(clip_threshold(&w, &l, &[0.0; 3], 0.6), None);
     }
 
     #[test]

@@ -902,6 +902,19 @@ impl Model {
         total
     }
 
+    /// Fade groups below the clipping threshold in the forward pass of every sparse binarized
+    /// layer (`Some(r)`, the lasso's ratio) or stop fading (`None`); see
+    /// [`crate::group::fade`].
+    pub fn set_group_fade(&mut self, ratio: Option<f32>) {
+        for node in &mut self.nodes {
+            if let Op::Conv(c) = &mut node.op {
+                if let Some(b) = c.bin.as_mut().filter(|b| b.groups.is_some()) {
+                    b.fade = ratio;
+                }
+            }
+        }
+    }
+
     /// The fraction of groups to prune in every pointwise (and ordinary) sparse layer so that
     /// a fraction `total` of all grouped weights is zero when the depthwise layers are pruned
     /// at `dw_fraction` (`total` itself when there is no depthwise layer). Not clamped: a value

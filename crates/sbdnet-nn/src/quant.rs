@@ -147,6 +147,11 @@ pub struct WeightBinarizer {
     /// [`ParamStore`]); masked weights are 0 in `Wb`, get no gradient and do not count in
     /// `alpha`.
     pub groups: Option<Groups>,
+    /// Sparse precisions while the lasso is on and `--lasso-fade` is set: the clipping ratio
+    /// `r`; groups below the layer's `tau` are faded in `Wb` ([`crate::group::fade`]).
+    pub fade: Option<f32>,
+    /// The gates of the last faded forward pass, one per group (empty when not fading).
+    gates: Vec<f32>,
 }
 
 /// The groups of a sparse binarized layer: their layout and the mask buffer (one `0.0` /
@@ -171,6 +176,8 @@ impl WeightBinarizer {
             wb: vec![0.0; len],
             dwb: vec![0.0; len],
             groups: None,
+            fade: None,
+            gates: Vec::new(),
         }
     }
 
@@ -219,8 +226,14 @@ impl WeightBinarizer {
                 *b = if v >= 0.0 { a } else { -a };
             }
         }
+        self.gates.clear();
         if let Some(g) = self.groups {
-            crate::group::apply_mask(&mut self.wb, &g.layout, &buffers[g.mask.range()]);
+            let mask = &buffers[g.mask.range()];
+            crate::group::apply_mask(&mut self.wb, &g.layout, mask);
+            if let Some(tau) = self.fade.and_then(|r| crate::group::clip_threshold(w, &g.layout, mask, r)) {
+                self.gates.resize(g.layout.groups(), 1.0);
+                crate::group::fade(&mut self.wb, w, &g.layout, mask, tau, &mut self.gates);
+            }
         }
     }
 
@@ -253,6 +266,9 @@ impl WeightBinarizer {
                     *g += d * scale;
                 }
             }
+        }
+        if let (Some(g), false) = (self.groups, self.gates.is_empty()) {
+            crate::group::fade_backward(&self.dwb, &self.wb, w, &g.layout, &self.gates, grad);
         }
     }
 }
