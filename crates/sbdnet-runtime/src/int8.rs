@@ -11,6 +11,14 @@
 //! - Accumulators are 16-bit lanes (16 per AVX2 register), widened into 32-bit sums every 256
 //!   input channels (`256 * 127 < 2^15`), so no partial sum overflows.
 //!
+//! - On AVX-512 (BW), a dense layer with at least [`LUT_MIN_COUT`] outputs and no zero weight
+//!   looks sums up instead of adding them one by one: for each pixel and each group of 5
+//!   consecutive inputs, a 32-entry table of 16-bit subset sums `T[e] = sum_{bit i of e} x_i`
+//!   (built with 5 masked additions) is indexed per output channel by the 5 sign bits of its
+//!   weights (`vpermw`: 32 channels' lookups in one instruction), so one lookup and one
+//!   addition replace 5 additions; `y = 2 * sum T[idx] - sum x` as above. Runs of 51 groups
+//!   (`51 * 5 * 127 < 2^15`) are widened into 32-bit sums. No multiplication either way.
+//!
 //! The loops are written over fixed-size blocks so the compiler keeps the accumulators in
 //! registers; [`sbdnet_kernels::simd_kernel`] compiles them for AVX2 when the CPU has it (and
 //! `SBDNET_KERNEL=portable` forces the baseline build).
@@ -21,6 +29,10 @@ use sbdnet_kernels::conv::ConvGeom;
 const CO_BLOCK: usize = 64;
 /// Input channels per 16-bit accumulation run.
 const CI_RUN: usize = 256;
+/// Fewest output channels for which a dense AVX-512 layer uses the lookup kernel: a table
+/// costs 5 additions per pixel and group of 5 inputs, and saves 4 instructions per block of
+/// 32 outputs, so narrow layers gain nothing.
+pub const LUT_MIN_COUT: usize = 256;
 
 /// Shape of the layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +66,23 @@ enum Signs {
     /// Bit masks for the AVX-512 (BW) kernels ([`avx512`]): dense/pointwise
     /// `[k][block of 32 channels]`, depthwise `[tap][block]`.
     Bits { mp: Vec<u32>, mn: Vec<u32> },
+    /// Lookup indices for the AVX-512 (BW) table kernel ([`avx512::lut_rows`]), dense layers
+    /// without zeros: `[group of 5 inputs][block of 32 channels][32 lanes]`, each lane the
+    /// channel's 5 `+1` bits.
+    Lut { ix: Vec<u16> },
+}
+
+/// Which sign layout (and so which kernel) a layer gets; `Auto` is what plans use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// The fastest the machine and the layer allow.
+    Auto,
+    /// 16-bit AND-masks (portable / AVX2).
+    Wide,
+    /// AVX-512 bit masks (requires `avx512::available()`).
+    Bits,
+    /// AVX-512 lookup tables (requires `avx512::available()`, no zero weight, not depthwise).
+    Lut,
 }
 
 /// Reusable buffers of the W1-A8 kernels, sized at plan time.
@@ -61,6 +90,8 @@ enum Signs {
 pub struct QuantScratch {
     q: Vec<i16>,
     col: Vec<i16>,
+    /// The lookup kernel's tables: `avx512::ROWS` pixels x groups x 32 entries.
+    lut: Vec<i16>,
     scale: Vec<f32>,
     acc: Vec<i16>,
     /// Activations of a few pixels as 32-bit words holding the value twice (one load
@@ -94,8 +125,11 @@ impl QuantScratch {
         if c.kind == A8Kind::Dense {
             grow(&mut self.col, g.out_rows() * g.kh * g.kw * g.cin);
         }
-        if matches!(c.signs, Signs::Bits { .. }) {
+        if matches!(c.signs, Signs::Bits { .. } | Signs::Lut { .. }) {
             grow(&mut self.dup, avx512::ROWS * g.kh * g.kw * g.cin);
+        }
+        if matches!(c.signs, Signs::Lut { .. }) {
+            grow(&mut self.lut, avx512::ROWS * (g.kh * g.kw * g.cin).div_ceil(avx512::LG) * 32);
         }
     }
 }
@@ -117,6 +151,12 @@ fn mask(b: bool) -> i16 {
 impl A8Conv {
     /// Plan from OHWI weights in `{-1, 0, +1}` (`[cout][k][k][cin / groups]`).
     pub fn new(g: ConvGeom, w: &[f32]) -> A8Conv {
+        Self::with_layout(g, w, Layout::Auto)
+    }
+
+    /// [`A8Conv::new`] with the sign layout chosen by the caller (tests cover every kernel
+    /// with it). Panics if `layout` needs what the machine or the layer lacks.
+    pub(crate) fn with_layout(g: ConvGeom, w: &[f32], layout: Layout) -> A8Conv {
         let zeros = w.contains(&0.0);
         let depthwise = g.groups > 1;
         let kind = if depthwise {
@@ -126,7 +166,33 @@ impl A8Conv {
         } else {
             A8Kind::Dense
         };
-        let signs = if avx512::available() {
+        let wide512 = avx512::available();
+        let layout = match layout {
+            Layout::Auto if wide512 && !zeros && !depthwise && g.cout >= LUT_MIN_COUT => Layout::Lut,
+            Layout::Auto if wide512 => Layout::Bits,
+            Layout::Auto => Layout::Wide,
+            l => {
+                assert!(l == Layout::Wide || wide512, "the AVX-512 kernels need AVX-512 BW");
+                assert!(
+                    l != Layout::Lut || (!zeros && !depthwise),
+                    "the lookup kernel is for dense layers without zeros"
+                );
+                l
+            }
+        };
+        let signs = if layout == Layout::Lut {
+            let kt = g.kh * g.kw * g.cin;
+            let (ng, nblk) = (kt.div_ceil(avx512::LG), g.cout.div_ceil(32));
+            let mut ix = vec![0u16; ng * nblk * 32];
+            for co in 0..g.cout {
+                for k in 0..kt {
+                    if w[co * kt + k] > 0.0 {
+                        ix[((k / avx512::LG) * nblk + co / 32) * 32 + co % 32] |= 1 << (k % avx512::LG);
+                    }
+                }
+            }
+            Signs::Lut { ix }
+        } else if layout == Layout::Bits {
             // Depthwise: weights `[c][tap]`; dense: `[co][k]`.
             let kt = if depthwise { g.kh * g.kw } else { g.kh * g.kw * g.cin };
             let nblk = g.cout.div_ceil(32);
@@ -167,13 +233,20 @@ impl A8Conv {
 
     /// Rows of `k` activations through the dense kernel: AVX-512 where planned, else the
     /// 16-bit AND-mask loops.
-    fn rows(&self, x: &[i16], k: usize, y: &mut [f32], dup: &mut [i32]) {
+    fn rows(&self, x: &[i16], k: usize, y: &mut [f32], dup: &mut [i32], lut: &mut [i16]) {
         match &self.signs {
             // SAFETY: bit masks are planned only where `avx512::available()` (avx512f +
             // avx512bw); `dup` was sized by `QuantScratch::reserve` for this layer.
             Signs::Bits { mp, mn } => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, y, dup) },
+            // SAFETY: as above; `lut` was sized by `QuantScratch::reserve` for this layer.
+            Signs::Lut { ix } => unsafe { avx512::lut_rows(x, k, self.g.cout, ix, y, dup, lut) },
             Signs::Wide { wp, wn } => pw_rows(x, k, self.g.cout, wp, wn, self.zeros, y),
         }
+    }
+
+    /// Whether the layer runs the lookup-table kernel.
+    pub fn lookup(&self) -> bool {
+        matches!(self.signs, Signs::Lut { .. })
     }
 
     /// Whether this is a depthwise layer.
@@ -212,15 +285,16 @@ impl A8Conv {
                         // SAFETY: bit masks are planned only where `avx512::available()`.
                         Signs::Bits { mp, mn } => unsafe { avx512::dw_image(&g, xb, mp, mn, yb) },
                         Signs::Wide { wp, wn } => dw_image(&g, xb, wp, wn, yb, &mut s.acc[..g.cin]),
+                        Signs::Lut { .. } => unreachable!("depthwise layers are not planned with tables"),
                     }
                 }
             }
-            A8Kind::Pointwise => self.rows(&s.q[..n * il], g.cin, y, &mut s.dup),
+            A8Kind::Pointwise => self.rows(&s.q[..n * il], g.cin, y, &mut s.dup, &mut s.lut),
             A8Kind::Dense => {
                 let kt = g.kh * g.kw * g.cin;
                 let rows = g.out_rows();
                 im2col_i16(&g, &s.q[..n * il], &mut s.col[..rows * kt]);
-                self.rows(&s.col[..rows * kt], kt, y, &mut s.dup);
+                self.rows(&s.col[..rows * kt], kt, y, &mut s.dup, &mut s.lut);
             }
         }
     }
@@ -464,6 +538,10 @@ mod avx512 {
     const NV: usize = 4;
     /// Inputs per 16-bit run.
     const RUN: usize = 256;
+    /// Inputs per lookup table (32 entries: one register of 16-bit lanes).
+    pub const LG: usize = 5;
+    /// Tables per 16-bit run of the lookup kernel: `51 * 5 * 127 < 2^15`.
+    const LRUN: usize = 51;
 
     /// Whether the kernel can run (AVX-512 F + BW, no forced fallback).
     pub fn available() -> bool {
@@ -501,14 +579,7 @@ mod avx512 {
         let mut r = 0;
         while r < rows {
             let np = ROWS.min(rows - r);
-            let mut sums = [0i32; ROWS];
-            for (p, s) in sums.iter_mut().enumerate() {
-                let src = &x[(r + p.min(np - 1)) * k..][..k];
-                for (d, &v) in dup[p * k..][..k].iter_mut().zip(src) {
-                    *d = (u32::from(v as u16) * 0x1_0001) as i32;
-                }
-                *s = src.iter().map(|&v| i32::from(v)).sum();
-            }
+            let sums = duplicate(x, k, r, np, dup);
             let yr = &mut y[r * cout..(r + np) * cout];
             let mut b0 = 0;
             while b0 < nblk {
@@ -526,6 +597,147 @@ mod avx512 {
                 b0 += nv;
             }
             r += np;
+        }
+    }
+
+    /// Pixels `r..r + np` of `x` (rows of `k`) into `dup` as 32-bit words holding each value
+    /// twice (pixel `np - 1` repeated up to `ROWS`); returns each pixel's sum.
+    fn duplicate(x: &[i16], k: usize, r: usize, np: usize, dup: &mut [i32]) -> [i32; ROWS] {
+        let mut sums = [0i32; ROWS];
+        for (p, s) in sums.iter_mut().enumerate() {
+            let src = &x[(r + p.min(np - 1)) * k..][..k];
+            for (d, &v) in dup[p * k..][..k].iter_mut().zip(src) {
+                *d = (u32::from(v as u16) * 0x1_0001) as i32;
+            }
+            *s = src.iter().map(|&v| i32::from(v)).sum();
+        }
+        sums
+    }
+
+    /// The lookup kernel: `y[r][co] = sum_k sign(w[co][k]) * x[r][k]` as `f32` for a layer
+    /// without zeros, indices `ix` as [`super::Signs::Lut`]; `dup` holds at least `ROWS * k`
+    /// words and `lut` `ROWS * ceil(k / LG) * 32` entries.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn lut_rows(
+        x: &[i16],
+        k: usize,
+        cout: usize,
+        ix: &[u16],
+        y: &mut [f32],
+        dup: &mut [i32],
+        lut: &mut [i16],
+    ) {
+        let (nblk, ng) = (cout.div_ceil(32), k.div_ceil(LG));
+        assert!(ix.len() >= ng * nblk * 32 && dup.len() >= ROWS * k && lut.len() >= ROWS * ng * 32);
+        let rows = x.len() / k;
+        assert!(y.len() >= rows * cout);
+        // Lanes of table entry e that include input i of the group: bit i of e.
+        const SEL: [u32; LG] = [0xAAAA_AAAA, 0xCCCC_CCCC, 0xF0F0_F0F0, 0xFF00_FF00, 0xFFFF_0000];
+        let mut r = 0;
+        while r < rows {
+            let np = ROWS.min(rows - r);
+            let sums = duplicate(x, k, r, np, dup);
+            for p in 0..ROWS {
+                for j in 0..ng {
+                    let mut t = _mm512_setzero_si512();
+                    for (i, &sel) in SEL.iter().enumerate().take(k - j * LG) {
+                        t = _mm512_mask_add_epi16(t, sel, t, _mm512_set1_epi32(*dup.as_ptr().add(p * k + j * LG + i)));
+                    }
+                    _mm512_storeu_si512(lut.as_mut_ptr().add((p * ng + j) * 32).cast(), t);
+                }
+            }
+            let yr = &mut y[r * cout..(r + np) * cout];
+            let mut b0 = 0;
+            while b0 < nblk {
+                let nv = NV.min(nblk - b0);
+                match nv {
+                    4 => lut_tile::<4>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    3 => lut_tile::<3>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    2 => lut_tile::<2>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    _ => lut_tile::<1>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                }
+                b0 += nv;
+            }
+            r += np;
+        }
+    }
+
+    /// Blocks `b0..b0 + V` of 32 channels for the `np` pixels whose tables are in `lut`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn lut_tile<const V: usize>(
+        lut: &[i16],
+        ng: usize,
+        ix: &[u16],
+        nblk: usize,
+        b0: usize,
+        sums: &[i32; ROWS],
+        np: usize,
+        cout: usize,
+        y: &mut [f32],
+    ) {
+        let mut wide = [[[_mm512_setzero_si512(); 2]; V]; ROWS];
+        let (tp, ip) = (lut.as_ptr(), ix.as_ptr());
+        let mut j0 = 0;
+        while j0 < ng {
+            let j1 = (j0 + LRUN).min(ng);
+            let mut acc = [[_mm512_setzero_si512(); V]; ROWS];
+            for j in j0..j1 {
+                let t: [__m512i; ROWS] = std::array::from_fn(|p| _mm512_loadu_si512(tp.add((p * ng + j) * 32).cast()));
+                for v in 0..V {
+                    let idx = _mm512_loadu_si512(ip.add((j * nblk + b0 + v) * 32).cast());
+                    for p in 0..ROWS {
+                        acc[p][v] = _mm512_add_epi16(acc[p][v], _mm512_permutexvar_epi16(idx, t[p]));
+                    }
+                }
+            }
+            widen(&mut wide, &acc);
+            j0 = j1;
+        }
+        store::<V>(&wide, false, sums, np, b0, cout, y);
+    }
+
+    /// Add 16-bit accumulators into their 32-bit sums.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen<const V: usize>(wide: &mut [[[__m512i; 2]; V]; ROWS], acc: &[[__m512i; V]; ROWS]) {
+        for (wp, ap) in wide.iter_mut().zip(acc) {
+            for (w, &a) in wp.iter_mut().zip(ap) {
+                w[0] = _mm512_add_epi32(w[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a)));
+                w[1] = _mm512_add_epi32(w[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(a)));
+            }
+        }
+    }
+
+    /// Store a tile's 32-bit sums as `f32` (channels past `cout` left out); without zeros
+    /// the sums are `sum_{w=+1} x` and become `2 * sum - sum x`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn store<const V: usize>(
+        wide: &[[[__m512i; 2]; V]; ROWS],
+        zeros: bool,
+        sums: &[i32; ROWS],
+        np: usize,
+        b0: usize,
+        cout: usize,
+        y: &mut [f32],
+    ) {
+        for (p, &s) in sums.iter().enumerate().take(np) {
+            for (v, halves) in wide[p].iter().enumerate() {
+                for (h, &w) in halves.iter().enumerate() {
+                    // No zeros: sum_{+} x - sum_{-} x = 2 * sum_{+} x - sum x.
+                    let w = if zeros { w } else { _mm512_sub_epi32(_mm512_slli_epi32::<1>(w), _mm512_set1_epi32(s)) };
+                    let c0 = (b0 + v) * 32 + 16 * h;
+                    if c0 >= cout {
+                        continue;
+                    }
+                    let m = if cout - c0 >= 16 { 0xFFFF } else { (1u16 << (cout - c0)) - 1 };
+                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(p * cout + c0), m, _mm512_cvtepi32_ps(w));
+                }
+            }
         }
     }
 
@@ -566,29 +778,10 @@ mod avx512 {
                     }
                 }
             }
-            for p in 0..ROWS {
-                for v in 0..V {
-                    let w = &mut wide[p][v];
-                    w[0] = _mm512_add_epi32(w[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[p][v])));
-                    w[1] = _mm512_add_epi32(w[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(acc[p][v])));
-                }
-            }
+            widen(&mut wide, &acc);
             k0 = k1;
         }
-        for (p, &s) in sums.iter().enumerate().take(np) {
-            for v in 0..V {
-                for (h, &w) in wide[p][v].iter().enumerate() {
-                    // No zeros: sum_{+} x - sum_{-} x = 2 * sum_{+} x - sum x.
-                    let w = if ZEROS { w } else { _mm512_sub_epi32(_mm512_slli_epi32::<1>(w), _mm512_set1_epi32(s)) };
-                    let c0 = (b0 + v) * 32 + 16 * h;
-                    if c0 >= cout {
-                        continue;
-                    }
-                    let m = if cout - c0 >= 16 { 0xFFFF } else { (1u16 << (cout - c0)) - 1 };
-                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(p * cout + c0), m, _mm512_cvtepi32_ps(w));
-                }
-            }
-        }
+        store::<V>(&wide, ZEROS, sums, np, b0, cout, y);
     }
 
     /// Output pixels per depthwise pass (independent accumulators).
@@ -657,6 +850,11 @@ mod avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn lut_rows(_: &[i16], _: usize, _: usize, _: &[u16], _: &mut [f32], _: &mut [i32], _: &mut [i16]) {
+        unreachable!("tables are planned only on x86_64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pw_rows(_: &[i16], _: usize, _: usize, _: &[u32], _: &[u32], _: bool, _: &mut [f32], _: &mut [i32]) {
         unreachable!("masks are planned only on x86_64")
@@ -704,6 +902,17 @@ mod tests {
     }
 
     fn check(g: ConvGeom, zero_every: usize, seed: u64) {
+        check_layout(g, zero_every, seed, Layout::Auto);
+        check_layout(g, zero_every, seed, Layout::Wide);
+        if avx512::available() {
+            check_layout(g, zero_every, seed, Layout::Bits);
+            if zero_every == 0 && g.groups == 1 {
+                check_layout(g, zero_every, seed, Layout::Lut);
+            }
+        }
+    }
+
+    fn check_layout(g: ConvGeom, zero_every: usize, seed: u64, layout: Layout) {
         let mut rng = sbdnet_kernels::rng::Rng::new(seed);
         let x: Vec<f32> = (0..g.in_len()).map(|_| rng.normal()).collect();
         let w: Vec<f32> = (0..g.weight_len())
@@ -717,11 +926,17 @@ mod tests {
                 }
             })
             .collect();
-        let conv = A8Conv::new(g, &w);
+        check_with(g, &x, &w, layout);
+    }
+
+    /// The layer's `f32` output against the exact integer sums times the image scales.
+    fn check_with(g: ConvGeom, x: &[f32], w: &[f32], layout: Layout) {
+        let zero_every = w.iter().filter(|&&v| v == 0.0).count();
+        let conv = A8Conv::with_layout(g, w, layout);
         let mut s = QuantScratch::default();
         s.reserve(&conv);
         let mut y = vec![0.0f32; g.out_len()];
-        conv.forward(g.batch, &x, &mut y, &mut s, false);
+        conv.forward(g.batch, x, &mut y, &mut s, false);
         // Recompute the quantized input and the exact integer sums.
         let il = g.h * g.w * g.cin;
         let mut q = vec![0i16; g.in_len()];
@@ -729,11 +944,28 @@ mod tests {
         for b in 0..g.batch {
             scales.push(quantize(&x[b * il..][..il], &mut q[b * il..][..il]));
         }
-        let want = reference(&g, &q, &w);
+        let want = reference(&g, &q, w);
         let ol = g.oh * g.ow * g.cout;
         for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
             let expect = exact as f32 * scales[i / ol];
-            assert_eq!(got, expect, "{g:?} zero_every {zero_every} at {i}");
+            assert_eq!(got, expect, "{g:?} {layout:?} ({zero_every} zero weights) at {i}");
+        }
+    }
+
+    #[test]
+    fn a8_accumulators_do_not_overflow() {
+        // Every activation at +-127 and every weight equal: each 16-bit run reaches its
+        // largest sum (256 * 127 for additions, 51 tables of 5 * 127 for lookups).
+        let g = ConvGeom::new(1, 2, 2, 700, 160, 1, 1, 0, 1).unwrap();
+        let mut layouts = vec![Layout::Wide];
+        if avx512::available() {
+            layouts.extend([Layout::Bits, Layout::Lut]);
+        }
+        for layout in layouts {
+            for (xv, wv) in [(1.0f32, 1.0f32), (-1.0, 1.0), (1.0, -1.0)] {
+                let x = vec![xv; g.in_len()];
+                check_with(g, &x, &vec![wv; g.weight_len()], layout);
+            }
         }
     }
 

@@ -165,6 +165,7 @@ impl Kernel {
             Kernel::BinDw { packed: Some(_), .. } => "bdw-bitsliced",
             Kernel::BinDw { .. } => "bdw-xnor",
             Kernel::A8 { conv, .. } if conv.depthwise() => "dw-w1a8-addsub",
+            Kernel::A8 { conv, .. } if conv.lookup() => "conv-w1a8-lookup",
             Kernel::A8 { .. } => "conv-w1a8-addsub",
             Kernel::Linear { .. } => "linear-f32",
             Kernel::Binarize { .. } => "binarize",
