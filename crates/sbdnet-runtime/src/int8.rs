@@ -32,7 +32,7 @@ const CI_RUN: usize = 256;
 /// Fewest output channels for which a dense AVX-512 layer uses the lookup kernel: a table
 /// costs 5 additions per pixel and group of 5 inputs, and saves 4 instructions per block of
 /// 32 outputs, so narrow layers gain nothing.
-pub const LUT_MIN_COUT: usize = 256;
+pub const LUT_MIN_COUT: usize = 128;
 
 /// Shape of the layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +68,10 @@ enum Signs {
     Bits { mp: Vec<u32>, mn: Vec<u32> },
     /// Lookup indices for the AVX-512 (BW) table kernel ([`avx512::lut_rows`]), dense layers
     /// without zeros: `[group of 5 inputs][block of 32 channels][32 lanes]`, each lane the
-    /// channel's 5 `+1` bits.
-    Lut { ix: Vec<u16> },
+    /// channel's 5 `+1` bits `e`. With `bytes` (AVX-512 VBMI) a lane holds the byte pair
+    /// `(e, e + 32)`: the tables are stored as 32 low bytes then 32 high bytes, and one byte
+    /// permute (`vpermb`, cheaper than `vpermw`) fetches both bytes of every channel's entry.
+    Lut { ix: Vec<u16>, bytes: bool },
 }
 
 /// Which sign layout (and so which kernel) a layer gets; `Auto` is what plans use.
@@ -81,8 +83,9 @@ pub(crate) enum Layout {
     Wide,
     /// AVX-512 bit masks (requires `avx512::available()`).
     Bits,
-    /// AVX-512 lookup tables (requires `avx512::available()`, no zero weight, not depthwise).
-    Lut,
+    /// AVX-512 lookup tables (requires `avx512::available()`, no zero weight, not depthwise),
+    /// with byte permutes (`true`, requires `avx512::vbmi()`) or 16-bit ones.
+    Lut(bool),
 }
 
 /// Reusable buffers of the W1-A8 kernels, sized at plan time.
@@ -168,19 +171,20 @@ impl A8Conv {
         };
         let wide512 = avx512::available();
         let layout = match layout {
-            Layout::Auto if wide512 && !zeros && !depthwise && g.cout >= LUT_MIN_COUT => Layout::Lut,
+            Layout::Auto if wide512 && !zeros && !depthwise && g.cout >= LUT_MIN_COUT => Layout::Lut(avx512::vbmi()),
             Layout::Auto if wide512 => Layout::Bits,
             Layout::Auto => Layout::Wide,
             l => {
                 assert!(l == Layout::Wide || wide512, "the AVX-512 kernels need AVX-512 BW");
+                assert!(l != Layout::Lut(true) || avx512::vbmi(), "byte lookups need AVX-512 VBMI");
                 assert!(
-                    l != Layout::Lut || (!zeros && !depthwise),
+                    !matches!(l, Layout::Lut(_)) || (!zeros && !depthwise),
                     "the lookup kernel is for dense layers without zeros"
                 );
                 l
             }
         };
-        let signs = if layout == Layout::Lut {
+        let signs = if let Layout::Lut(bytes) = layout {
             let kt = g.kh * g.kw * g.cin;
             let (ng, nblk) = (kt.div_ceil(avx512::LG), g.cout.div_ceil(32));
             let mut ix = vec![0u16; ng * nblk * 32];
@@ -191,7 +195,11 @@ impl A8Conv {
                     }
                 }
             }
-            Signs::Lut { ix }
+            if bytes {
+                // Little-endian lanes: low byte e (the entry's low byte), high byte e + 32.
+                ix.iter_mut().for_each(|e| *e |= (*e + 32) << 8);
+            }
+            Signs::Lut { ix, bytes }
         } else if layout == Layout::Bits {
             // Depthwise: weights `[c][tap]`; dense: `[co][k]`.
             let kt = if depthwise { g.kh * g.kw } else { g.kh * g.kw * g.cin };
@@ -239,7 +247,9 @@ impl A8Conv {
             // avx512bw); `dup` was sized by `QuantScratch::reserve` for this layer.
             Signs::Bits { mp, mn } => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, y, dup) },
             // SAFETY: as above; `lut` was sized by `QuantScratch::reserve` for this layer.
-            Signs::Lut { ix } => unsafe { avx512::lut_rows(x, k, self.g.cout, ix, y, dup, lut) },
+            Signs::Lut { ix, bytes: false } => unsafe { avx512::lut_rows(x, k, self.g.cout, ix, y, dup, lut) },
+            // SAFETY: as above, and byte indices are planned only where `avx512::vbmi()`.
+            Signs::Lut { ix, bytes: true } => unsafe { avx512::lut_rows_vbmi(x, k, self.g.cout, ix, y, dup, lut) },
             Signs::Wide { wp, wn } => pw_rows(x, k, self.g.cout, wp, wn, self.zeros, y),
         }
     }
@@ -600,6 +610,18 @@ mod avx512 {
         }
     }
 
+    /// Whether the lookup kernel can use byte permutes (AVX-512 VBMI).
+    pub fn vbmi() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            available() && is_x86_feature_detected!("avx512vbmi")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
     /// Pixels `r..r + np` of `x` (rows of `k`) into `dup` as 32-bit words holding each value
     /// twice (pixel `np - 1` repeated up to `ROWS`); returns each pixel's sum.
     fn duplicate(x: &[i16], k: usize, r: usize, np: usize, dup: &mut [i32]) -> [i32; ROWS] {
@@ -615,12 +637,40 @@ mod avx512 {
     }
 
     /// The lookup kernel: `y[r][co] = sum_k sign(w[co][k]) * x[r][k]` as `f32` for a layer
-    /// without zeros, indices `ix` as [`super::Signs::Lut`]; `dup` holds at least `ROWS * k`
-    /// words and `lut` `ROWS * ceil(k / LG) * 32` entries.
+    /// without zeros, 16-bit indices `ix` as [`super::Signs::Lut`]; `dup` holds at least
+    /// `ROWS * k` words and `lut` `ROWS * ceil(k / LG) * 32` entries.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn lut_rows(
+        x: &[i16],
+        k: usize,
+        cout: usize,
+        ix: &[u16],
+        y: &mut [f32],
+        dup: &mut [i32],
+        lut: &mut [i16],
+    ) {
+        lut_rows_impl::<false>(x, k, cout, ix, y, dup, lut)
+    }
+
+    /// [`lut_rows`] with byte indices and byte permutes (AVX-512 VBMI).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub unsafe fn lut_rows_vbmi(
+        x: &[i16],
+        k: usize,
+        cout: usize,
+        ix: &[u16],
+        y: &mut [f32],
+        dup: &mut [i32],
+        lut: &mut [i16],
+    ) {
+        lut_rows_impl::<true>(x, k, cout, ix, y, dup, lut)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lut_rows_impl<const B: bool>(
         x: &[i16],
         k: usize,
         cout: usize,
@@ -645,6 +695,15 @@ mod avx512 {
                     for (i, &sel) in SEL.iter().enumerate().take(k - j * LG) {
                         t = _mm512_mask_add_epi16(t, sel, t, _mm512_set1_epi32(*dup.as_ptr().add(p * k + j * LG + i)));
                     }
+                    if B {
+                        // Low bytes of the 32 entries, then their high bytes.
+                        let split = _mm512_set_epi8(
+                            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19,
+                            17, 15, 13, 11, 9, 7, 5, 3, 1, 62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34,
+                            32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+                        );
+                        t = _mm512_permutexvar_epi8(split, t);
+                    }
                     _mm512_storeu_si512(lut.as_mut_ptr().add((p * ng + j) * 32).cast(), t);
                 }
             }
@@ -653,10 +712,10 @@ mod avx512 {
             while b0 < nblk {
                 let nv = NV.min(nblk - b0);
                 match nv {
-                    4 => lut_tile::<4>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
-                    3 => lut_tile::<3>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
-                    2 => lut_tile::<2>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
-                    _ => lut_tile::<1>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    4 => lut_tile::<4, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    3 => lut_tile::<3, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    2 => lut_tile::<2, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    _ => lut_tile::<1, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
                 }
                 b0 += nv;
             }
@@ -668,7 +727,7 @@ mod avx512 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn lut_tile<const V: usize>(
+    unsafe fn lut_tile<const V: usize, const B: bool>(
         lut: &[i16],
         ng: usize,
         ix: &[u16],
@@ -690,7 +749,9 @@ mod avx512 {
                 for v in 0..V {
                     let idx = _mm512_loadu_si512(ip.add((j * nblk + b0 + v) * 32).cast());
                     for p in 0..ROWS {
-                        acc[p][v] = _mm512_add_epi16(acc[p][v], _mm512_permutexvar_epi16(idx, t[p]));
+                        let e =
+                            if B { _mm512_permutexvar_epi8(idx, t[p]) } else { _mm512_permutexvar_epi16(idx, t[p]) };
+                        acc[p][v] = _mm512_add_epi16(acc[p][v], e);
                     }
                 }
             }
@@ -855,6 +916,11 @@ mod avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn lut_rows_vbmi(_: &[i16], _: usize, _: usize, _: &[u16], _: &mut [f32], _: &mut [i32], _: &mut [i16]) {
+        unreachable!("tables are planned only on x86_64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pw_rows(_: &[i16], _: usize, _: usize, _: &[u32], _: &[u32], _: bool, _: &mut [f32], _: &mut [i32]) {
         unreachable!("masks are planned only on x86_64")
@@ -907,7 +973,10 @@ mod tests {
         if avx512::available() {
             check_layout(g, zero_every, seed, Layout::Bits);
             if zero_every == 0 && g.groups == 1 {
-                check_layout(g, zero_every, seed, Layout::Lut);
+                check_layout(g, zero_every, seed, Layout::Lut(false));
+                if avx512::vbmi() {
+                    check_layout(g, zero_every, seed, Layout::Lut(true));
+                }
             }
         }
     }
@@ -959,7 +1028,10 @@ mod tests {
         let g = ConvGeom::new(1, 2, 2, 700, 160, 1, 1, 0, 1).unwrap();
         let mut layouts = vec![Layout::Wide];
         if avx512::available() {
-            layouts.extend([Layout::Bits, Layout::Lut]);
+            layouts.extend([Layout::Bits, Layout::Lut(false)]);
+        }
+        if avx512::vbmi() {
+            layouts.push(Layout::Lut(true));
         }
         for layout in layouts {
             for (xv, wv) in [(1.0f32, 1.0f32), (-1.0, 1.0), (1.0, -1.0)] {
