@@ -23,6 +23,7 @@
 //! registers; [`sbdnet_kernels::simd_kernel`] compiles them for AVX2 when the CPU has it (and
 //! `SBDNET_KERNEL=portable` forces the baseline build).
 
+use crate::graph::Act;
 use sbdnet_kernels::conv::ConvGeom;
 
 /// Output channels per register block of the pointwise kernel.
@@ -137,6 +138,47 @@ impl QuantScratch {
     }
 }
 
+/// The affine a W1-A8 layer's output goes through: `y = act(scale[c] * (k * sum) + bias[c])`
+/// with `k` the image's activation scale (the plan's `Stage::Affine`).
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    /// The image's activation scale.
+    pub k: f32,
+    /// Per-channel scale.
+    pub scale: &'a [f32],
+    /// Per-channel bias.
+    pub bias: &'a [f32],
+    /// Activation.
+    pub act: Act,
+}
+
+/// Where an AVX-512 kernel writes: `y`, and with an epilogue the affine applied on the way
+/// and the running `max |y|` (NaN skipped) in 16 lanes.
+pub(crate) struct Out<'a> {
+    y: &'a mut [f32],
+    ep: Option<Epilogue<'a>>,
+    max: [f32; 16],
+}
+
+impl<'a> Out<'a> {
+    fn new(y: &'a mut [f32], ep: Option<Epilogue<'a>>) -> Self {
+        Out { y, ep, max: [0.0; 16] }
+    }
+
+    /// Room for `len` outputs of `c` channels (and an epilogue covering them).
+    fn check(&self, len: usize, c: usize) {
+        assert!(self.y.len() >= len);
+        if let Some(e) = &self.ep {
+            assert!(e.scale.len() >= c && e.bias.len() >= c);
+        }
+    }
+
+    /// `max |y|` of everything written (0 when nothing was).
+    fn max(&self) -> f32 {
+        self.max.iter().fold(0.0f32, |m, &v| if v > m { v } else { m })
+    }
+}
+
 fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
         v.resize(n, T::default());
@@ -241,16 +283,88 @@ impl A8Conv {
 
     /// Rows of `k` activations through the dense kernel: AVX-512 where planned, else the
     /// 16-bit AND-mask loops.
-    fn rows(&self, x: &[i16], k: usize, y: &mut [f32], dup: &mut [i32], lut: &mut [i16]) {
+    fn rows(&self, x: &[i16], k: usize, out: &mut Out, dup: &mut [i32], lut: &mut [i16]) {
         match &self.signs {
             // SAFETY: bit masks are planned only where `avx512::available()` (avx512f +
             // avx512bw); `dup` was sized by `QuantScratch::reserve` for this layer.
-            Signs::Bits { mp, mn } => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, y, dup) },
+            Signs::Bits { mp, mn } => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, out, dup) },
             // SAFETY: as above; `lut` was sized by `QuantScratch::reserve` for this layer.
-            Signs::Lut { ix, bytes: false } => unsafe { avx512::lut_rows(x, k, self.g.cout, ix, y, dup, lut) },
+            Signs::Lut { ix, bytes: false } => unsafe { avx512::lut_rows(x, k, self.g.cout, ix, out, dup, lut) },
             // SAFETY: as above, and byte indices are planned only where `avx512::vbmi()`.
-            Signs::Lut { ix, bytes: true } => unsafe { avx512::lut_rows_vbmi(x, k, self.g.cout, ix, y, dup, lut) },
-            Signs::Wide { wp, wn } => pw_rows(x, k, self.g.cout, wp, wn, self.zeros, y),
+            Signs::Lut { ix, bytes: true } => unsafe { avx512::lut_rows_vbmi(x, k, self.g.cout, ix, out, dup, lut) },
+            Signs::Wide { wp, wn } => {
+                assert!(out.ep.is_none(), "the portable kernels write raw sums");
+                pw_rows(x, k, self.g.cout, wp, wn, self.zeros, out.y)
+            }
+        }
+    }
+
+    /// Whether [`A8Conv::forward_affine`] applies the affine inside the kernel (the AVX-512
+    /// kernels); otherwise the caller runs [`A8Conv::forward_raw`] and an affine pass.
+    pub fn fuses_affine(&self) -> bool {
+        !matches!(self.signs, Signs::Wide { .. })
+    }
+
+    /// `y = act(scale[c] * (k_b * sum) + bias[c])` for `n` images, `k_b` image `b`'s
+    /// activation scale, written by the kernel as it stores each sum; `s.known[b]` gets image
+    /// `b`'s `max |y|` (NaN skipped, as [`abs_max`]) for the next layer's quantization. The
+    /// values equal [`A8Conv::forward_raw`] followed by that affine in `f32` (`k * sum`
+    /// first, then `scale *`, then `+ bias`, no fused multiply-add). Only where
+    /// [`A8Conv::fuses_affine`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_affine(
+        &self,
+        n: usize,
+        x: &[f32],
+        y: &mut [f32],
+        s: &mut QuantScratch,
+        known: bool,
+        scale: &[f32],
+        bias: &[f32],
+        act: Act,
+    ) {
+        assert!(self.fuses_affine() && scale.len() >= self.g.cout && bias.len() >= self.g.cout);
+        self.quantize(n, x, s, known);
+        let ol = self.g.oh * self.g.ow * self.g.cout;
+        for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
+            let ep = Epilogue { k: s.scale[b], scale, bias, act };
+            let mut out = Out::new(yb, Some(ep));
+            self.image(b, &mut out, s);
+            s.known[b] = out.max();
+        }
+    }
+
+    /// Quantize `n` images of `x` into `s.q` and their scales into `s.scale`.
+    fn quantize(&self, n: usize, x: &[f32], s: &mut QuantScratch, known: bool) {
+        let il = self.g.h * self.g.w * self.g.cin;
+        for b in 0..n {
+            let (xb, qb) = (&x[b * il..][..il], &mut s.q[b * il..][..il]);
+            s.scale[b] = if known { quantize_with(xb, qb, s.known[b]) } else { quantize(xb, qb) };
+        }
+    }
+
+    /// Image `b` of the quantized input in `s.q` through the layer's kernel into `out`.
+    fn image(&self, b: usize, out: &mut Out, s: &mut QuantScratch) {
+        let g = ConvGeom { batch: 1, ..self.g };
+        let il = g.h * g.w * g.cin;
+        let xb = &s.q[b * il..][..il];
+        match self.kind {
+            A8Kind::Depthwise => match &self.signs {
+                // SAFETY: bit masks are planned only where `avx512::available()`.
+                Signs::Bits { mp, mn } => unsafe { avx512::dw_image(&g, xb, mp, mn, out) },
+                Signs::Wide { wp, wn } => {
+                    assert!(out.ep.is_none(), "the portable kernels write raw sums");
+                    dw_image(&g, xb, wp, wn, out.y, &mut s.acc[..g.cin])
+                }
+                Signs::Lut { .. } => unreachable!("depthwise layers are not planned with tables"),
+            },
+            A8Kind::Pointwise => self.rows(xb, g.cin, out, &mut s.dup, &mut s.lut),
+            A8Kind::Dense => {
+                let kt = g.kh * g.kw * g.cin;
+                let rows = g.out_rows();
+                im2col_i16(&g, xb, &mut s.col[..rows * kt]);
+                self.rows(&s.col[..rows * kt], kt, out, &mut s.dup, &mut s.lut);
+            }
         }
     }
 
@@ -280,32 +394,10 @@ impl A8Conv {
     /// With `known`, `s.known[b]` is taken as image `b`'s `max |x|` (as [`abs_max`] gives it)
     /// instead of a pass over `x`.
     pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch, known: bool) {
-        let g = ConvGeom { batch: n, ..self.g };
-        let il = g.h * g.w * g.cin;
-        let ol = g.oh * g.ow * g.cout;
-        for b in 0..n {
-            let (xb, qb) = (&x[b * il..][..il], &mut s.q[b * il..][..il]);
-            s.scale[b] = if known { quantize_with(xb, qb, s.known[b]) } else { quantize(xb, qb) };
-        }
-        match self.kind {
-            A8Kind::Depthwise => {
-                for b in 0..n {
-                    let (xb, yb) = (&s.q[b * il..][..il], &mut y[b * ol..][..ol]);
-                    match &self.signs {
-                        // SAFETY: bit masks are planned only where `avx512::available()`.
-                        Signs::Bits { mp, mn } => unsafe { avx512::dw_image(&g, xb, mp, mn, yb) },
-                        Signs::Wide { wp, wn } => dw_image(&g, xb, wp, wn, yb, &mut s.acc[..g.cin]),
-                        Signs::Lut { .. } => unreachable!("depthwise layers are not planned with tables"),
-                    }
-                }
-            }
-            A8Kind::Pointwise => self.rows(&s.q[..n * il], g.cin, y, &mut s.dup, &mut s.lut),
-            A8Kind::Dense => {
-                let kt = g.kh * g.kw * g.cin;
-                let rows = g.out_rows();
-                im2col_i16(&g, &s.q[..n * il], &mut s.col[..rows * kt]);
-                self.rows(&s.col[..rows * kt], kt, y, &mut s.dup, &mut s.lut);
-            }
+        self.quantize(n, x, s, known);
+        let ol = self.g.oh * self.g.ow * self.g.cout;
+        for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
+            self.image(b, &mut Out::new(yb, None), s);
         }
     }
 }
@@ -372,7 +464,12 @@ fn quantize_with(x: &[f32], q: &mut [i16], amax: f32) -> f32 {
         return 1.0;
     }
     let inv = 127.0 / amax;
-    quantize_into(x, q, inv);
+    if avx512::available() {
+        // SAFETY: the CPU has AVX-512 F and BW.
+        unsafe { avx512::quantize_into(x, q, inv) }
+    } else {
+        quantize_into(x, q, inv);
+    }
     amax / 127.0
 }
 
@@ -540,6 +637,9 @@ fn im2col_i16(g: &ConvGeom, x: &[i16], col: &mut [i16]) {
 /// then widen into 32-bit sums. Integer sums identical to [`pw_rows`].
 mod avx512 {
     #[cfg(target_arch = "x86_64")]
+    use super::Act;
+    use super::Out;
+    #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
     /// Pixels per tile.
@@ -579,30 +679,29 @@ mod avx512 {
         mp: &[u32],
         mn: &[u32],
         zeros: bool,
-        y: &mut [f32],
+        out: &mut Out,
         dup: &mut [i32],
     ) {
         let nblk = cout.div_ceil(32);
         assert!(mp.len() >= k * nblk && mn.len() >= k * nblk && dup.len() >= ROWS * k);
         let rows = x.len() / k;
-        assert!(y.len() >= rows * cout);
+        out.check(rows * cout, cout);
         let mut r = 0;
         while r < rows {
             let np = ROWS.min(rows - r);
             let sums = duplicate(x, k, r, np, dup);
-            let yr = &mut y[r * cout..(r + np) * cout];
             let mut b0 = 0;
             while b0 < nblk {
                 let nv = NV.min(nblk - b0);
                 match (nv, zeros) {
-                    (4, false) => tile::<4, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (4, true) => tile::<4, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (3, false) => tile::<3, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (3, true) => tile::<3, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (2, false) => tile::<2, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (2, true) => tile::<2, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (_, false) => tile::<1, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
-                    (_, true) => tile::<1, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, yr),
+                    (4, false) => tile::<4, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (4, true) => tile::<4, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (3, false) => tile::<3, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (3, true) => tile::<3, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (2, false) => tile::<2, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (2, true) => tile::<2, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (_, false) => tile::<1, false>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
+                    (_, true) => tile::<1, true>(dup, k, mp, mn, nblk, b0, &sums, np, cout, out, r),
                 }
                 b0 += nv;
             }
@@ -620,6 +719,30 @@ mod avx512 {
         {
             false
         }
+    }
+
+    /// [`super::quantize_into`] (the same values: round half to even, NaN to -127) 16 lanes
+    /// at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
+        let n = x.len().min(q.len());
+        let (lo, hi, s) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(inv));
+        let mut i = 0;
+        while i < n {
+            let m: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(i)), s);
+            // max(v, -127) gives -127 for NaN (its second operand), as the scalar clamp does.
+            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm256_mask_storeu_epi16(q.as_mut_ptr().add(i).cast(), m, _mm512_cvtepi32_epi16(r));
+            i += 16;
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn quantize_into(_: &[f32], _: &mut [i16], _: f32) {
+        unreachable!("AVX-512 is x86_64 only")
     }
 
     /// Pixels `r..r + np` of `x` (rows of `k`) into `dup` as 32-bit words holding each value
@@ -646,11 +769,11 @@ mod avx512 {
         k: usize,
         cout: usize,
         ix: &[u16],
-        y: &mut [f32],
+        out: &mut Out,
         dup: &mut [i32],
         lut: &mut [i16],
     ) {
-        lut_rows_impl::<false>(x, k, cout, ix, y, dup, lut)
+        lut_rows_impl::<false>(x, k, cout, ix, out, dup, lut)
     }
 
     /// [`lut_rows`] with byte indices and byte permutes (AVX-512 VBMI).
@@ -661,11 +784,11 @@ mod avx512 {
         k: usize,
         cout: usize,
         ix: &[u16],
-        y: &mut [f32],
+        out: &mut Out,
         dup: &mut [i32],
         lut: &mut [i16],
     ) {
-        lut_rows_impl::<true>(x, k, cout, ix, y, dup, lut)
+        lut_rows_impl::<true>(x, k, cout, ix, out, dup, lut)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -675,14 +798,14 @@ mod avx512 {
         k: usize,
         cout: usize,
         ix: &[u16],
-        y: &mut [f32],
+        out: &mut Out,
         dup: &mut [i32],
         lut: &mut [i16],
     ) {
         let (nblk, ng) = (cout.div_ceil(32), k.div_ceil(LG));
         assert!(ix.len() >= ng * nblk * 32 && dup.len() >= ROWS * k && lut.len() >= ROWS * ng * 32);
         let rows = x.len() / k;
-        assert!(y.len() >= rows * cout);
+        out.check(rows * cout, cout);
         // Lanes of table entry e that include input i of the group: bit i of e.
         const SEL: [u32; LG] = [0xAAAA_AAAA, 0xCCCC_CCCC, 0xF0F0_F0F0, 0xFF00_FF00, 0xFFFF_0000];
         let mut r = 0;
@@ -707,15 +830,14 @@ mod avx512 {
                     _mm512_storeu_si512(lut.as_mut_ptr().add((p * ng + j) * 32).cast(), t);
                 }
             }
-            let yr = &mut y[r * cout..(r + np) * cout];
             let mut b0 = 0;
             while b0 < nblk {
                 let nv = NV.min(nblk - b0);
                 match nv {
-                    4 => lut_tile::<4, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
-                    3 => lut_tile::<3, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
-                    2 => lut_tile::<2, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
-                    _ => lut_tile::<1, B>(lut, ng, ix, nblk, b0, &sums, np, cout, yr),
+                    4 => lut_tile::<4, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    3 => lut_tile::<3, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    2 => lut_tile::<2, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    _ => lut_tile::<1, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
                 }
                 b0 += nv;
             }
@@ -736,7 +858,8 @@ mod avx512 {
         sums: &[i32; ROWS],
         np: usize,
         cout: usize,
-        y: &mut [f32],
+        out: &mut Out,
+        r: usize,
     ) {
         let mut wide = [[[_mm512_setzero_si512(); 2]; V]; ROWS];
         let (tp, ip) = (lut.as_ptr(), ix.as_ptr());
@@ -758,7 +881,7 @@ mod avx512 {
             widen(&mut wide, &acc);
             j0 = j1;
         }
-        store::<V>(&wide, false, sums, np, b0, cout, y);
+        store::<V>(&wide, false, sums, np, b0, cout, out, r);
     }
 
     /// Add 16-bit accumulators into their 32-bit sums.
@@ -773,10 +896,40 @@ mod avx512 {
         }
     }
 
-    /// Store a tile's 32-bit sums as `f32` (channels past `cout` left out); without zeros
-    /// the sums are `sum_{w=+1} x` and become `2 * sum - sum x`.
+    /// Write 16 integer sums (lanes `m`) at `y[at..]` for channels `ch..`: as `f32`, or
+    /// through the epilogue (the same operations in the same order as the plan's affine pass)
+    /// with the running `max |y|` updated.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
+    unsafe fn emit(out: &mut Out, at: usize, ch: usize, m: __mmask16, sum: __m512i) {
+        let v = _mm512_cvtepi32_ps(sum);
+        let v = match &out.ep {
+            None => v,
+            Some(e) => {
+                let s = _mm512_maskz_loadu_ps(m, e.scale.as_ptr().add(ch));
+                let b = _mm512_maskz_loadu_ps(m, e.bias.as_ptr().add(ch));
+                let t = _mm512_add_ps(_mm512_mul_ps(s, _mm512_mul_ps(_mm512_set1_ps(e.k), v)), b);
+                // `max_ps(t, c)` returns `c` for a NaN `t`, as `f32::max` does.
+                let t = match e.act {
+                    Act::None => t,
+                    Act::Relu => _mm512_max_ps(t, _mm512_setzero_ps()),
+                    Act::Hardtanh => _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
+                };
+                let mx = _mm512_loadu_ps(out.max.as_ptr());
+                // A NaN |t| leaves the running max (max_ps returns its second operand).
+                let mx = _mm512_mask_max_ps(mx, m, _mm512_abs_ps(t), mx);
+                _mm512_storeu_ps(out.max.as_mut_ptr(), mx);
+                t
+            }
+        };
+        _mm512_mask_storeu_ps(out.y.as_mut_ptr().add(at), m, v);
+    }
+
+    /// Store a tile's 32-bit sums of pixels `r..r + np` (channels past `cout` left out);
+    /// without zeros the sums are `sum_{w=+1} x` and become `2 * sum - sum x`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn store<const V: usize>(
         wide: &[[[__m512i; 2]; V]; ROWS],
         zeros: bool,
@@ -784,7 +937,8 @@ mod avx512 {
         np: usize,
         b0: usize,
         cout: usize,
-        y: &mut [f32],
+        out: &mut Out,
+        r: usize,
     ) {
         for (p, &s) in sums.iter().enumerate().take(np) {
             for (v, halves) in wide[p].iter().enumerate() {
@@ -796,7 +950,7 @@ mod avx512 {
                         continue;
                     }
                     let m = if cout - c0 >= 16 { 0xFFFF } else { (1u16 << (cout - c0)) - 1 };
-                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(p * cout + c0), m, _mm512_cvtepi32_ps(w));
+                    emit(out, (r + p) * cout + c0, c0, m, w);
                 }
             }
         }
@@ -816,7 +970,8 @@ mod avx512 {
         sums: &[i32; ROWS],
         np: usize,
         cout: usize,
-        y: &mut [f32],
+        out: &mut Out,
+        r: usize,
     ) {
         let mut wide = [[[_mm512_setzero_si512(); 2]; V]; ROWS];
         let (dp, pp, np_) = (dup.as_ptr(), mp.as_ptr(), mn.as_ptr());
@@ -842,7 +997,7 @@ mod avx512 {
             widen(&mut wide, &acc);
             k0 = k1;
         }
-        store::<V>(&wide, ZEROS, sums, np, b0, cout, y);
+        store::<V>(&wide, ZEROS, sums, np, b0, cout, out, r);
     }
 
     /// Output pixels per depthwise pass (independent accumulators).
@@ -856,10 +1011,11 @@ mod avx512 {
     /// `[tap][c / 32]`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn dw_image(g: &sbdnet_kernels::conv::ConvGeom, x: &[i16], mp: &[u32], mn: &[u32], y: &mut [f32]) {
+    pub unsafe fn dw_image(g: &sbdnet_kernels::conv::ConvGeom, x: &[i16], mp: &[u32], mn: &[u32], out: &mut Out) {
         let c = g.cin;
         let nblk = c.div_ceil(32);
-        assert!(g.kh * g.kw <= 225 && x.len() >= g.h * g.w * c && y.len() >= g.oh * g.ow * c);
+        assert!(g.kh * g.kw <= 225 && x.len() >= g.h * g.w * c);
+        out.check(g.oh * g.ow * c, c);
         assert!(mp.len() >= g.kh * g.kw * nblk && mn.len() >= g.kh * g.kw * nblk);
         for oy in 0..g.oh {
             for ox0 in (0..g.ow).step_by(SEG) {
@@ -890,13 +1046,13 @@ mod avx512 {
                         }
                     }
                     for (i, &a) in acc.iter().enumerate().take(np) {
-                        let yp = y.as_mut_ptr().add((oy * g.ow + ox0 + i) * c + c0);
+                        let at = (oy * g.ow + ox0 + i) * c + c0;
                         let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
                         for (h, &v) in halves.iter().enumerate() {
                             let n = lanes.saturating_sub(16 * h).min(16);
                             if n > 0 {
                                 let m = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-                                _mm512_mask_storeu_ps(yp.add(16 * h), m, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(v)));
+                                emit(out, at + 16 * h, c0 + 16 * h, m, _mm512_cvtepi16_epi32(v));
                             }
                         }
                     }
@@ -906,23 +1062,40 @@ mod avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn dw_image(_: &sbdnet_kernels::conv::ConvGeom, _: &[i16], _: &[u32], _: &[u32], _: &mut [f32]) {
+    pub unsafe fn dw_image(_: &sbdnet_kernels::conv::ConvGeom, _: &[i16], _: &[u32], _: &[u32], _: &mut super::Out) {
         unreachable!("masks are planned only on x86_64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn lut_rows(_: &[i16], _: usize, _: usize, _: &[u16], _: &mut [f32], _: &mut [i32], _: &mut [i16]) {
+    pub unsafe fn lut_rows(_: &[i16], _: usize, _: usize, _: &[u16], _: &mut super::Out, _: &mut [i32], _: &mut [i16]) {
         unreachable!("tables are planned only on x86_64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn lut_rows_vbmi(_: &[i16], _: usize, _: usize, _: &[u16], _: &mut [f32], _: &mut [i32], _: &mut [i16]) {
+    pub unsafe fn lut_rows_vbmi(
+        _: &[i16],
+        _: usize,
+        _: usize,
+        _: &[u16],
+        _: &mut super::Out,
+        _: &mut [i32],
+        _: &mut [i16],
+    ) {
         unreachable!("tables are planned only on x86_64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn pw_rows(_: &[i16], _: usize, _: usize, _: &[u32], _: &[u32], _: bool, _: &mut [f32], _: &mut [i32]) {
+    pub unsafe fn pw_rows(
+        _: &[i16],
+        _: usize,
+        _: usize,
+        _: &[u32],
+        _: &[u32],
+        _: bool,
+        _: &mut super::Out,
+        _: &mut [i32],
+    ) {
         unreachable!("masks are planned only on x86_64")
     }
 }
@@ -1018,6 +1191,85 @@ mod tests {
         for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
             let expect = exact as f32 * scales[i / ol];
             assert_eq!(got, expect, "{g:?} {layout:?} ({zero_every} zero weights) at {i}");
+        }
+    }
+
+    #[test]
+    fn fused_affine_equals_raw_sums_then_the_affine_pass() {
+        let mut rng = sbdnet_kernels::rng::Rng::new(11);
+        for (i, &(b, h, cin, cout, k, stride, pad, groups)) in [
+            (2, 4, 40, 150, 1, 1, 0, 1),
+            (1, 5, 20, 37, 1, 1, 0, 1),
+            (2, 7, 70, 70, 3, 2, 1, 70),
+            (1, 5, 3, 40, 3, 1, 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = ConvGeom::new(b, h, h, cin, cout, k, stride, pad, groups).unwrap();
+            let mut x: Vec<f32> = (0..g.in_len()).map(|_| rng.normal()).collect();
+            if b == 2 {
+                // An all-zero image: zero sums, so -0.0 biases meet -0.0 products.
+                let il = g.in_len() / 2;
+                x[il..].fill(0.0);
+            }
+            let w: Vec<f32> = (0..g.weight_len()).map(|_| if rng.uniform() < 0.5 { -1.0 } else { 1.0 }).collect();
+            let scale: Vec<f32> = (0..cout).map(|c| if c % 7 == 0 { -0.25 } else { rng.normal() * 0.01 }).collect();
+            let mut bias: Vec<f32> = (0..cout).map(|_| rng.normal()).collect();
+            bias[0] = -0.0;
+            bias[1] = 0.0;
+            let mut layouts = vec![Layout::Auto];
+            if avx512::available() {
+                layouts.push(Layout::Bits);
+                if groups == 1 {
+                    layouts.push(Layout::Lut(false));
+                }
+            }
+            for layout in layouts {
+                let conv = A8Conv::with_layout(g, &w, layout);
+                if !conv.fuses_affine() {
+                    continue;
+                }
+                for act in [Act::None, Act::Relu, Act::Hardtanh] {
+                    let mut s = QuantScratch::default();
+                    s.reserve(&conv);
+                    let (mut raw, mut want, mut got) =
+                        (vec![0.0; g.out_len()], vec![0.0; g.out_len()], vec![0.0; g.out_len()]);
+                    conv.forward_raw(b, &x, &mut raw, &mut s, false);
+                    let ol = g.out_len() / b;
+                    let mut maxes = vec![0.0f32; b];
+                    for (img, (r, y)) in raw.chunks_exact(ol).zip(want.chunks_exact_mut(ol)).enumerate() {
+                        let mut m = [0.0f32];
+                        crate::plan::affine_rows_scaled_max(r, cout, s.image_scale(img), &scale, &bias, act, y, &mut m);
+                        maxes[img] = m[0];
+                    }
+                    conv.forward_affine(b, &x, &mut got, &mut s, false, &scale, &bias, act);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "case {i} {layout:?} {act:?}");
+                    assert_eq!(bits(&s.known[..b]), bits(&maxes), "case {i} {layout:?} {act:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_quantization_equals_the_portable_one() {
+        if !avx512::available() {
+            return;
+        }
+        let mut rng = sbdnet_kernels::rng::Rng::new(7);
+        let mut x: Vec<f32> = (0..1000).map(|_| rng.normal() * 3.0).collect();
+        x.extend([f32::NAN, -f32::NAN, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -0.0, 126.5, 127.0, -127.5, 1e30, -1e30]);
+        x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE, 0.49999997]);
+        for inv in [1.0f32, 0.37, 42.0] {
+            // Lengths around the 16-lane tail.
+            for n in [x.len(), 17, 16, 15, 1, 0] {
+                let (mut want, mut got) = (vec![0i16; n], vec![9i16; n]);
+                quantize_into(&x[..n], &mut want, inv);
+                // SAFETY: checked above.
+                unsafe { avx512::quantize_into(&x[..n], &mut got, inv) };
+                assert_eq!(got, want, "inv {inv} n {n}");
+            }
         }
     }
 

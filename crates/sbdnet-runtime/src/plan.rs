@@ -545,7 +545,7 @@ sbdnet_kernels::simd_kernel! {
     /// [`affine_rows_scaled`] that also finds `max |y|` into `m[0]` (as
     /// [`crate::int8::abs_max`]: NaN skipped), row by row while each row is in L1, so the next
     /// W1-A8 layer's quantization needs no pass of its own for it.
-    fn affine_rows_scaled_max(
+    pub(crate) fn affine_rows_scaled_max(
         x: &[f32],
         c: usize,
         k: f32,
@@ -1016,7 +1016,12 @@ impl Plan {
             Kernel::A8 { conv, stage } => {
                 let raw = &mut self.raw_f32[..n * yo.len()];
                 let known = self.quant.known_for == Some(a);
-                if let Stage::Affine { scale, bias, act } = stage {
+                if let (Stage::Affine { scale, bias, act }, true) = (stage, conv.fuses_affine()) {
+                    // The affine applied by the kernel as it stores each sum; it also finds
+                    // the output's max |y| for the next W1-A8 layer's quantization.
+                    conv.forward_affine(n, xf, yf, &mut self.quant, known, scale, bias, *act);
+                    self.quant.known_for = Some(i + 1);
+                } else if let Stage::Affine { scale, bias, act } = stage {
                     // The image's activation scale applied inside the affine pass, which also
                     // finds the output's max |y| for the next W1-A8 layer's quantization.
                     conv.forward_raw(n, xf, raw, &mut self.quant, known);
