@@ -653,13 +653,14 @@ mod avx512 {
     /// Tables per 16-bit run of the lookup kernel: `51 * 5 * 127 < 2^15`.
     const LRUN: usize = 51;
 
-    /// Whether the kernel can run (AVX-512 F + BW, no forced fallback).
+    /// Whether the kernels can run (AVX-512 F + BW + VL, no forced fallback).
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -670,7 +671,7 @@ mod avx512 {
     /// `y[r][co] = sum_k sign(w[co][k]) * x[r][k]` as `f32`, masks `[k][cout / 32]`; `dup`
     /// holds at least `ROWS * k` words.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pw_rows(
         x: &[i16],
@@ -724,7 +725,7 @@ mod avx512 {
     /// [`super::quantize_into`] (the same values: round half to even, NaN to -127) 16 lanes
     /// at a time.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
         let n = x.len().min(q.len());
         let (lo, hi, s) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(inv));
@@ -747,14 +748,25 @@ mod avx512 {
 
     /// Pixels `r..r + np` of `x` (rows of `k`) into `dup` as 32-bit words holding each value
     /// twice (pixel `np - 1` repeated up to `ROWS`); returns each pixel's sum.
-    fn duplicate(x: &[i16], k: usize, r: usize, np: usize, dup: &mut [i32]) -> [i32; ROWS] {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn duplicate(x: &[i16], k: usize, r: usize, np: usize, dup: &mut [i32]) -> [i32; ROWS] {
         let mut sums = [0i32; ROWS];
         for (p, s) in sums.iter_mut().enumerate() {
             let src = &x[(r + p.min(np - 1)) * k..][..k];
-            for (d, &v) in dup[p * k..][..k].iter_mut().zip(src) {
-                *d = (u32::from(v as u16) * 0x1_0001) as i32;
+            let dst = &mut dup[p * k..][..k];
+            let mut acc = _mm512_setzero_si512();
+            let mut i = 0;
+            while i < k {
+                let m: __mmask16 = if k - i >= 16 { 0xFFFF } else { (1u16 << (k - i)) - 1 };
+                let v = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, src.as_ptr().add(i).cast()));
+                acc = _mm512_add_epi32(acc, v);
+                // The 16-bit value in both halves of the word.
+                let lo = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF));
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i).cast(), m, _mm512_or_si512(lo, _mm512_slli_epi32::<16>(lo)));
+                i += 16;
             }
-            *s = src.iter().map(|&v| i32::from(v)).sum();
+            *s = _mm512_reduce_add_epi32(acc);
         }
         sums
     }
@@ -763,7 +775,7 @@ mod avx512 {
     /// without zeros, 16-bit indices `ix` as [`super::Signs::Lut`]; `dup` holds at least
     /// `ROWS * k` words and `lut` `ROWS * ceil(k / LG) * 32` entries.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn lut_rows(
         x: &[i16],
         k: usize,
@@ -778,7 +790,7 @@ mod avx512 {
 
     /// [`lut_rows`] with byte indices and byte permutes (AVX-512 VBMI).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     pub unsafe fn lut_rows_vbmi(
         x: &[i16],
         k: usize,
@@ -1010,7 +1022,7 @@ mod avx512 {
     /// (masked loads of no lane). Integer sums identical to [`super::dw_image`]. Masks
     /// `[tap][c / 32]`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn dw_image(g: &sbdnet_kernels::conv::ConvGeom, x: &[i16], mp: &[u32], mn: &[u32], out: &mut Out) {
         let c = g.cin;
         let nblk = c.div_ceil(32);
