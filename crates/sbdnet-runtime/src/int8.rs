@@ -75,9 +75,10 @@ enum Signs {
     Lut { ix: Vec<u16>, bytes: bool },
 }
 
-/// Which sign layout (and so which kernel) a layer gets; `Auto` is what plans use.
+/// Which sign layout (and so which kernel) a layer gets; `Auto` is what plans use (the
+/// others let tests and benchmarks pin one kernel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Layout {
+pub enum Layout {
     /// The fastest the machine and the layer allow.
     Auto,
     /// 16-bit AND-masks (portable / AVX2).
@@ -136,6 +137,16 @@ impl QuantScratch {
             grow(&mut self.lut, avx512::ROWS * (g.kh * g.kw * g.cin).div_ceil(avx512::LG) * 32);
         }
     }
+}
+
+/// Whether the AVX-512 kernels (`Layout::Bits`, `Layout::Lut(false)`) can run here.
+pub fn avx512_available() -> bool {
+    avx512::available()
+}
+
+/// Whether the byte-permute lookup kernel (`Layout::Lut(true)`, AVX-512 VBMI) can run here.
+pub fn vbmi_available() -> bool {
+    avx512::vbmi()
 }
 
 /// The affine a W1-A8 layer's output goes through: `y = act(scale[c] * (k * sum) + bias[c])`
@@ -201,7 +212,7 @@ impl A8Conv {
 
     /// [`A8Conv::new`] with the sign layout chosen by the caller (tests cover every kernel
     /// with it). Panics if `layout` needs what the machine or the layer lacks.
-    pub(crate) fn with_layout(g: ConvGeom, w: &[f32], layout: Layout) -> A8Conv {
+    pub fn with_layout(g: ConvGeom, w: &[f32], layout: Layout) -> A8Conv {
         let zeros = w.contains(&0.0);
         let depthwise = g.groups > 1;
         let kind = if depthwise {
@@ -763,7 +774,11 @@ mod avx512 {
                 acc = _mm512_add_epi32(acc, v);
                 // The 16-bit value in both halves of the word.
                 let lo = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF));
-                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i).cast(), m, _mm512_or_si512(lo, _mm512_slli_epi32::<16>(lo)));
+                _mm512_mask_storeu_epi32(
+                    dst.as_mut_ptr().add(i).cast(),
+                    m,
+                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(lo)),
+                );
                 i += 16;
             }
             *s = _mm512_reduce_add_epi32(acc);
