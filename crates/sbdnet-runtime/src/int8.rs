@@ -1032,56 +1032,107 @@ mod avx512 {
 
     /// Depthwise over one image (any kernel up to 15 x 15: `225 * 127 < 2^15`), channels in
     /// 16-bit lanes: for each block of 32 channels and each tap, the tap's two masks are
-    /// loaded once and a segment of up to 16 output pixels of a row each gets one load and a
-    /// masked add and subtract (16 independent chains); taps in the zero padding load zeros
-    /// (masked loads of no lane). Integer sums identical to [`super::dw_image`]. Masks
-    /// `[tap][c / 32]`.
+    /// loaded once and a segment of output pixels of a row (16, or 8 / 4 / 2 for short rows)
+    /// each gets one load and a masked add and subtract (independent chains, kept in
+    /// registers: the pixel loop has a constant length, pixels past the row's end load
+    /// nothing); taps in the zero padding load zeros (masked loads of no lane), their masks
+    /// and offsets computed once per segment. Integer sums identical to
+    /// [`super::dw_image`]. Masks `[tap][c / 32]`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn dw_image(g: &sbdnet_kernels::conv::ConvGeom, x: &[i16], mp: &[u32], mn: &[u32], out: &mut Out) {
         let c = g.cin;
         let nblk = c.div_ceil(32);
-        assert!(g.kh * g.kw <= 225 && x.len() >= g.h * g.w * c);
+        assert!(g.kh <= 15 && g.kw <= 15 && x.len() >= g.h * g.w * c);
         out.check(g.oh * g.ow * c, c);
         assert!(mp.len() >= g.kh * g.kw * nblk && mn.len() >= g.kh * g.kw * nblk);
-        for oy in 0..g.oh {
-            for ox0 in (0..g.ow).step_by(SEG) {
-                let np = SEG.min(g.ow - ox0);
+        // Short rows (the 7x7, 4x4 and 2x2 layers) take the shortest segment that covers
+        // them: a pixel past the row still costs a masked load and two adds.
+        let len = match g.ow {
+            0..=2 => 2,
+            3..=4 => 4,
+            5..=8 => 8,
+            _ => SEG,
+        };
+        let mut s = Segment { g, x, mp, mn, inside: [[0; SEG]; 15], off: [[0; SEG]; 15], ox0: 0, np: 0 };
+        for ox0 in (0..g.ow).step_by(len) {
+            s.ox0 = ox0;
+            s.np = len.min(g.ow - ox0);
+            for kx in 0..g.kw {
+                for i in 0..SEG {
+                    let ix = ((ox0 + i) * g.stride + kx) as isize - g.pad as isize;
+                    s.inside[kx][i] = if i < s.np && ix >= 0 && ix < g.w as isize { u32::MAX } else { 0 };
+                    s.off[kx][i] = ix * c as isize;
+                }
+            }
+            for oy in 0..g.oh {
                 for blk in 0..nblk {
-                    let c0 = blk * 32;
-                    let lanes = (c - c0).min(32);
-                    let lm: __mmask32 = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
-                    let mut acc = [_mm512_setzero_si512(); SEG];
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let row = x.as_ptr().add(iy as usize * g.w * c + c0);
-                        for kx in 0..g.kw {
-                            let t = ky * g.kw + kx;
-                            let (p, n) = (mp[t * nblk + blk], mn[t * nblk + blk]);
-                            for (i, a) in acc.iter_mut().enumerate().take(np) {
-                                let ix = ((ox0 + i) * g.stride + kx) as isize - g.pad as isize;
-                                let inside = ix >= 0 && ix < g.w as isize;
-                                // Outside the image: no lane is loaded (the address is not read).
-                                let m = if inside { lm } else { 0 };
-                                let xv = _mm512_maskz_loadu_epi16(m, row.wrapping_offset(ix * c as isize));
-                                *a = _mm512_mask_add_epi16(*a, p, *a, xv);
-                                *a = _mm512_mask_sub_epi16(*a, n, *a, xv);
-                            }
-                        }
+                    match (c - blk * 32 >= 32, len) {
+                        (true, 2) => s.run::<true, 2>(out, oy, blk),
+                        (false, 2) => s.run::<false, 2>(out, oy, blk),
+                        (true, 4) => s.run::<true, 4>(out, oy, blk),
+                        (false, 4) => s.run::<false, 4>(out, oy, blk),
+                        (true, 8) => s.run::<true, 8>(out, oy, blk),
+                        (false, 8) => s.run::<false, 8>(out, oy, blk),
+                        (true, _) => s.run::<true, SEG>(out, oy, blk),
+                        (false, _) => s.run::<false, SEG>(out, oy, blk),
                     }
-                    for (i, &a) in acc.iter().enumerate().take(np) {
-                        let at = (oy * g.ow + ox0 + i) * c + c0;
-                        let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
-                        for (h, &v) in halves.iter().enumerate() {
-                            let n = lanes.saturating_sub(16 * h).min(16);
-                            if n > 0 {
-                                let m = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-                                emit(out, at + 16 * h, c0 + 16 * h, m, _mm512_cvtepi16_epi32(v));
-                            }
-                        }
+                }
+            }
+        }
+    }
+
+    /// A segment of output pixels `ox0..ox0 + np` of [`dw_image`]: per tap column and pixel,
+    /// all lanes or none (`inside`) and the input offset.
+    #[cfg(target_arch = "x86_64")]
+    struct Segment<'a> {
+        g: &'a sbdnet_kernels::conv::ConvGeom,
+        x: &'a [i16],
+        mp: &'a [u32],
+        mn: &'a [u32],
+        inside: [[u32; SEG]; 15],
+        off: [[isize; SEG]; 15],
+        ox0: usize,
+        np: usize,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl Segment<'_> {
+        /// Output row `oy`, channel block `blk` (all 32 lanes when `FULL`), `S` pixels.
+        #[inline(always)]
+        unsafe fn run<const FULL: bool, const S: usize>(&self, out: &mut Out, oy: usize, blk: usize) {
+            let (g, c) = (self.g, self.g.cin);
+            let nblk = c.div_ceil(32);
+            let c0 = blk * 32;
+            let lanes = (c - c0).min(32);
+            let lm: u32 = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
+            let mut acc = [_mm512_setzero_si512(); S];
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    continue;
+                }
+                let row = self.x.as_ptr().add(iy as usize * g.w * c + c0);
+                for kx in 0..g.kw {
+                    let t = ky * g.kw + kx;
+                    let (p, n) = (self.mp[t * nblk + blk], self.mn[t * nblk + blk]);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        // Outside the image or past the row: no lane is loaded (no address read).
+                        let m = if FULL { self.inside[kx][i] } else { self.inside[kx][i] & lm };
+                        let xv = _mm512_maskz_loadu_epi16(m, row.wrapping_offset(self.off[kx][i]));
+                        *a = _mm512_mask_add_epi16(*a, p, *a, xv);
+                        *a = _mm512_mask_sub_epi16(*a, n, *a, xv);
+                    }
+                }
+            }
+            for (i, &a) in acc.iter().enumerate().take(self.np) {
+                let at = (oy * g.ow + self.ox0 + i) * c + c0;
+                let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
+                for (h, &v) in halves.iter().enumerate() {
+                    let n = lanes.saturating_sub(16 * h).min(16);
+                    if n > 0 {
+                        let m = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                        emit(out, at + 16 * h, c0 + 16 * h, m, _mm512_cvtepi16_epi32(v));
                     }
                 }
             }
@@ -1333,6 +1384,9 @@ mod tests {
             (1, 9, 32, 32, 3, 1, 1, 32),
             (1, 6, 130, 130, 5, 2, 2, 130),
             (1, 21, 40, 40, 3, 1, 1, 40),
+            // Depthwise rows of 2 and 4 pixels (the shortest segments), a partial channel block.
+            (2, 4, 48, 48, 3, 2, 1, 48),
+            (1, 4, 1040, 1040, 3, 1, 1, 1040),
             (1, 6, 5, 130, 3, 1, 1, 1),
             (2, 5, 3, 8, 3, 2, 0, 1),
         ]
