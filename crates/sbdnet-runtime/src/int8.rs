@@ -102,6 +102,9 @@ pub struct QuantScratch {
     /// Activations of a few pixels as 32-bit words holding the value twice (one load
     /// broadcasts it to 32 16-bit lanes).
     dup: Vec<i32>,
+    /// Per image: `127 / max |x|` where a pointwise AVX-512 layer quantizes its input on
+    /// the fly (no pass writing `q`), else 0.
+    inv: Vec<f32>,
     /// `max |x|` per image of the value `known_for` (the plan's value index), written by
     /// the pass that produced it, so the quantization of that value skips its own max pass.
     pub known: Vec<f32>,
@@ -125,6 +128,7 @@ impl QuantScratch {
         let g = &c.g;
         grow(&mut self.q, g.in_len());
         grow(&mut self.scale, g.batch);
+        grow(&mut self.inv, g.batch);
         grow(&mut self.known, g.batch);
         grow(&mut self.acc, g.cin);
         if c.kind == A8Kind::Dense {
@@ -147,6 +151,23 @@ pub fn avx512_available() -> bool {
 /// Whether the byte-permute lookup kernel (`Layout::Lut(true)`, AVX-512 VBMI) can run here.
 pub fn vbmi_available() -> bool {
     avx512::vbmi()
+}
+
+/// The rows a pointwise kernel reads: 8-bit values already quantized (in `i16`), or `f32`
+/// values with the factor `127 / max |x|` to quantize them with as they are read.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    I16(&'a [i16]),
+    F32(&'a [f32], f32),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::I16(x) => x.len(),
+            Rows::F32(x, _) => x.len(),
+        }
+    }
 }
 
 /// The affine a W1-A8 layer's output goes through: `y = act(scale[c] * (k * sum) + bias[c])`
@@ -294,7 +315,7 @@ impl A8Conv {
 
     /// Rows of `k` activations through the dense kernel: AVX-512 where planned, else the
     /// 16-bit AND-mask loops.
-    fn rows(&self, x: &[i16], k: usize, out: &mut Out, dup: &mut [i32], lut: &mut [i16]) {
+    fn rows(&self, x: Rows, k: usize, out: &mut Out, dup: &mut [i32], lut: &mut [i16]) {
         match &self.signs {
             // SAFETY: bit masks are planned only where `avx512::available()` (avx512f +
             // avx512bw); `dup` was sized by `QuantScratch::reserve` for this layer.
@@ -305,6 +326,7 @@ impl A8Conv {
             Signs::Lut { ix, bytes: true } => unsafe { avx512::lut_rows_vbmi(x, k, self.g.cout, ix, out, dup, lut) },
             Signs::Wide { wp, wn } => {
                 assert!(out.ep.is_none(), "the portable kernels write raw sums");
+                let Rows::I16(x) = x else { unreachable!("the portable kernels read quantized rows") };
                 pw_rows(x, k, self.g.cout, wp, wn, self.zeros, out.y)
             }
         }
@@ -340,22 +362,34 @@ impl A8Conv {
         for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
             let ep = Epilogue { k: s.scale[b], scale, bias, act };
             let mut out = Out::new(yb, Some(ep));
-            self.image(b, &mut out, s);
+            self.image(b, x, &mut out, s);
             s.known[b] = out.max();
         }
     }
 
-    /// Quantize `n` images of `x` into `s.q` and their scales into `s.scale`.
+    /// Quantize `n` images of `x` into `s.q` and their scales into `s.scale`; a pointwise
+    /// AVX-512 layer only finds the scales (`s.inv`), its kernel quantizes as it reads.
     fn quantize(&self, n: usize, x: &[f32], s: &mut QuantScratch, known: bool) {
         let il = self.g.h * self.g.w * self.g.cin;
+        let on_the_fly = self.kind == A8Kind::Pointwise && !matches!(self.signs, Signs::Wide { .. });
         for b in 0..n {
             let (xb, qb) = (&x[b * il..][..il], &mut s.q[b * il..][..il]);
+            s.inv[b] = 0.0;
+            if on_the_fly {
+                let amax = if known { s.known[b] } else { abs_max_of(xb) };
+                if amax > 0.0 && amax.is_finite() {
+                    s.scale[b] = amax / 127.0;
+                    s.inv[b] = 127.0 / amax;
+                    continue;
+                }
+            }
             s.scale[b] = if known { quantize_with(xb, qb, s.known[b]) } else { quantize(xb, qb) };
         }
     }
 
-    /// Image `b` of the quantized input in `s.q` through the layer's kernel into `out`.
-    fn image(&self, b: usize, out: &mut Out, s: &mut QuantScratch) {
+    /// Image `b` of the input (`x`, quantized in `s.q` or on the fly) through the layer's
+    /// kernel into `out`.
+    fn image(&self, b: usize, x: &[f32], out: &mut Out, s: &mut QuantScratch) {
         let g = ConvGeom { batch: 1, ..self.g };
         let il = g.h * g.w * g.cin;
         let xb = &s.q[b * il..][..il];
@@ -369,12 +403,15 @@ impl A8Conv {
                 }
                 Signs::Lut { .. } => unreachable!("depthwise layers are not planned with tables"),
             },
-            A8Kind::Pointwise => self.rows(xb, g.cin, out, &mut s.dup, &mut s.lut),
+            A8Kind::Pointwise => {
+                let rows = if s.inv[b] > 0.0 { Rows::F32(&x[b * il..][..il], s.inv[b]) } else { Rows::I16(xb) };
+                self.rows(rows, g.cin, out, &mut s.dup, &mut s.lut)
+            }
             A8Kind::Dense => {
                 let kt = g.kh * g.kw * g.cin;
                 let rows = g.out_rows();
                 im2col_i16(&g, xb, &mut s.col[..rows * kt]);
-                self.rows(&s.col[..rows * kt], kt, out, &mut s.dup, &mut s.lut);
+                self.rows(Rows::I16(&s.col[..rows * kt]), kt, out, &mut s.dup, &mut s.lut);
             }
         }
     }
@@ -408,7 +445,7 @@ impl A8Conv {
         self.quantize(n, x, s, known);
         let ol = self.g.oh * self.g.ow * self.g.cout;
         for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
-            self.image(b, &mut Out::new(yb, None), s);
+            self.image(b, x, &mut Out::new(yb, None), s);
         }
     }
 }
@@ -463,9 +500,14 @@ sbdnet_kernels::simd_kernel! {
 
 /// Quantize to `|q| <= 127` with one scale; returns the scale (`x ~ q * scale`).
 fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
+    quantize_with(x, q, abs_max_of(x))
+}
+
+/// `max |x|`, NaN skipped (as [`abs_max`]).
+fn abs_max_of(x: &[f32]) -> f32 {
     let mut amax = [0.0f32];
     abs_max(x, &mut amax);
-    quantize_with(x, q, amax[0])
+    amax[0]
 }
 
 /// [`quantize`] with `max |x|` given.
@@ -649,7 +691,7 @@ fn im2col_i16(g: &ConvGeom, x: &[i16], col: &mut [i16]) {
 mod avx512 {
     #[cfg(target_arch = "x86_64")]
     use super::Act;
-    use super::Out;
+    use super::{Out, Rows};
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
@@ -685,7 +727,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pw_rows(
-        x: &[i16],
+        x: Rows,
         k: usize,
         cout: usize,
         mp: &[u32],
@@ -739,17 +781,24 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
         let n = x.len().min(q.len());
-        let (lo, hi, s) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(inv));
         let mut i = 0;
         while i < n {
             let m: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
-            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(i)), s);
-            // max(v, -127) gives -127 for NaN (its second operand), as the scalar clamp does.
-            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-            let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            let r = quantize16(m, x.as_ptr().add(i), inv);
             _mm256_mask_storeu_epi16(q.as_mut_ptr().add(i).cast(), m, _mm512_cvtepi32_epi16(r));
             i += 16;
         }
+    }
+
+    /// Lanes `m` of the 16 values at `x` quantized as [`super::quantize_into`] does, in 32-bit
+    /// lanes (0 elsewhere).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn quantize16(m: __mmask16, x: *const f32, inv: f32) -> __m512i {
+        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x), _mm512_set1_ps(inv));
+        // max(v, -127) gives -127 for NaN (its second operand), as the scalar clamp does.
+        let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
+        _mm512_maskz_mov_epi32(m, _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v))
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -757,20 +806,27 @@ mod avx512 {
         unreachable!("AVX-512 is x86_64 only")
     }
 
-    /// Pixels `r..r + np` of `x` (rows of `k`) into `dup` as 32-bit words holding each value
-    /// twice (pixel `np - 1` repeated up to `ROWS`); returns each pixel's sum.
+    /// Pixels `r..r + np` of `x` (rows of `k`, quantized as they are read when `f32`) into
+    /// `dup` as 32-bit words holding each 8-bit value twice (pixel `np - 1` repeated up to
+    /// `ROWS`); returns each pixel's sum.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn duplicate(x: &[i16], k: usize, r: usize, np: usize, dup: &mut [i32]) -> [i32; ROWS] {
+    unsafe fn duplicate(x: Rows, k: usize, r: usize, np: usize, dup: &mut [i32]) -> [i32; ROWS] {
         let mut sums = [0i32; ROWS];
         for (p, s) in sums.iter_mut().enumerate() {
-            let src = &x[(r + p.min(np - 1)) * k..][..k];
+            let start = (r + p.min(np - 1)) * k;
             let dst = &mut dup[p * k..][..k];
             let mut acc = _mm512_setzero_si512();
             let mut i = 0;
             while i < k {
                 let m: __mmask16 = if k - i >= 16 { 0xFFFF } else { (1u16 << (k - i)) - 1 };
-                let v = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, src.as_ptr().add(i).cast()));
+                let v = match x {
+                    Rows::I16(q) => {
+                        let src = &q[start..][..k];
+                        _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, src.as_ptr().add(i).cast()))
+                    }
+                    Rows::F32(f, inv) => quantize16(m, f[start..][..k].as_ptr().add(i), inv),
+                };
                 acc = _mm512_add_epi32(acc, v);
                 // The 16-bit value in both halves of the word.
                 let lo = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF));
@@ -792,7 +848,7 @@ mod avx512 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn lut_rows(
-        x: &[i16],
+        x: Rows,
         k: usize,
         cout: usize,
         ix: &[u16],
@@ -807,7 +863,7 @@ mod avx512 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     pub unsafe fn lut_rows_vbmi(
-        x: &[i16],
+        x: Rows,
         k: usize,
         cout: usize,
         ix: &[u16],
@@ -821,7 +877,7 @@ mod avx512 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn lut_rows_impl<const B: bool>(
-        x: &[i16],
+        x: Rows,
         k: usize,
         cout: usize,
         ix: &[u16],
@@ -1145,7 +1201,15 @@ mod avx512 {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn lut_rows(_: &[i16], _: usize, _: usize, _: &[u16], _: &mut super::Out, _: &mut [i32], _: &mut [i16]) {
+    pub unsafe fn lut_rows(
+        _: super::Rows,
+        _: usize,
+        _: usize,
+        _: &[u16],
+        _: &mut super::Out,
+        _: &mut [i32],
+        _: &mut [i16],
+    ) {
         unreachable!("tables are planned only on x86_64")
     }
 
@@ -1218,6 +1282,23 @@ mod tests {
         y
     }
 
+    /// Per-image quantization written out in scalar code, independent of the kernels' own
+    /// (portable and AVX-512) versions: `q = clamp(round_half_even(x * 127 / max|x|))`,
+    /// NaN to -127, all zero when `max |x|` (NaN skipped) is 0 or not finite.
+    fn reference_quantize(x: &[f32], q: &mut [i16]) -> f32 {
+        let amax = x.iter().filter(|v| !v.is_nan()).fold(0.0f32, |m, v| m.max(v.abs()));
+        if !(amax > 0.0 && amax.is_finite()) {
+            q.fill(0);
+            return 1.0;
+        }
+        let inv = 127.0 / amax;
+        for (q, &v) in q.iter_mut().zip(x) {
+            let y = (v * inv).round_ties_even();
+            *q = if y.is_nan() { -127 } else { y.clamp(-127.0, 127.0) as i16 };
+        }
+        amax / 127.0
+    }
+
     fn check(g: ConvGeom, zero_every: usize, seed: u64) {
         check_layout(g, zero_every, seed, Layout::Auto);
         check_layout(g, zero_every, seed, Layout::Wide);
@@ -1262,7 +1343,7 @@ mod tests {
         let mut q = vec![0i16; g.in_len()];
         let mut scales = Vec::new();
         for b in 0..g.batch {
-            scales.push(quantize(&x[b * il..][..il], &mut q[b * il..][..il]));
+            scales.push(reference_quantize(&x[b * il..][..il], &mut q[b * il..][..il]));
         }
         let want = reference(&g, &q, w);
         let ol = g.oh * g.ow * g.cout;
