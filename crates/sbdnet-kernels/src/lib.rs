@@ -35,6 +35,7 @@ pub mod matmul;
 pub mod pool;
 pub mod reference;
 pub mod rng;
+pub mod shapes;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 

@@ -15,30 +15,9 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use sbdnet_kernels::conv::ConvGeom;
 use sbdnet_kernels::rng::Rng;
+use sbdnet_kernels::shapes::{DEPTHWISE, POINTWISE};
 use sbdnet_runtime::int8::{avx512_available, vbmi_available, A8Conv, Layout, QuantScratch};
 use std::hint::black_box;
-
-/// (model, input side, cin, cout) of pointwise layers.
-const POINTWISE: &[(&str, usize, usize, usize)] = &[
-    ("dscnn", 28, 32, 64),
-    ("dscnn", 14, 64, 128),
-    ("dscnn", 14, 128, 128),
-    ("dscnn", 7, 128, 256),
-    ("mobilenet", 32, 32, 64),
-    ("mobilenet", 16, 128, 128),
-    ("mobilenet", 8, 256, 256),
-    ("mobilenet", 4, 512, 512),
-    ("mobilenet", 2, 1024, 1024),
-];
-
-/// (model, input side, channels, stride) of depthwise 3x3 layers (padding 1).
-const DEPTHWISE: &[(&str, usize, usize, usize)] = &[
-    ("dscnn", 28, 32, 1),
-    ("dscnn", 28, 64, 2),
-    ("mobilenet", 32, 32, 1),
-    ("mobilenet", 16, 128, 1),
-    ("mobilenet", 4, 512, 1),
-];
 
 fn signs(r: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| if r.uniform() < 0.5 { -1.0 } else { 1.0 }).collect()
