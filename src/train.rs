@@ -85,6 +85,11 @@ impl SparsePlan {
         anyhow::ensure!(s.wpc_ratio > 0.0 && s.wpc_ratio.is_finite(), "--wpc-ratio must be > 0");
         anyhow::ensure!(s.prune_every >= 1, "--prune-every must be at least 1");
         anyhow::ensure!(s.prune_eps >= 0.0, "--prune-eps must be >= 0");
+        let method = s.prune.unwrap_or(PruneArg::Wpc);
+        anyhow::ensure!(
+            !s.lasso_fade || (method == PruneArg::Wpc && s.lasso_lambda > 0.0),
+            "--lasso-fade fades the groups the lasso pushes down: it needs --prune wpc and --lasso-lambda > 0"
+        );
         let ft = s.finetune_epochs.unwrap_or((epochs / 4).max(1));
         anyhow::ensure!(
             ft < epochs,
@@ -93,7 +98,7 @@ impl SparsePlan {
         let t1 = (epochs - ft) * spe;
         let t0 = ((s.prune_start_epochs.max(0.0) * spe as f32) as usize).min(t1 / 2);
         Ok(SparsePlan {
-            method: s.prune.unwrap_or(PruneArg::Wpc),
+            method,
             target,
             dw_target: s.dw_sparsity,
             lambda: s.lasso_lambda,

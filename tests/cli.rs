@@ -262,9 +262,27 @@ fn sw1_learns_digits_with_the_requested_group_sparsity() {
 }
 
 #[test]
+fn sw1_with_lasso_fade_learns_digits_and_saves_an_unfaded_model() {
+    let dir = tmp("sw1-fade");
+    let d = dir.to_str().unwrap();
+    let args = ["train", "--precision", "sw1", "--target-sparsity", "0.5", "--lasso-fade", "--lasso-lambda", "0.02"];
+    let mut args = args.to_vec();
+    args.extend(["--epochs", "8", "--batch-size", "64", "--prune-every", "10", "--threads", "2", "--out", d, "--json"]);
+    let v = json(&sbdnet(&args));
+    let acc = v["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.7, "dscnn sw1 with --lasso-fade on digits reached only {acc}");
+    assert!((v["sparsity"].as_f64().unwrap() - 0.5).abs() < 0.01, "{v}");
+    // The checkpoint is the deployed model: evaluating it gives the run's last accuracy.
+    let e = json(&sbdnet(&["eval", d, "--json", "--threads", "2"]));
+    assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-6, "eval {e} vs train {acc}");
+}
+
+#[test]
 fn sparse_options_are_checked() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--precision", "sw1", "--target-sparsity", "0.99", "--finetune-epochs", "0"], "every pointwise layer"),
+        (&["--precision", "sw1", "--prune", "magnitude", "--lasso-fade"], "--lasso-fade"),
+        (&["--precision", "sw1", "--lasso-lambda", "0", "--lasso-fade"], "--lasso-fade"),
         (&["--precision", "w1", "--target-sparsity", "0.5"], "sw1"),
         (&["--precision", "sw1", "--target-sparsity", "1.5"], "--target-sparsity"),
         (&["--precision", "sw1", "--finetune-epochs", "1"], "--finetune-epochs"),
