@@ -34,6 +34,10 @@ const CI_RUN: usize = 256;
 /// costs 5 additions per pixel and group of 5 inputs, and saves 4 instructions per block of
 /// 32 outputs, so narrow layers gain nothing.
 pub const LUT_MIN_COUT: usize = 128;
+/// The same for a layer with zero weights (a sparse export): there the additions cost two
+/// instructions per input (an add under the `+1` mask, a subtract under the `-1` mask)
+/// against two lookups per 5 inputs, so tables pay earlier.
+pub const LUT_MIN_COUT_ZEROS: usize = 64;
 
 /// Shape of the layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +73,8 @@ enum Signs {
     Bits { mp: Vec<u32>, mn: Vec<u32> },
     /// Lookup indices for the AVX-512 (BW) table kernel ([`avx512::lut_rows`]), dense layers
     /// without zeros: `[group of 5 inputs][block of 32 channels][32 lanes]`, each lane the
-    /// channel's 5 `+1` bits `e`. With `bytes` (AVX-512 VBMI) a lane holds the byte pair
+    /// channel's 5 `+1` bits `e`; a layer with zero weights has a second such array after
+    /// it with the `-1` bits (`y = sum T[e+] - sum T[e-]`). With `bytes` (AVX-512 VBMI) a lane holds the byte pair
     /// `(e, e + 32)`: the tables are stored as 32 low bytes then 32 high bytes, and one byte
     /// permute (`vpermb`, cheaper than `vpermw`) fetches both bytes of every channel's entry.
     Lut { ix: Vec<u16>, bytes: bool },
@@ -245,27 +250,33 @@ impl A8Conv {
         };
         let wide512 = avx512::available();
         let layout = match layout {
-            Layout::Auto if wide512 && !zeros && !depthwise && g.cout >= LUT_MIN_COUT => Layout::Lut(avx512::vbmi()),
+            Layout::Auto
+                if wide512 && !depthwise && g.cout >= if zeros { LUT_MIN_COUT_ZEROS } else { LUT_MIN_COUT } =>
+            {
+                Layout::Lut(avx512::vbmi())
+            }
             Layout::Auto if wide512 => Layout::Bits,
             Layout::Auto => Layout::Wide,
             l => {
                 assert!(l == Layout::Wide || wide512, "the AVX-512 kernels need AVX-512 BW");
                 assert!(l != Layout::Lut(true) || avx512::vbmi(), "byte lookups need AVX-512 VBMI");
-                assert!(
-                    !matches!(l, Layout::Lut(_)) || (!zeros && !depthwise),
-                    "the lookup kernel is for dense layers without zeros"
-                );
+                assert!(!matches!(l, Layout::Lut(_)) || !depthwise, "the lookup kernel is for dense layers");
                 l
             }
         };
         let signs = if let Layout::Lut(bytes) = layout {
             let kt = g.kh * g.kw * g.cin;
             let (ng, nblk) = (kt.div_ceil(avx512::LG), g.cout.div_ceil(32));
-            let mut ix = vec![0u16; ng * nblk * 32];
+            // The `+1` indices, and after them (for a layer with zeros) the `-1` indices.
+            let half = ng * nblk * 32;
+            let mut ix = vec![0u16; if zeros { 2 * half } else { half }];
             for co in 0..g.cout {
                 for k in 0..kt {
-                    if w[co * kt + k] > 0.0 {
-                        ix[((k / avx512::LG) * nblk + co / 32) * 32 + co % 32] |= 1 << (k % avx512::LG);
+                    let (v, at) = (w[co * kt + k], ((k / avx512::LG) * nblk + co / 32) * 32 + co % 32);
+                    if v > 0.0 {
+                        ix[at] |= 1 << (k % avx512::LG);
+                    } else if v < 0.0 && zeros {
+                        ix[half + at] |= 1 << (k % avx512::LG);
                     }
                 }
             }
@@ -886,7 +897,10 @@ mod avx512 {
         lut: &mut [i16],
     ) {
         let (nblk, ng) = (cout.div_ceil(32), k.div_ceil(LG));
-        assert!(ix.len() >= ng * nblk * 32 && dup.len() >= ROWS * k && lut.len() >= ROWS * ng * 32);
+        // A second set of indices (the `-1` weights) where the layer has zeros.
+        let zeros = ix.len() == 2 * ng * nblk * 32;
+        assert!(ix.len() == ng * nblk * 32 || zeros);
+        assert!(dup.len() >= ROWS * k && lut.len() >= ROWS * ng * 32);
         let rows = x.len() / k;
         out.check(rows * cout, cout);
         // Lanes of table entry e that include input i of the group: bit i of e.
@@ -916,11 +930,15 @@ mod avx512 {
             let mut b0 = 0;
             while b0 < nblk {
                 let nv = NV.min(nblk - b0);
-                match nv {
-                    4 => lut_tile::<4, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
-                    3 => lut_tile::<3, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
-                    2 => lut_tile::<2, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
-                    _ => lut_tile::<1, B>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                match (nv, zeros) {
+                    (4, false) => lut_tile::<4, B, false>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (3, false) => lut_tile::<3, B, false>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (2, false) => lut_tile::<2, B, false>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (_, false) => lut_tile::<1, B, false>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (4, true) => lut_tile::<4, B, true>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (3, true) => lut_tile::<3, B, true>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (2, true) => lut_tile::<2, B, true>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
+                    (_, true) => lut_tile::<1, B, true>(lut, ng, ix, nblk, b0, &sums, np, cout, out, r),
                 }
                 b0 += nv;
             }
@@ -928,11 +946,12 @@ mod avx512 {
         }
     }
 
-    /// Blocks `b0..b0 + V` of 32 channels for the `np` pixels whose tables are in `lut`.
+    /// Blocks `b0..b0 + V` of 32 channels for the `np` pixels whose tables are in `lut`
+    /// (with `ZEROS`, minus the entries the `-1` indices select).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn lut_tile<const V: usize, const B: bool>(
+    unsafe fn lut_tile<const V: usize, const B: bool, const ZEROS: bool>(
         lut: &[i16],
         ng: usize,
         ix: &[u16],
@@ -946,6 +965,7 @@ mod avx512 {
     ) {
         let mut wide = [[[_mm512_setzero_si512(); 2]; V]; ROWS];
         let (tp, ip) = (lut.as_ptr(), ix.as_ptr());
+        let half = ng * nblk * 32;
         let mut j0 = 0;
         while j0 < ng {
             let j1 = (j0 + LRUN).min(ng);
@@ -953,18 +973,34 @@ mod avx512 {
             for j in j0..j1 {
                 let t: [__m512i; ROWS] = std::array::from_fn(|p| _mm512_loadu_si512(tp.add((p * ng + j) * 32).cast()));
                 for v in 0..V {
-                    let idx = _mm512_loadu_si512(ip.add((j * nblk + b0 + v) * 32).cast());
+                    let at = (j * nblk + b0 + v) * 32;
+                    let idx = _mm512_loadu_si512(ip.add(at).cast());
                     for p in 0..ROWS {
-                        let e =
-                            if B { _mm512_permutexvar_epi8(idx, t[p]) } else { _mm512_permutexvar_epi16(idx, t[p]) };
-                        acc[p][v] = _mm512_add_epi16(acc[p][v], e);
+                        acc[p][v] = _mm512_add_epi16(acc[p][v], look::<B>(idx, t[p]));
+                    }
+                    if ZEROS {
+                        let idx = _mm512_loadu_si512(ip.add(half + at).cast());
+                        for p in 0..ROWS {
+                            acc[p][v] = _mm512_sub_epi16(acc[p][v], look::<B>(idx, t[p]));
+                        }
                     }
                 }
             }
             widen(&mut wide, &acc);
             j0 = j1;
         }
-        store::<V>(&wide, false, sums, np, b0, cout, out, r);
+        store::<V>(&wide, ZEROS, sums, np, b0, cout, out, r);
+    }
+
+    /// The table entries `idx` selects: byte permute (`B`, VBMI) or 16-bit permute.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn look<const B: bool>(idx: __m512i, t: __m512i) -> __m512i {
+        if B {
+            _mm512_permutexvar_epi8(idx, t)
+        } else {
+            _mm512_permutexvar_epi16(idx, t)
+        }
     }
 
     /// Add 16-bit accumulators into their 32-bit sums.
@@ -1304,7 +1340,7 @@ mod tests {
         check_layout(g, zero_every, seed, Layout::Wide);
         if avx512::available() {
             check_layout(g, zero_every, seed, Layout::Bits);
-            if zero_every == 0 && g.groups == 1 {
+            if g.groups == 1 {
                 check_layout(g, zero_every, seed, Layout::Lut(false));
                 if avx512::vbmi() {
                     check_layout(g, zero_every, seed, Layout::Lut(true));
