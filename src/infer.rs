@@ -234,8 +234,11 @@ struct DeployedRow {
     stored_bytes: usize,
     /// XNOR + popcount multiply-accumulates (binary weights on binary activations).
     binary_ops: u64,
-    /// Additions and subtractions (8-bit add/sub MACs, float adds, pooling sums).
+    /// Additions and subtractions (8-bit add/sub MACs, or a lookup layer's table and
+    /// accumulation additions; float adds, pooling sums).
     additions: u64,
+    /// Table lookups (W1-A8 lookup layers: each stands for up to 5 add/sub MACs).
+    lookups: u64,
     /// Multiplications (float MACs, per-channel affines, quantization scales).
     multiplications: u64,
 }
@@ -262,7 +265,10 @@ pub fn deployed_summary(path: &std::path::Path, json: bool) -> Result<()> {
         };
         match &l.op {
             Op::Conv(cv) => {
-                r.additions = info.addsub_macs + info.float_macs;
+                // A lookup layer's MACs are lookups plus the additions it executes.
+                let addsub = if info.lookups > 0 { info.lookup_adds } else { info.addsub_macs };
+                r.additions = addsub + info.float_macs;
+                r.lookups = info.lookups;
                 r.multiplications = info.float_macs;
                 if info.addsub_macs > 0 {
                     // quantize the input, scale the integer sums back
@@ -295,6 +301,7 @@ pub fn deployed_summary(path: &std::path::Path, json: bool) -> Result<()> {
         total.stored_bytes += r.stored_bytes;
         total.binary_ops += r.binary_ops;
         total.additions += r.additions;
+        total.lookups += r.lookups;
         total.multiplications += r.multiplications;
     }
     if json {
@@ -307,15 +314,15 @@ pub fn deployed_summary(path: &std::path::Path, json: bool) -> Result<()> {
     }
     println!("{} ({} {}), deployed plan per image", path.display(), dm.graph.name, dm.graph.precision);
     println!(
-        "{:<16} {:<18} {:>12} {:>10} {:>12} {:>12} {:>12}",
-        "layer", "kernel", "output", "bytes", "xnor+pop", "add/sub", "mults"
+        "{:<16} {:<18} {:>12} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "layer", "kernel", "output", "bytes", "xnor+pop", "add/sub", "lookups", "mults"
     );
     for r in rows.iter().chain(std::iter::once(&total)) {
         let out =
             if r.name == "total" { String::new() } else { format!("{}x{}x{}", r.output[0], r.output[1], r.output[2]) };
         println!(
-            "{:<16} {:<18} {:>12} {:>10} {:>12} {:>12} {:>12}",
-            r.name, r.kernel, out, r.stored_bytes, r.binary_ops, r.additions, r.multiplications
+            "{:<16} {:<18} {:>12} {:>10} {:>12} {:>12} {:>12} {:>12}",
+            r.name, r.kernel, out, r.stored_bytes, r.binary_ops, r.additions, r.lookups, r.multiplications
         );
     }
     Ok(())

@@ -56,6 +56,16 @@ fn exported_models_agree_with_training_and_bench_reports_latency() {
         if precision.ends_with("w1a1") {
             assert!(s["total"]["binary_ops"].as_u64().unwrap() > 0);
         }
+        for l in s["layers"].as_array().unwrap() {
+            // W1-A8 lookup layers (AVX-512 machines): lookups, and fewer additions than their
+            // multiply-accumulates (each lookup stands for up to 5 of them).
+            if l["kernel"] == "conv-w1a8-lookup" {
+                let (lk, adds) = (l["lookups"].as_u64().unwrap(), l["additions"].as_u64().unwrap());
+                assert!(lk > 0 && adds < 5 * lk, "{l}");
+            } else {
+                assert_eq!(l["lookups"].as_u64(), Some(0), "{l}");
+            }
+        }
         if precision == "sw1a1" {
             // Zero groups are skipped: fewer binary operations than the dense layers' MACs.
             let pw: Vec<_> =

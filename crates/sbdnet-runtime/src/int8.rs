@@ -432,6 +432,22 @@ impl A8Conv {
         matches!(self.signs, Signs::Lut { .. })
     }
 
+    /// For a lookup layer, per image: the table lookups (one per output channel, group of 5
+    /// inputs and sign set: `+1`, and `-1` where the layer has zeros) and the 16-bit
+    /// additions executed (building each table: 16 lanes per input of the group; then one
+    /// addition or subtraction per lookup). `None` for the other kernels, whose additions are
+    /// their multiply-accumulates.
+    pub fn lookup_counts(&self) -> Option<(u64, u64)> {
+        let Signs::Lut { ix, .. } = &self.signs else { return None };
+        let g = &self.g;
+        let kt = g.kh * g.kw * g.cin;
+        let (ng, nblk) = (kt.div_ceil(avx512::LG), g.cout.div_ceil(32));
+        let sets = (ix.len() / (ng * nblk * 32)) as u64;
+        let pixels = (g.oh * g.ow) as u64;
+        let lookups = pixels * (ng * g.cout) as u64 * sets;
+        Some((lookups, pixels * 16 * kt as u64 + lookups))
+    }
+
     /// Whether this is a depthwise layer.
     pub fn depthwise(&self) -> bool {
         self.kind == A8Kind::Depthwise

@@ -203,6 +203,11 @@ pub struct StepInfo {
     pub addsub_macs: u64,
     /// Float multiply-accumulates per image.
     pub float_macs: u64,
+    /// W1-A8 lookup layers: table lookups per image (`addsub_macs` of these layers are done
+    /// by lookups and `lookup_adds` additions instead of one addition each).
+    pub lookups: u64,
+    /// W1-A8 lookup layers: 16-bit additions per image (tables and accumulation).
+    pub lookup_adds: u64,
     /// Accumulated nanoseconds in this layer (profiling).
     pub ns: u64,
     /// Fastest single run of this layer, nanoseconds (profiling; robust on a busy machine).
@@ -689,6 +694,7 @@ impl Plan {
             let name = l.name.as_str();
             let (x, y) = (vals[l.inputs[0]], vals[i + 1]);
             let (mut bmacs, mut amacs, mut fmacs) = (0u64, 0u64, 0u64);
+            let mut lookups = (0u64, 0u64);
             let kernel = match &l.op {
                 Op::Conv(cv) => {
                     let g = ConvGeom::new(batch, x.h, x.w, cv.cin, cv.cout, cv.k, cv.stride, cv.pad, cv.groups)
@@ -768,6 +774,7 @@ impl Plan {
                             let w = crate::reference::conv_weights_f32(model, name, cv)?;
                             let conv = A8Conv::new(g, &w);
                             quant.reserve(&conv);
+                            lookups = conv.lookup_counts().unwrap_or_default();
                             Kernel::A8 { conv, stage }
                         }
                         (Weights::Float { .. }, Kind::F32)
@@ -849,6 +856,8 @@ impl Plan {
                 binary_macs: bmacs,
                 addsub_macs: amacs,
                 float_macs: fmacs,
+                lookups: lookups.0,
+                lookup_adds: lookups.1,
                 ns: 0,
                 min_ns: u64::MAX,
             });
