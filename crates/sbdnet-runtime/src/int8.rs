@@ -11,13 +11,18 @@
 //! - Accumulators are 16-bit lanes (16 per AVX2 register), widened into 32-bit sums every 256
 //!   input channels (`256 * 127 < 2^15`), so no partial sum overflows.
 //!
-//! - On AVX-512 (BW), a dense layer with at least [`LUT_MIN_COUT`] outputs and no zero weight
-//!   looks sums up instead of adding them one by one: for each pixel and each group of 5
-//!   consecutive inputs, a 32-entry table of 16-bit subset sums `T[e] = sum_{bit i of e} x_i`
-//!   (built with 5 masked additions) is indexed per output channel by the 5 sign bits of its
-//!   weights (`vpermw`: 32 channels' lookups in one instruction), so one lookup and one
-//!   addition replace 5 additions; `y = 2 * sum T[idx] - sum x` as above. Runs of 51 groups
+//! - On AVX-512 (BW + VL), the kernels use `k`-mask registers for the signs (a masked 16-bit
+//!   add per 32 channels), and a dense (non-depthwise) layer with at least [`LUT_MIN_COUT`]
+//!   outputs ([`LUT_MIN_COUT_ZEROS`] with zero weights) looks sums up instead of adding them
+//!   one by one: for each pixel and each group of 5 consecutive inputs, a 32-entry table of
+//!   16-bit subset sums `T[e] = sum_{bit i of e} x_i` (built with 5 masked additions) is
+//!   indexed per output channel by the 5 sign bits of its weights (`vpermb` with VBMI, else
+//!   `vpermw`: 32 channels' lookups in one instruction), so one lookup and one addition
+//!   replace 5 additions; `y = 2 * sum T[idx] - sum x` as above, or `sum T[e+] - sum T[e-]`
+//!   with a second index set where the layer has zeros. Runs of 51 groups
 //!   (`51 * 5 * 127 < 2^15`) are widened into 32-bit sums. No multiplication either way.
+//!   These kernels also apply the layer's affine as they store (`A8Conv::forward_affine`),
+//!   and pointwise layers quantize their input as they read it.
 //!
 //! The loops are written over fixed-size blocks so the compiler keeps the accumulators in
 //! registers; [`sbdnet_kernels::simd_kernel`] compiles them for AVX2 when the CPU has it (and
