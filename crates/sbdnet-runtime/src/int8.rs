@@ -356,7 +356,7 @@ impl A8Conv {
 
     /// `y = act(scale[c] * (k_b * sum) + bias[c])` for `n` images, `k_b` image `b`'s
     /// activation scale, written by the kernel as it stores each sum; `s.known[b]` gets image
-    /// `b`'s `max |y|` (NaN skipped, as [`abs_max`]) for the next layer's quantization. The
+    /// `b`'s `max |y|` (NaN skipped, as the quantization finds it) for the next layer's quantization. The
     /// values equal [`A8Conv::forward_raw`] followed by that affine in `f32` (`k * sum`
     /// first, then `scale *`, then `+ bias`, no fused multiply-add). Only where
     /// [`A8Conv::fuses_affine`].
@@ -471,7 +471,7 @@ impl A8Conv {
 
     /// As [`A8Conv::forward`] without the last multiplication: `y` gets the integer sums
     /// (as `f32`, exact below 2^24) and `s.image_scale(b)` each image's scale.
-    /// With `known`, `s.known[b]` is taken as image `b`'s `max |x|` (as [`abs_max`] gives it)
+    /// With `known`, `s.known[b]` is taken as image `b`'s `max |x|` (NaN skipped, as the quantization finds it)
     /// instead of a pass over `x`.
     pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch, known: bool) {
         self.quantize(n, x, s, known);
