@@ -95,8 +95,8 @@ pub enum Layout {
     Wide,
     /// AVX-512 bit masks (requires `avx512::available()`).
     Bits,
-    /// AVX-512 lookup tables (requires `avx512::available()`, no zero weight, not depthwise),
-    /// with byte permutes (`true`, requires `avx512::vbmi()`) or 16-bit ones.
+    /// AVX-512 lookup tables (requires `avx512::available()`, not depthwise), with byte
+    /// permutes (`true`, requires `avx512::vbmi()`) or 16-bit ones.
     Lut(bool),
 }
 
@@ -183,7 +183,7 @@ impl Rows<'_> {
 /// The affine a W1-A8 layer's output goes through: `y = act(scale[c] * (k * sum) + bias[c])`
 /// with `k` the image's activation scale (the plan's `Stage::Affine`).
 #[derive(Clone, Copy, Debug)]
-pub struct Epilogue<'a> {
+pub(crate) struct Epilogue<'a> {
     /// The image's activation scale.
     pub k: f32,
     /// Per-channel scale.
@@ -815,10 +815,21 @@ mod avx512 {
         let n = x.len().min(q.len());
         let mut i = 0;
         while i < n {
-            let m: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
+            let m = lanes16(n - i);
             let r = quantize16(m, x.as_ptr().add(i), inv);
             _mm256_mask_storeu_epi16(q.as_mut_ptr().add(i).cast(), m, _mm512_cvtepi32_epi16(r));
             i += 16;
+        }
+    }
+
+    /// The first `n` of 16 lanes (all of them for `n >= 16`).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn lanes16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << n) - 1
         }
     }
 
@@ -851,7 +862,7 @@ mod avx512 {
             let mut acc = _mm512_setzero_si512();
             let mut i = 0;
             while i < k {
-                let m: __mmask16 = if k - i >= 16 { 0xFFFF } else { (1u16 << (k - i)) - 1 };
+                let m = lanes16(k - i);
                 let v = match x {
                     Rows::I16(q) => {
                         let src = &q[start..][..k];
@@ -1089,8 +1100,7 @@ mod avx512 {
                     if c0 >= cout {
                         continue;
                     }
-                    let m = if cout - c0 >= 16 { 0xFFFF } else { (1u16 << (cout - c0)) - 1 };
-                    emit(out, (r + p) * cout + c0, c0, m, w);
+                    emit(out, (r + p) * cout + c0, c0, lanes16(cout - c0), w);
                 }
             }
         }
@@ -1244,8 +1254,7 @@ mod avx512 {
                 for (h, &v) in halves.iter().enumerate() {
                     let n = lanes.saturating_sub(16 * h).min(16);
                     if n > 0 {
-                        let m = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-                        emit(out, at + 16 * h, c0 + 16 * h, m, _mm512_cvtepi16_epi32(v));
+                        emit(out, at + 16 * h, c0 + 16 * h, lanes16(n), _mm512_cvtepi16_epi32(v));
                     }
                 }
             }

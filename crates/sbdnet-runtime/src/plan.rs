@@ -1025,26 +1025,30 @@ impl Plan {
             Kernel::A8 { conv, stage } => {
                 let raw = &mut self.raw_f32[..n * yo.len()];
                 let known = self.quant.known_for == Some(a);
-                if let (Stage::Affine { scale, bias, act }, true) = (stage, conv.fuses_affine()) {
-                    // The affine applied by the kernel as it stores each sum; it also finds
-                    // the output's max |y| for the next W1-A8 layer's quantization.
-                    conv.forward_affine(n, xf, yf, &mut self.quant, known, scale, bias, *act);
-                    self.quant.known_for = Some(i + 1);
-                } else if let Stage::Affine { scale, bias, act } = stage {
-                    // The image's activation scale applied inside the affine pass, which also
-                    // finds the output's max |y| for the next W1-A8 layer's quantization.
-                    conv.forward_raw(n, xf, raw, &mut self.quant, known);
-                    let ol = yo.len();
-                    for (b, (rb, yb)) in raw.chunks_exact(ol).zip(yf.chunks_exact_mut(ol)).enumerate() {
-                        let k = self.quant.image_scale(b);
-                        let mut m = [0.0f32];
-                        affine_rows_scaled_max(rb, yo.c, k, scale, bias, *act, yb, &mut m);
-                        self.quant.known[b] = m[0];
+                match stage {
+                    Stage::Affine { scale, bias, act } if conv.fuses_affine() => {
+                        // The affine applied by the kernel as it stores each sum; it also finds
+                        // the output's max |y| for the next W1-A8 layer's quantization.
+                        conv.forward_affine(n, xf, yf, &mut self.quant, known, scale, bias, *act);
+                        self.quant.known_for = Some(i + 1);
                     }
-                    self.quant.known_for = Some(i + 1);
-                } else {
-                    conv.forward(n, xf, raw, &mut self.quant, known);
-                    stage_f32(stage, raw, yo.c, yf, yb);
+                    Stage::Affine { scale, bias, act } => {
+                        // The image's activation scale applied inside the affine pass, which
+                        // also finds the output's max |y| for the next layer's quantization.
+                        conv.forward_raw(n, xf, raw, &mut self.quant, known);
+                        let ol = yo.len();
+                        for (b, (rb, yb)) in raw.chunks_exact(ol).zip(yf.chunks_exact_mut(ol)).enumerate() {
+                            let k = self.quant.image_scale(b);
+                            let mut m = [0.0f32];
+                            affine_rows_scaled_max(rb, yo.c, k, scale, bias, *act, yb, &mut m);
+                            self.quant.known[b] = m[0];
+                        }
+                        self.quant.known_for = Some(i + 1);
+                    }
+                    _ => {
+                        conv.forward(n, xf, raw, &mut self.quant, known);
+                        stage_f32(stage, raw, yo.c, yf, yb);
+                    }
                 }
             }
             Kernel::Linear { inp, out, wt, b } => {
