@@ -104,6 +104,9 @@ pub enum Layout {
 #[derive(Clone, Debug, Default)]
 pub struct QuantScratch {
     q: Vec<i16>,
+    /// A depthwise AVX-512 layer's input, quantized into a zero border (`n` images, then
+    /// the kernel's slack).
+    qpad: Vec<i16>,
     col: Vec<i16>,
     /// The lookup kernel's tables: `avx512::ROWS` pixels x groups x 32 entries.
     lut: Vec<i16>,
@@ -141,6 +144,9 @@ impl QuantScratch {
         grow(&mut self.inv, g.batch);
         grow(&mut self.known, g.batch);
         grow(&mut self.acc, g.cin);
+        if c.padded() {
+            grow(&mut self.qpad, g.batch * c.padded_len() + avx512::dw_slack(g));
+        }
         if c.kind == A8Kind::Dense {
             grow(&mut self.col, g.out_rows() * g.kh * g.kw * g.cin);
         }
@@ -213,6 +219,15 @@ impl<'a> Out<'a> {
         if let Some(e) = &self.ep {
             assert!(e.scale.len() >= c && e.bias.len() >= c);
         }
+    }
+
+    /// Fold a kernel's running `max |y|` registers (never NaN) into `max`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn merge_max(&mut self, mx: [std::arch::x86_64::__m512; 2]) {
+        use std::arch::x86_64::*;
+        let m = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_loadu_ps(self.max.as_ptr()));
+        _mm512_storeu_ps(self.max.as_mut_ptr(), m);
     }
 
     /// `max |y|` of everything written (0 when nothing was).
@@ -387,6 +402,16 @@ impl A8Conv {
     /// AVX-512 layer only finds the scales (`s.inv`), its kernel quantizes as it reads.
     fn quantize(&self, n: usize, x: &[f32], s: &mut QuantScratch, known: bool) {
         let il = self.g.h * self.g.w * self.g.cin;
+        if self.padded() {
+            let (g, pl) = (&self.g, self.padded_len());
+            for b in 0..n {
+                let xb = &x[b * il..][..il];
+                let amax = if known { s.known[b] } else { abs_max_of(xb) };
+                s.inv[b] = 0.0;
+                s.scale[b] = quantize_padded(g, xb, &mut s.qpad[b * pl..][..pl], amax);
+            }
+            return;
+        }
         let on_the_fly = self.kind == A8Kind::Pointwise && !matches!(self.signs, Signs::Wide { .. });
         for b in 0..n {
             let (xb, qb) = (&x[b * il..][..il], &mut s.q[b * il..][..il]);
@@ -411,8 +436,12 @@ impl A8Conv {
         let xb = &s.q[b * il..][..il];
         match self.kind {
             A8Kind::Depthwise => match &self.signs {
-                // SAFETY: bit masks are planned only where `avx512::available()`.
-                Signs::Bits { mp, mn } => unsafe { avx512::dw_image(&g, xb, mp, mn, out) },
+                Signs::Bits { mp, mn } => {
+                    let xp = &s.qpad[b * self.padded_len()..];
+                    // SAFETY: bit masks are planned only where `avx512::available()`; `xp`
+                    // is the image `quantize` wrote with its border, then the slack.
+                    unsafe { avx512::dw_image(&g, xp, mp, mn, out) }
+                }
                 Signs::Wide { wp, wn } => {
                     assert!(out.ep.is_none(), "the portable kernels write raw sums");
                     dw_image(&g, xb, wp, wn, out.y, &mut s.acc[..g.cin])
@@ -430,6 +459,18 @@ impl A8Conv {
                 self.rows(Rows::I16(&s.col[..rows * kt]), kt, out, &mut s.dup, &mut s.lut);
             }
         }
+    }
+
+    /// Whether the layer reads its input quantized into a zero border (the AVX-512
+    /// depthwise kernel).
+    fn padded(&self) -> bool {
+        self.kind == A8Kind::Depthwise && matches!(self.signs, Signs::Bits { .. })
+    }
+
+    /// Elements of one image quantized into its zero border.
+    fn padded_len(&self) -> usize {
+        let g = &self.g;
+        (g.h + 2 * g.pad) * (g.w + 2 * g.pad) * g.cin
     }
 
     /// Whether the layer runs the lookup-table kernel.
@@ -533,6 +574,23 @@ sbdnet_kernels::simd_kernel! {
 /// Quantize to `|q| <= 127` with one scale; returns the scale (`x ~ q * scale`).
 fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
     quantize_with(x, q, abs_max_of(x))
+}
+
+/// [`quantize_with`] of one `h x w x cin` image of `g` into a `(h + 2 pad) x (w + 2 pad) x
+/// cin` buffer whose border it sets to zero. Returns the scale.
+fn quantize_padded(g: &ConvGeom, x: &[f32], q: &mut [i16], amax: f32) -> f32 {
+    let (row, side) = (g.w * g.cin, g.pad * g.cin);
+    let rl = row + 2 * side;
+    q[..g.pad * rl].fill(0);
+    q[(g.pad + g.h) * rl..][..g.pad * rl].fill(0);
+    let mut scale = 1.0;
+    for y in 0..g.h {
+        let r = &mut q[(g.pad + y) * rl..][..rl];
+        r[..side].fill(0);
+        r[side + row..].fill(0);
+        scale = quantize_with(&x[y * row..][..row], &mut r[side..][..row], amax);
+    }
+    scale
 }
 
 /// `max |x|`, NaN skipped (as [`abs_max`]).
@@ -1049,10 +1107,11 @@ mod avx512 {
 
     /// Write 16 integer sums (lanes `m`) at `y[at..]` for channels `ch..`: as `f32`, or
     /// through the epilogue (the same operations in the same order as the plan's affine pass)
-    /// with the running `max |y|` updated.
+    /// with the running `max |y|` in `mx` updated (a register of the caller: kept in `out`,
+    /// every emit would wait for the previous one's store; [`Out::merge_max`] once per call).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn emit(out: &mut Out, at: usize, ch: usize, m: __mmask16, sum: __m512i) {
+    unsafe fn emit(out: &mut Out, mx: &mut __m512, at: usize, ch: usize, m: __mmask16, sum: __m512i) {
         let v = _mm512_cvtepi32_ps(sum);
         let v = match &out.ep {
             None => v,
@@ -1066,10 +1125,8 @@ mod avx512 {
                     Act::Relu => _mm512_max_ps(t, _mm512_setzero_ps()),
                     Act::Hardtanh => _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
                 };
-                let mx = _mm512_loadu_ps(out.max.as_ptr());
                 // A NaN |t| leaves the running max (max_ps returns its second operand).
-                let mx = _mm512_mask_max_ps(mx, m, _mm512_abs_ps(t), mx);
-                _mm512_storeu_ps(out.max.as_mut_ptr(), mx);
+                *mx = _mm512_mask_max_ps(*mx, m, _mm512_abs_ps(t), *mx);
                 t
             }
         };
@@ -1091,6 +1148,8 @@ mod avx512 {
         out: &mut Out,
         r: usize,
     ) {
+        // One running max per half: two independent chains.
+        let mut mx = [_mm512_setzero_ps(); 2];
         for (p, &s) in sums.iter().enumerate().take(np) {
             for (v, halves) in wide[p].iter().enumerate() {
                 for (h, &w) in halves.iter().enumerate() {
@@ -1100,10 +1159,11 @@ mod avx512 {
                     if c0 >= cout {
                         continue;
                     }
-                    emit(out, (r + p) * cout + c0, c0, lanes16(cout - c0), w);
+                    emit(out, &mut mx[h], (r + p) * cout + c0, c0, lanes16(cout - c0), w);
                 }
             }
         }
+        out.merge_max(mx);
     }
 
     /// Blocks `b0..b0 + V` of 32 channels for the `np` pixels in `dup`.
@@ -1151,114 +1211,104 @@ mod avx512 {
     }
 
     /// Output pixels per depthwise pass (independent accumulators).
-    const SEG: usize = 16;
+    pub const SEG: usize = 16;
 
     /// Depthwise over one image (any kernel up to 15 x 15: `225 * 127 < 2^15`), channels in
-    /// 16-bit lanes: for each block of 32 channels and each tap, the tap's two masks are
-    /// loaded once and a segment of output pixels of a row (16, or 8 / 4 / 2 for short rows)
-    /// each gets one load and a masked add and subtract (independent chains, kept in
-    /// registers: the pixel loop has a constant length, pixels past the row's end load
-    /// nothing); taps in the zero padding load zeros (masked loads of no lane), their masks
-    /// and offsets computed once per segment. Integer sums identical to
-    /// [`super::dw_image`]. Masks `[tap][c / 32]`.
+    /// 16-bit lanes, reading the image quantized into a zero border (`x` as
+    /// [`super::quantize_padded`] writes it, `h + 2 pad` rows of `w + 2 pad` pixels, with
+    /// [`dw_slack`] elements after it): for each block of 32 channels and each tap, the
+    /// tap's two masks are loaded once and a segment of output pixels of a row (16, or
+    /// 8 / 4 / 2 for short rows) each gets one plain load and a masked add and subtract
+    /// (independent chains, kept in registers; no tap needs a bounds mask: the border holds
+    /// zeros; pixels past the row's end and lanes past the channels read neighbouring data
+    /// that is never written out). Integer sums identical to [`super::dw_image`].
+    /// Masks `[tap][c / 32]`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn dw_image(g: &sbdnet_kernels::conv::ConvGeom, x: &[i16], mp: &[u32], mn: &[u32], out: &mut Out) {
         let c = g.cin;
         let nblk = c.div_ceil(32);
-        assert!(g.kh <= 15 && g.kw <= 15 && x.len() >= g.h * g.w * c);
+        assert!(g.kh <= 15 && g.kw <= 15);
+        assert!(x.len() >= (g.h + 2 * g.pad) * (g.w + 2 * g.pad) * c + dw_slack(g));
         out.check(g.oh * g.ow * c, c);
         assert!(mp.len() >= g.kh * g.kw * nblk && mn.len() >= g.kh * g.kw * nblk);
         // Short rows (the 7x7, 4x4 and 2x2 layers) take the shortest segment that covers
-        // them: a pixel past the row still costs a masked load and two adds.
+        // them: a pixel past the row still costs a load and two adds.
         let len = match g.ow {
             0..=2 => 2,
             3..=4 => 4,
             5..=8 => 8,
             _ => SEG,
         };
-        let mut s = Segment { g, x, mp, mn, inside: [[0; SEG]; 15], off: [[0; SEG]; 15], ox0: 0, np: 0 };
         for ox0 in (0..g.ow).step_by(len) {
-            s.ox0 = ox0;
-            s.np = len.min(g.ow - ox0);
-            for kx in 0..g.kw {
-                for i in 0..SEG {
-                    let ix = ((ox0 + i) * g.stride + kx) as isize - g.pad as isize;
-                    s.inside[kx][i] = if i < s.np && ix >= 0 && ix < g.w as isize { u32::MAX } else { 0 };
-                    s.off[kx][i] = ix * c as isize;
-                }
-            }
+            let np = len.min(g.ow - ox0);
             for oy in 0..g.oh {
                 for blk in 0..nblk {
-                    match (c - blk * 32 >= 32, len) {
-                        (true, 2) => s.run::<true, 2>(out, oy, blk),
-                        (false, 2) => s.run::<false, 2>(out, oy, blk),
-                        (true, 4) => s.run::<true, 4>(out, oy, blk),
-                        (false, 4) => s.run::<false, 4>(out, oy, blk),
-                        (true, 8) => s.run::<true, 8>(out, oy, blk),
-                        (false, 8) => s.run::<false, 8>(out, oy, blk),
-                        (true, _) => s.run::<true, SEG>(out, oy, blk),
-                        (false, _) => s.run::<false, SEG>(out, oy, blk),
+                    match len {
+                        2 => dw_run::<2>(g, x, mp, mn, out, oy, ox0, np, blk),
+                        4 => dw_run::<4>(g, x, mp, mn, out, oy, ox0, np, blk),
+                        8 => dw_run::<8>(g, x, mp, mn, out, oy, ox0, np, blk),
+                        _ => dw_run::<SEG>(g, x, mp, mn, out, oy, ox0, np, blk),
                     }
                 }
             }
         }
     }
 
-    /// A segment of output pixels `ox0..ox0 + np` of [`dw_image`]: per tap column and pixel,
-    /// all lanes or none (`inside`) and the input offset.
+    /// Elements [`dw_image`] may read past the padded image: the last segment's pixels past
+    /// the row's end and the last block's lanes past the channels.
+    pub fn dw_slack(g: &sbdnet_kernels::conv::ConvGeom) -> usize {
+        SEG * g.stride * g.cin + 64
+    }
+
+    /// Output row `oy`, pixels `ox0..ox0 + np` (`S` computed), channel block `blk` of
+    /// [`dw_image`].
     #[cfg(target_arch = "x86_64")]
-    struct Segment<'a> {
-        g: &'a sbdnet_kernels::conv::ConvGeom,
-        x: &'a [i16],
-        mp: &'a [u32],
-        mn: &'a [u32],
-        inside: [[u32; SEG]; 15],
-        off: [[isize; SEG]; 15],
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dw_run<const S: usize>(
+        g: &sbdnet_kernels::conv::ConvGeom,
+        x: &[i16],
+        mp: &[u32],
+        mn: &[u32],
+        out: &mut Out,
+        oy: usize,
         ox0: usize,
         np: usize,
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    impl Segment<'_> {
-        /// Output row `oy`, channel block `blk` (all 32 lanes when `FULL`), `S` pixels.
-        #[inline(always)]
-        unsafe fn run<const FULL: bool, const S: usize>(&self, out: &mut Out, oy: usize, blk: usize) {
-            let (g, c) = (self.g, self.g.cin);
-            let nblk = c.div_ceil(32);
-            let c0 = blk * 32;
-            let lanes = (c - c0).min(32);
-            let lm: u32 = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
-            let mut acc = [_mm512_setzero_si512(); S];
-            for ky in 0..g.kh {
-                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                if iy < 0 || iy >= g.h as isize {
-                    continue;
-                }
-                let row = self.x.as_ptr().add(iy as usize * g.w * c + c0);
-                for kx in 0..g.kw {
-                    let t = ky * g.kw + kx;
-                    let (p, n) = (self.mp[t * nblk + blk], self.mn[t * nblk + blk]);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        // Outside the image or past the row: no lane is loaded (no address read).
-                        let m = if FULL { self.inside[kx][i] } else { self.inside[kx][i] & lm };
-                        let xv = _mm512_maskz_loadu_epi16(m, row.wrapping_offset(self.off[kx][i]));
-                        *a = _mm512_mask_add_epi16(*a, p, *a, xv);
-                        *a = _mm512_mask_sub_epi16(*a, n, *a, xv);
-                    }
-                }
-            }
-            for (i, &a) in acc.iter().enumerate().take(self.np) {
-                let at = (oy * g.ow + self.ox0 + i) * c + c0;
-                let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
-                for (h, &v) in halves.iter().enumerate() {
-                    let n = lanes.saturating_sub(16 * h).min(16);
-                    if n > 0 {
-                        emit(out, at + 16 * h, c0 + 16 * h, lanes16(n), _mm512_cvtepi16_epi32(v));
-                    }
+        blk: usize,
+    ) {
+        let c = g.cin;
+        let nblk = c.div_ceil(32);
+        let c0 = blk * 32;
+        let lanes = (c - c0).min(32);
+        let (wp, step) = (g.w + 2 * g.pad, g.stride * c);
+        let mut acc = [_mm512_setzero_si512(); S];
+        for ky in 0..g.kh {
+            let row = x.as_ptr().add(((oy * g.stride + ky) * wp + ox0 * g.stride) * c + c0);
+            for kx in 0..g.kw {
+                let t = ky * g.kw + kx;
+                let (p, n) = (mp[t * nblk + blk], mn[t * nblk + blk]);
+                let mut q = row.add(kx * c);
+                for a in acc.iter_mut() {
+                    let xv = _mm512_loadu_si512(q.cast());
+                    *a = _mm512_mask_add_epi16(*a, p, *a, xv);
+                    *a = _mm512_mask_sub_epi16(*a, n, *a, xv);
+                    q = q.wrapping_add(step);
                 }
             }
         }
+        let mut mx = [_mm512_setzero_ps(); 2];
+        for (i, &a) in acc.iter().enumerate().take(np) {
+            let at = (oy * g.ow + ox0 + i) * c + c0;
+            let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
+            for (h, &v) in halves.iter().enumerate() {
+                let n = lanes.saturating_sub(16 * h).min(16);
+                if n > 0 {
+                    emit(out, &mut mx[h], at + 16 * h, c0 + 16 * h, lanes16(n), _mm512_cvtepi16_epi32(v));
+                }
+            }
+        }
+        out.merge_max(mx);
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -1534,6 +1584,10 @@ mod tests {
             // Depthwise rows of 2 and 4 pixels (the shortest segments), a partial channel block.
             (2, 4, 48, 48, 3, 2, 1, 48),
             (1, 4, 1040, 1040, 3, 1, 1, 1040),
+            // Depthwise without padding (no border), and a 5x5 kernel over a border of 2
+            // with stride 1 and two segments per row.
+            (2, 8, 40, 40, 3, 1, 0, 40),
+            (1, 19, 33, 33, 5, 1, 2, 33),
             (1, 6, 5, 130, 3, 1, 1, 1),
             (2, 5, 3, 8, 3, 2, 0, 1),
         ]
