@@ -555,6 +555,15 @@ impl Job<'_> {
         }
         let (plan, v, d) = (self.plan, self.v, self.d);
         #[cfg(target_arch = "x86_64")]
+        if kernel_path() == KernelPath::Avx2 && avx512_available() && rows >= avx512::LANE_ROWS {
+            // Whole passes of 16 rows with the batch in the lanes, the rest row-major.
+            let full = rows / avx512::LANE_ROWS * avx512::LANE_ROWS;
+            let (s, o) = (&src[..full * src_len], &mut out[..full * out_len]);
+            // SAFETY: AVX-512F is available (checked once per process).
+            unsafe { avx512::batch_lanes(plan, v, d, s, src_len, o, out_len, full, add) };
+            return self.chunk(&src[full * src_len..], &mut out[full * out_len..], rows - full, add);
+        }
+        #[cfg(target_arch = "x86_64")]
         if kernel_path() == KernelPath::Avx2 && avx512_available() {
             // SAFETY: AVX-512F is available (checked once per process).
             return unsafe { avx512::plan_chunk(plan, v, d, src, src_len, out, out_len, rows, add) };
@@ -1021,6 +1030,138 @@ mod avx512 {
         }
     }
 
+    /// Batch rows per pass of [`batch_lanes`]: one 16-lane register holds one input or
+    /// output element for 16 rows.
+    pub(super) const LANE_ROWS: usize = 16;
+
+    /// How many plan entries ahead [`batch_lanes`] prefetches values.
+    const PREFETCH: usize = 6;
+
+    /// The blocked kernel with the batch in the lanes, for `rows` a multiple of 16: per pass
+    /// of 16 rows the source is transposed once (`xt[s]` = element `s` of the 16 rows, one
+    /// aligned register), then each output block keeps its 16 outputs x 16 rows in 16
+    /// registers while every plan entry adds `V[k][v + t] * xt[s + t]` to output `t` (a
+    /// broadcast value and an aligned load per multiply-add: no load straddles two cache
+    /// lines, unlike the row-major tile, whose source reads shift by each diagonal's offset),
+    /// and the block is transposed back into the rows. Per output element the same
+    /// operations in the same order as [`plan_chunk`] (full entries by fused multiply-add,
+    /// partial ones by multiply then add), so the two agree bit for bit.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn batch_lanes(
+        plan: &Plan,
+        v: &[f32],
+        d: usize,
+        src: &[f32],
+        src_len: usize,
+        out: &mut [f32],
+        out_len: usize,
+        rows: usize,
+        add: bool,
+    ) {
+        const L: usize = LANE_ROWS;
+        assert!(rows.is_multiple_of(L) && src.len() >= rows * src_len && out.len() >= rows * out_len);
+        assert_eq!(plan.out_len, out_len);
+        // Aligned room for src_len registers.
+        let mut buf = vec![0f32; src_len.div_ceil(L) * L * L + L];
+        let shift = buf.as_ptr().align_offset(64);
+        let xt = &mut buf[shift..][..src_len.div_ceil(L) * L * L];
+        for r0 in (0..rows).step_by(L) {
+            let (sr, or) = (&src[r0 * src_len..(r0 + L) * src_len], &mut out[r0 * out_len..(r0 + L) * out_len]);
+            for s0 in (0..src_len).step_by(L) {
+                let n = L.min(src_len - s0);
+                let m = ((1u32 << n) - 1) as __mmask16;
+                let mut rows = [_mm512_setzero_ps(); L];
+                for (b, x) in rows.iter_mut().enumerate() {
+                    *x = _mm512_maskz_loadu_ps(m, sr.as_ptr().add(b * src_len + s0));
+                }
+                for (j, &c) in transpose(rows).iter().enumerate() {
+                    _mm512_store_ps(xt.as_mut_ptr().add((s0 + j) * L), c);
+                }
+            }
+            let xp = xt.as_ptr();
+            for (q, w) in plan.ptr.windows(2).enumerate() {
+                let o0 = q * R;
+                let rlen = R.min(out_len - o0);
+                let om = ((1u32 << rlen) - 1) as __mmask16;
+                let mut acc = [_mm512_setzero_ps(); R];
+                if add {
+                    for (b, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_maskz_loadu_ps(om, or.as_ptr().add(b * out_len + o0));
+                    }
+                    acc = transpose(acc);
+                }
+                for (i, e) in plan.entries[w[0]..w[1]].iter().enumerate() {
+                    // The values of an entry a few ahead: each entry reads 64 bytes of a
+                    // different diagonal (from L2), which no hardware prefetcher predicts.
+                    if let Some(f) = plan.entries.get(w[0] + i + PREFETCH) {
+                        let a = v.as_ptr().wrapping_add(f.k as usize * d + f.v as usize);
+                        _mm_prefetch::<_MM_HINT_T0>(a.cast());
+                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(15).cast());
+                    }
+                    let (lo, hi) = (e.lo as usize, e.hi as usize);
+                    debug_assert!(e.v as usize + (hi - lo) <= d && e.s as usize + (hi - lo) <= src_len);
+                    // Output t reads element t - lo of the piece.
+                    let vp = v.as_ptr().add(e.k as usize * d + e.v as usize).wrapping_sub(lo);
+                    let sp = xp.add(e.s as usize * L).wrapping_sub(lo * L);
+                    if hi - lo == R {
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*vp.add(t)), _mm512_load_ps(sp.add(t * L)), *a);
+                        }
+                    } else {
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            if t >= lo && t < hi {
+                                let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
+                                let p = _mm512_mul_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st));
+                                *a = _mm512_add_ps(*a, p);
+                            }
+                        }
+                    }
+                }
+                for (b, &y) in transpose(acc).iter().enumerate() {
+                    _mm512_mask_storeu_ps(or.as_mut_ptr().add(b * out_len + o0), om, y);
+                }
+            }
+        }
+    }
+
+    /// The transpose of a 16 x 16 block held as 16 rows: `out[j]` lane `i` = `r[i]` lane `j`
+    /// (64 shuffles: 32-bit and 64-bit unpacks, then two rounds of 128-bit lane shuffles).
+    #[inline(always)]
+    pub(super) unsafe fn transpose(r: [__m512; 16]) -> [__m512; 16] {
+        // (Loops, not closures: a closure does not inherit the caller's target features, so
+        // the intrinsics in it would be calls.)
+        // t[2i] lane L: r[2i][4L], r[2i+1][4L], r[2i][4L+1], r[2i+1][4L+1]; t[2i+1]: 4L+2, 4L+3.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[g][q] lane L: column 4L + q of rows 4g..4g + 4.
+        let mut u = [[_mm512_setzero_ps(); 4]; 4];
+        for (g, ug) in u.iter_mut().enumerate() {
+            let (l0, h0) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 1]));
+            let (l1, h1) = (_mm512_castps_pd(t[4 * g + 2]), _mm512_castps_pd(t[4 * g + 3]));
+            ug[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(l0, l1));
+            ug[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(l0, l1));
+            ug[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(h0, h1));
+            ug[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(h0, h1));
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            // Lanes (0, 1) and (2, 3) of groups 0, 1 and of groups 2, 3.
+            let a_lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(u[0][q], u[1][q]);
+            let a_hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(u[0][q], u[1][q]);
+            let b_lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(u[2][q], u[3][q]);
+            let b_hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(u[2][q], u[3][q]);
+            out[q] = _mm512_shuffle_f32x4::<0b10_00_10_00>(a_lo, b_lo);
+            out[4 + q] = _mm512_shuffle_f32x4::<0b11_01_11_01>(a_lo, b_lo);
+            out[8 + q] = _mm512_shuffle_f32x4::<0b10_00_10_00>(a_hi, b_hi);
+            out[12 + q] = _mm512_shuffle_f32x4::<0b11_01_11_01>(a_hi, b_hi);
+        }
+        out
+    }
+
     /// Load `rlen <= 16` floats (zero past them).
     #[inline(always)]
     unsafe fn load_part(s: &[f32], rlen: usize) -> __m512 {
@@ -1310,6 +1451,67 @@ mod tests {
                         unsafe {
                             plan_chunk_avx2(plan, v, d, &src, src_len, &mut a, out_len, rows, add);
                             avx512::plan_chunk(plan, v, d, &src, src_len, &mut b, out_len, rows, add);
+                        }
+                        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&a), bits(&b), "{m}x{n} s{sp} rows {rows} add {add} out_len {out_len}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 16 x 16 register transpose against the index definition.
+    #[test]
+    fn avx512_transpose_is_the_transpose() {
+        if !avx512_available() {
+            eprintln!("no AVX-512 here: nothing to check");
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        // SAFETY: AVX-512F checked above.
+        let t = unsafe {
+            use std::arch::x86_64::*;
+            let r = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            let t = avx512::transpose(r);
+            let mut o = [0f32; 256];
+            for (j, v) in t.iter().enumerate() {
+                _mm512_storeu_ps(o.as_mut_ptr().add(16 * j), *v);
+            }
+            o
+        };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[16 * j + i], m[16 * i + j], "row {i} column {j}");
+            }
+        }
+    }
+
+    /// The batch-in-lanes kernel equals the row-major AVX-512 blocked kernel bit for bit, on
+    /// tall, wide and square shapes, with partial output blocks, sources whose length is not a
+    /// multiple of 16, and in add mode.
+    #[test]
+    fn avx512_batch_lanes_equals_blocked() {
+        if !avx512_available() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        for &(m, n, sp) in
+            &[(96, 32, 0.9), (32, 96, 0.8), (50, 70, 0.5), (128, 128, 0.95), (17, 300, 0.7), (300, 17, 0.6)]
+        {
+            let w = DiagMatrix::from_sparsity(m, n, sp, &mut rng).unwrap();
+            let (d, l, v) = (w.diag_len(), w.candidates(), w.values());
+            let plans = w.plans();
+            for (plan, src_len, out_len) in [(&plans.scatter, d, l), (&plans.gather, l, d)] {
+                for rows in [16usize, 48, 64] {
+                    for add in [false, true] {
+                        let src: Vec<f32> = (0..rows * src_len).map(|_| rng.normal()).collect();
+                        let out0: Vec<f32> = (0..rows * out_len).map(|_| rng.normal()).collect();
+                        let (mut a, mut b) = (out0.clone(), out0.clone());
+                        // SAFETY: AVX-512F checked above.
+                        unsafe {
+                            avx512::plan_chunk(plan, v, d, &src, src_len, &mut a, out_len, rows, add);
+                            avx512::batch_lanes(plan, v, d, &src, src_len, &mut b, out_len, rows, add);
                         }
                         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&a), bits(&b), "{m}x{n} s{sp} rows {rows} add {add} out_len {out_len}");
