@@ -672,6 +672,11 @@ struct Plan {
     out_len: usize,
     ptr: Vec<usize>,
     entries: Vec<Entry>,
+    /// Per entry, where output lane 0 would read: `[k * d + v - lo, s - lo]` (wrapping), so
+    /// the batch-in-lanes kernel adds lane offsets to one base each.
+    bases: Vec<[i32; 2]>,
+    /// Diagonal length the bases were computed with.
+    d: usize,
 }
 
 /// The two plans of a matrix: scatter form (tall forward, wide input gradient) and gather form
@@ -687,13 +692,15 @@ impl Plan {
         if lo < hi {
             let c = |x: usize| u32::try_from(x).expect("diagonal matrix larger than 2^32");
             self.entries.push(Entry { k: c(k), v: c(v), s: c(s), lo: lo as u8, hi: hi as u8 });
+            let i = |x: usize| i32::try_from(x).expect("diagonal matrix larger than 2^31") - lo as i32;
+            self.bases.push([i(k * self.d + v), i(s)]);
         }
     }
 
     /// Scatter form: `out[t] += V[k][j] * src[j]` with `t = (j + off) mod l`, `out` `l` long.
     /// Lane `i` of block `t0` has `j = (t0 + i - off) mod l`, valid when `j < d`.
     fn scatter(offs: &[usize], d: usize, l: usize) -> Plan {
-        let mut p = Plan { out_len: l, ptr: vec![0], entries: Vec::new() };
+        let mut p = Plan { out_len: l, ptr: vec![0], entries: Vec::new(), bases: Vec::new(), d };
         for t0 in (0..l).step_by(R) {
             let rlen = R.min(l - t0);
             for (k, &off) in offs.iter().enumerate() {
@@ -713,7 +720,7 @@ impl Plan {
 
     /// Gather form: `out[j] += V[k][j] * src[(j + off) mod l]`, `out` `d` long.
     fn gather(offs: &[usize], d: usize, l: usize) -> Plan {
-        let mut p = Plan { out_len: d, ptr: vec![0], entries: Vec::new() };
+        let mut p = Plan { out_len: d, ptr: vec![0], entries: Vec::new(), bases: Vec::new(), d };
         for j0 in (0..d).step_by(R) {
             let rlen = R.min(d - j0);
             for (k, &off) in offs.iter().enumerate() {
@@ -1061,7 +1068,7 @@ mod avx512 {
     ) {
         const L: usize = LANE_ROWS;
         assert!(rows.is_multiple_of(L) && src.len() >= rows * src_len && out.len() >= rows * out_len);
-        assert_eq!(plan.out_len, out_len);
+        assert!(plan.out_len == out_len && plan.d == d);
         // Aligned room for src_len registers.
         let mut buf = vec![0f32; src_len.div_ceil(L) * L * L + L];
         let shift = buf.as_ptr().align_offset(64);
@@ -1091,22 +1098,21 @@ mod avx512 {
                     }
                     acc = transpose(acc);
                 }
-                for (i, e) in plan.entries[w[0]..w[1]].iter().enumerate() {
+                let bases = &plan.bases[w[0]..w[1]];
+                for (i, (e, base)) in plan.entries[w[0]..w[1]].iter().zip(bases).enumerate() {
                     // The values of an entry a few ahead: each entry reads 64 bytes of a
                     // different diagonal (from L2), which no hardware prefetcher predicts.
-                    if let Some(f) = plan.entries.get(w[0] + i + PREFETCH) {
-                        let a = v.as_ptr().wrapping_add(f.k as usize * d + f.v as usize);
-                        _mm_prefetch::<_MM_HINT_T0>(a.cast());
-                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(15).cast());
-                    }
+                    let ahead = plan.bases.get(w[0] + i + PREFETCH).map_or(0, |b| b[0] as isize + 8);
+                    _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_offset(ahead).cast());
                     let (lo, hi) = (e.lo as usize, e.hi as usize);
                     debug_assert!(e.v as usize + (hi - lo) <= d && e.s as usize + (hi - lo) <= src_len);
-                    // Output t reads element t - lo of the piece.
-                    let vp = v.as_ptr().add(e.k as usize * d + e.v as usize).wrapping_sub(lo);
-                    let sp = xp.add(e.s as usize * L).wrapping_sub(lo * L);
+                    // Output t reads element t - lo of the piece: lane bases, wrapping.
+                    let vp = v.as_ptr().wrapping_offset(base[0] as isize);
+                    let sp = xp.wrapping_offset(base[1] as isize * L as isize);
                     if hi - lo == R {
                         for (t, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*vp.add(t)), _mm512_load_ps(sp.add(t * L)), *a);
+                            let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
+                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st), *a);
                         }
                     } else {
                         for (t, a) in acc.iter_mut().enumerate() {
