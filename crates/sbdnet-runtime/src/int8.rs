@@ -1105,19 +1105,32 @@ mod avx512 {
         }
     }
 
-    /// Write 16 integer sums (lanes `m`) at `y[at..]` for channels `ch..`: as `f32`, or
+    /// Scale and bias of the 16 channels from `ch` (lanes `m`) for [`emit`], loaded once per
+    /// block of channels (zeros without an epilogue).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn affine16(out: &Out, ch: usize, m: __mmask16) -> [__m512; 2] {
+        match &out.ep {
+            None => [_mm512_setzero_ps(); 2],
+            Some(e) => [
+                _mm512_maskz_loadu_ps(m, e.scale.as_ptr().wrapping_add(ch)),
+                _mm512_maskz_loadu_ps(m, e.bias.as_ptr().wrapping_add(ch)),
+            ],
+        }
+    }
+
+    /// Write 16 integer sums (lanes `m`) at `y[at..]` (channels whose `affine16` is `sb`): as `f32`, or
     /// through the epilogue (the same operations in the same order as the plan's affine pass)
     /// with the running `max |y|` in `mx` updated (a register of the caller: kept in `out`,
     /// every emit would wait for the previous one's store; [`Out::merge_max`] once per call).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn emit(out: &mut Out, mx: &mut __m512, at: usize, ch: usize, m: __mmask16, sum: __m512i) {
+    unsafe fn emit(out: &mut Out, mx: &mut __m512, at: usize, sb: [__m512; 2], m: __mmask16, sum: __m512i) {
         let v = _mm512_cvtepi32_ps(sum);
         let v = match &out.ep {
             None => v,
             Some(e) => {
-                let s = _mm512_maskz_loadu_ps(m, e.scale.as_ptr().add(ch));
-                let b = _mm512_maskz_loadu_ps(m, e.bias.as_ptr().add(ch));
+                let [s, b] = sb;
                 let t = _mm512_add_ps(_mm512_mul_ps(s, _mm512_mul_ps(_mm512_set1_ps(e.k), v)), b);
                 // `max_ps(t, c)` returns `c` for a NaN `t`, as `f32::max` does.
                 let t = match e.act {
@@ -1137,7 +1150,7 @@ mod avx512 {
     /// without zeros the sums are `sum_{w=+1} x` and become `2 * sum - sum x`.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     unsafe fn store<const V: usize>(
         wide: &[[[__m512i; 2]; V]; ROWS],
         zeros: bool,
@@ -1148,18 +1161,22 @@ mod avx512 {
         out: &mut Out,
         r: usize,
     ) {
-        // One running max per half: two independent chains.
+        // One running max per half: two independent chains. Channels outer, so each 16
+        // channels' scale and bias are loaded once for all pixels.
         let mut mx = [_mm512_setzero_ps(); 2];
-        for (p, &s) in sums.iter().enumerate().take(np) {
-            for (v, halves) in wide[p].iter().enumerate() {
-                for (h, &w) in halves.iter().enumerate() {
+        for v in 0..V {
+            for h in 0..2 {
+                let c0 = (b0 + v) * 32 + 16 * h;
+                if c0 >= cout {
+                    continue;
+                }
+                let m = lanes16(cout - c0);
+                let sb = affine16(out, c0, m);
+                for (p, &s) in sums.iter().enumerate().take(np) {
+                    let w = wide[p][v][h];
                     // No zeros: sum_{+} x - sum_{-} x = 2 * sum_{+} x - sum x.
                     let w = if zeros { w } else { _mm512_sub_epi32(_mm512_slli_epi32::<1>(w), _mm512_set1_epi32(s)) };
-                    let c0 = (b0 + v) * 32 + 16 * h;
-                    if c0 >= cout {
-                        continue;
-                    }
-                    emit(out, &mut mx[h], (r + p) * cout + c0, c0, lanes16(cout - c0), w);
+                    emit(out, &mut mx[h], (r + p) * cout + c0, sb, m, w);
                 }
             }
         }
@@ -1298,13 +1315,15 @@ mod avx512 {
             }
         }
         let mut mx = [_mm512_setzero_ps(); 2];
+        let n = [lanes.min(16), lanes.saturating_sub(16)];
+        let m = [lanes16(n[0]), lanes16(n[1])];
+        let sb = [affine16(out, c0, m[0]), affine16(out, c0 + 16, m[1])];
         for (i, &a) in acc.iter().enumerate().take(np) {
             let at = (oy * g.ow + ox0 + i) * c + c0;
             let halves = [_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a)];
             for (h, &v) in halves.iter().enumerate() {
-                let n = lanes.saturating_sub(16 * h).min(16);
-                if n > 0 {
-                    emit(out, &mut mx[h], at + 16 * h, c0 + 16 * h, lanes16(n), _mm512_cvtepi16_epi32(v));
+                if n[h] > 0 {
+                    emit(out, &mut mx[h], at + 16 * h, sb[h], m[h], _mm512_cvtepi16_epi32(v));
                 }
             }
         }
