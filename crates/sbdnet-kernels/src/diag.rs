@@ -35,6 +35,13 @@
 //!   the source row. One 16-wide load of `V[k]` serves all rows of the tile, so a
 //!   multiply-add costs about one load and no store. The value gradient keeps 4 diagonals x 16
 //!   entries of `dV` in registers while it runs over the batch rows (in L2-sized tiles).
+//! - *batch in lanes* (AVX-512, whole groups of 16 rows): the same plan with the 16 rows of a
+//!   pass in the lanes of one register. The source is transposed once per pass, so each
+//!   multiply-add is one broadcast value and one aligned load of 16 rows' source element (the
+//!   row-major tile's source loads shift by each diagonal's offset and mostly straddle two
+//!   cache lines); 16 outputs x 16 rows stay in registers and are transposed back at the end
+//!   of the block. Bit-identical to the row-major AVX-512 tile, which keeps the rows past the
+//!   last whole group.
 //! - *streaming* (a single row, or output ranges when there are fewer rows than threads):
 //!   `out[i] += a[i] * b[i]` over each whole piece.
 //!
