@@ -54,6 +54,7 @@ impl PwImpl {
             PwImpl::Avx512 => {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("avx512vpopcntdq")
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -78,6 +79,9 @@ pub struct PackedPointwise {
     /// Per padded channel, the bound `K` on the popcount `a` (`s = kept - 2a`): the output bit
     /// (`1` = `-1`) is `a > K` for a positive threshold and `a <= K` for a flipped one.
     bound: Vec<i64>,
+    /// `bound + 1` as `i32`, with `bound` clamped to `-1..=cin` first (exact for a popcount
+    /// in `0..=cin`): the AVX-512 kernel's sign-bit comparison `a - (K + 1) < 0`.
+    bound1: Vec<i32>,
     /// Masked (group-sparse) weights only: `[words(cin)][cpad]` bit masks of the kept input
     /// channels (`(x ^ w) & m` is popcounted), else empty.
     mt: Vec<u64>,
@@ -110,6 +114,7 @@ impl PackedPointwise {
             neg: Vec::new(),
             neg_mask: Vec::new(),
             bound: Vec::new(),
+            bound1: Vec::new(),
             mt: Vec::new(),
             kept: vec![cin as i64; cpad],
             live: Vec::new(),
@@ -171,6 +176,7 @@ impl PackedPointwise {
                 }
             })
             .collect();
+        self.bound1 = self.bound.iter().map(|&k| k.clamp(-1, self.cin as i64) as i32 + 1).collect();
         self
     }
 
@@ -315,7 +321,7 @@ mod avx512 {
     /// through the thresholds (popcount bounds, compared in registers). Output channels go in
     /// passes of 64 (one output word); within a pass the bounds stay in registers and every
     /// pixel's accumulators live in 8 registers.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vpopcntdq")]
     pub(super) unsafe fn forward(
         p: &PackedPointwise,
         x: &[u64],
@@ -472,9 +478,8 @@ mod avx512 {
                 let m = p.cout.saturating_sub(c0).min(L);
                 valid[i] = if m == L { u16::MAX } else { (1u16 << m) - 1 };
                 if bits.is_some() {
-                    // Bounds lie in -1..=cin for a popcount in 0..=cin; clamping keeps them exact.
-                    let kb: [i32; L] =
-                        std::array::from_fn(|l| p.bound.get(c0 + l).map_or(0, |&k| k.clamp(-1, p.cin as i64) as i32));
+                    // `K + 1` ([`PackedPointwise::bound1`]; lanes past the padding: 0).
+                    let kb: [i32; L] = std::array::from_fn(|l| p.bound1.get(c0 + l).copied().unwrap_or(0));
                     bound[i] = _mm512_loadu_si512(kb.as_ptr() as *const _);
                     let pos = (0..m).fold(0u64, |acc, l| acc | u64::from(!p.neg[c0 + l]) << l);
                     pos_word |= pos << (L * i);
@@ -490,18 +495,21 @@ mod avx512 {
                 }
                 match bits.as_deref_mut() {
                     Some(b) => {
+                        // a <= K as the sign of a - (K + 1) (`vpmovd2m`: port 0, beside the
+                        // port-5 popcounts, where a compare into a mask would compete).
+                        let le = |a: __m512i, k1: __m512i| _mm512_movepi32_mask(_mm512_sub_epi32(a, k1));
                         let word = if nb == 4 {
-                            let m0 = _mm512_cmple_epi32_mask(acc[0], bound[0]);
-                            let m1 = _mm512_cmple_epi32_mask(acc[1], bound[1]);
-                            let m2 = _mm512_cmple_epi32_mask(acc[2], bound[2]);
-                            let m3 = _mm512_cmple_epi32_mask(acc[3], bound[3]);
+                            let m0 = le(acc[0], bound[0]);
+                            let m1 = le(acc[1], bound[1]);
+                            let m2 = le(acc[2], bound[2]);
+                            let m3 = le(acc[3], bound[3]);
                             let lo = _mm512_kunpackw(m1 as u32, m0 as u32);
                             let hi = _mm512_kunpackw(m3 as u32, m2 as u32);
                             _mm512_kunpackd(hi as u64, lo as u64)
                         } else {
                             let mut word = 0u64;
                             for i in 0..nb {
-                                word |= u64::from(_mm512_cmple_epi32_mask(acc[i], bound[i])) << (L * i);
+                                word |= u64::from(le(acc[i], bound[i])) << (L * i);
                             }
                             word
                         };
@@ -537,8 +545,16 @@ mod avx512 {
         while b0 < blocks {
             let nb = REGS.min(blocks - b0);
             let mut bound = [_mm512_setzero_si512(); REGS];
+            // Full passes: `K + 1` (K clamped to -1..=cin, exact for a popcount in 0..=cin) as
+            // 32-bit lanes, channels of blocks 2q and 2q + 1 in register q.
+            let mut bound1 = [_mm512_setzero_si512(); REGS / 2];
             // Over the pass's output word: lanes whose bit is `(a <= K) XOR 1`, valid lanes.
             let (mut pos_word, mut valid_word) = (0u64, 0u64);
+            if bits.is_some() && nb == REGS {
+                for (q, b1) in bound1.iter_mut().enumerate() {
+                    *b1 = _mm512_loadu_si512(p.bound1[(b0 + 2 * q) * LANES..][..2 * LANES].as_ptr() as *const _);
+                }
+            }
             if bits.is_some() {
                 for (i, bd) in bound.iter_mut().enumerate().take(nb) {
                     *bd = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
@@ -591,15 +607,18 @@ mod avx512 {
                     Some(b) => {
                         // bit = (a <= K) XOR positive, masked to the valid lanes
                         let word = if nb == REGS {
-                            // The eight 8-lane masks joined in mask registers (kunpck*).
-                            let m: [__mmask8; REGS] =
-                                std::array::from_fn(|i| _mm512_cmple_epi64_mask(acc[i], bound[i]));
-                            let q01 = _mm512_kunpackb(m[1] as u16, m[0] as u16);
-                            let q23 = _mm512_kunpackb(m[3] as u16, m[2] as u16);
-                            let q45 = _mm512_kunpackb(m[5] as u16, m[4] as u16);
-                            let q67 = _mm512_kunpackb(m[7] as u16, m[6] as u16);
-                            let lo = _mm512_kunpackw(q23 as u32, q01 as u32);
-                            let hi = _mm512_kunpackw(q67 as u32, q45 as u32);
+                            // Two blocks' popcounts (below 2^32: the high halves are zero) as
+                            // 16 dwords by one permute, then `a - (K + 1) < 0` by sign bit
+                            // (`vpmovd2m` runs on port 0; the compare and mask merges this
+                            // replaces, like `VPOPCNTQ`, all run on port 5).
+                            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                            let mut m = [0 as __mmask16; REGS / 2];
+                            for (q, mq) in m.iter_mut().enumerate() {
+                                let a = _mm512_permutex2var_epi32(acc[2 * q], even, acc[2 * q + 1]);
+                                *mq = _mm512_movepi32_mask(_mm512_sub_epi32(a, bound1[q]));
+                            }
+                            let lo = _mm512_kunpackw(m[1] as u32, m[0] as u32);
+                            let hi = _mm512_kunpackw(m[3] as u32, m[2] as u32);
                             _mm512_kunpackd(hi as u64, lo as u64)
                         } else {
                             let mut word = 0u64;
@@ -733,8 +752,14 @@ mod tests {
             let g = ConvGeom::new(1, 1, rows, cin, cout, 1, 1, 0, 1).unwrap();
             let mut want = vec![0i32; rows * cout];
             bconv_forward_with(BinaryImpl::Reference, &g, &x, &w, &mut want);
+            // Small thresholds, and some far outside the popcount's range (every bound clamps).
+            let t = |c: usize| match c % 11 {
+                9 => 1000,
+                10 => -1000,
+                _ => (c as i32 % 7) - 3,
+            };
             let thr: Vec<SignThreshold> =
-                (0..cout).map(|c| SignThreshold { thr: (c as i32 % 7) - 3, negative: c % 3 == 0 }).collect();
+                (0..cout).map(|c| SignThreshold { thr: t(c), negative: c % 3 == 0 }).collect();
             let mut want_bits = vec![0u64; rows * words(cout)];
             threshold_pack(&want, cout, &thr, &mut want_bits);
             let p = PackedPointwise::new(cin, cout, &w).with_thresholds(&thr);
