@@ -168,7 +168,7 @@ pub fn channel_sums_scratch_len(rows: usize, c: usize) -> usize {
 
 /// Per-channel `sum[ch] = sum_r x[r][ch]` and `sumsq[ch] = sum_r (x[r][ch] - shift[ch])^2`
 /// over the rows of `x[rows][c]` (batch-norm statistics; a `shift` near the mean keeps the
-/// squares well conditioned). f32 within blocks of [`ROW_BLOCK`] rows, f64 across blocks.
+/// squares well conditioned). f32 within blocks of `ROW_BLOCK` rows, f64 across blocks.
 pub fn channel_sums(x: &[f32], c: usize, shift: &[f32], sum: &mut [f64], sumsq: &mut [f64], scratch: &mut [f32]) {
     per_channel_reduce(x.len() / c, c, scratch, sum, Some(sumsq), |r, s, q| {
         let x = &x[r.start * c..r.end * c];

@@ -6,7 +6,7 @@
 //! `B*H*W` rows.
 //!
 //! Each kernel family has a plain reference implementation (obvious loops, the oracle; see
-//! [`reference`]) and an optimized one (threaded with rayon, vectorized). The optimized bodies
+//! [`reference`](mod@reference)) and an optimized one (threaded with rayon, vectorized). The optimized bodies
 //! are written once and compiled twice: as portable code and inside
 //! `#[target_feature(enable = "avx2,fma")]` wrappers chosen at run time with
 //! `is_x86_feature_detected!` (see [`dispatch`]). `SBDNET_KERNEL=portable` forces the portable

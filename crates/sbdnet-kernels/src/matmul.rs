@@ -1,7 +1,7 @@
 //! Row-major single-precision matrix products through the `gemm` crate.
 //!
 //! `C[m x n] (+)= op(A)[m x k] * op(B)[k x n]`, where `op` is identity or transpose; a
-//! transpose is only a change of strides. [`sgemm_split_k`] is for the weight-gradient shape
+//! transpose is only a change of strides. [`sgemm_tn_split_k`] is for the weight-gradient shape
 //! (small `m x n`, very long `k`), which `gemm` does not split across threads: it gives each
 //! thread a contiguous slice of `k` and adds the partial products in a fixed order, so the
 //! result is reproducible for a given thread count.

@@ -2,10 +2,10 @@
 //!
 //! - [`graph`]: the deployed layer graph (BatchNorm, `alpha` and binarization thresholds
 //!   folded at export) and its validation.
-//! - [`format`]: the versioned `.sbd` file (a safetensors container: graph JSON in the
+//! - [`format`](mod@format): the versioned `.sbd` file (a safetensors container: graph JSON in the
 //!   metadata, packed sign bits, group masks, integer thresholds, per-channel affines) and
 //!   its hardened loader.
-//! - [`reference`]: a plain `f32` executor for every layer kind, the oracle.
+//! - [`reference`](mod@reference): a plain `f32` executor for every layer kind, the oracle.
 //! - [`plan`]: plan once (choose a kernel per layer, pack, size buffers), run many times
 //!   without allocating: XOR + popcount for binary layers on binary inputs, bit-sliced
 //!   depthwise, add/subtract-only kernels for binary weights on 8-bit activations.

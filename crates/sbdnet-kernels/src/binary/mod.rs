@@ -277,7 +277,7 @@ pub fn threshold_pack(y: &[i32], c: usize, thr: &[SignThreshold], out: &mut [u64
 /// Which implementation a binary kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BinaryImpl {
-    /// Unpack to `+-1` and run plain loops ([`reference`]).
+    /// Unpack to `+-1` and run plain loops ([`reference`](mod@reference)).
     Reference,
     /// Packed kernels with `u64::count_ones`, compiled for the baseline target.
     Portable,
