@@ -402,29 +402,20 @@ impl A8Conv {
     /// AVX-512 layer only finds the scales (`s.inv`), its kernel quantizes as it reads.
     fn quantize(&self, n: usize, x: &[f32], s: &mut QuantScratch, known: bool) {
         let il = self.g.h * self.g.w * self.g.cin;
-        if self.padded() {
-            let (g, pl) = (&self.g, self.padded_len());
-            for b in 0..n {
-                let xb = &x[b * il..][..il];
-                let amax = if known { s.known[b] } else { abs_max_of(xb) };
-                s.inv[b] = 0.0;
-                s.scale[b] = quantize_padded(g, xb, &mut s.qpad[b * pl..][..pl], amax);
-            }
-            return;
-        }
+        let pl = self.padded_len();
         let on_the_fly = self.kind == A8Kind::Pointwise && !matches!(self.signs, Signs::Wide { .. });
         for b in 0..n {
-            let (xb, qb) = (&x[b * il..][..il], &mut s.q[b * il..][..il]);
+            let xb = &x[b * il..][..il];
+            let amax = if known { s.known[b] } else { abs_max_of(xb) };
             s.inv[b] = 0.0;
-            if on_the_fly {
-                let amax = if known { s.known[b] } else { abs_max_of(xb) };
-                if amax > 0.0 && amax.is_finite() {
-                    s.scale[b] = amax / 127.0;
-                    s.inv[b] = 127.0 / amax;
-                    continue;
-                }
-            }
-            s.scale[b] = if known { quantize_with(xb, qb, s.known[b]) } else { quantize(xb, qb) };
+            s.scale[b] = if self.padded() {
+                quantize_padded(&self.g, xb, &mut s.qpad[b * pl..][..pl], amax)
+            } else if on_the_fly && amax > 0.0 && amax.is_finite() {
+                s.inv[b] = 127.0 / amax;
+                amax / 127.0
+            } else {
+                quantize_with(xb, &mut s.q[b * il..][..il], amax)
+            };
         }
     }
 
@@ -571,11 +562,6 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
-/// Quantize to `|q| <= 127` with one scale; returns the scale (`x ~ q * scale`).
-fn quantize(x: &[f32], q: &mut [i16]) -> f32 {
-    quantize_with(x, q, abs_max_of(x))
-}
-
 /// [`quantize_with`] of one `h x w x cin` image of `g` into a `(h + 2 pad) x (w + 2 pad) x
 /// cin` buffer whose border it sets to zero. Returns the scale.
 fn quantize_padded(g: &ConvGeom, x: &[f32], q: &mut [i16], amax: f32) -> f32 {
@@ -600,7 +586,8 @@ fn abs_max_of(x: &[f32]) -> f32 {
     amax[0]
 }
 
-/// [`quantize`] with `max |x|` given.
+/// Quantize to `|q| <= 127` with one scale from `max |x|` (`amax`, NaN skipped); returns the
+/// scale (`x ~ q * scale`; 1 with every `q` zero when `amax` is 0 or not finite).
 fn quantize_with(x: &[f32], q: &mut [i16], amax: f32) -> f32 {
     if !(amax > 0.0 && amax.is_finite()) {
         q.fill(0);
