@@ -424,6 +424,14 @@ mod avx512 {
         }
     }
 
+    /// Lanes where the popcount `a <= K`, given `k1 = K + 1` (16 dwords): the sign bit of
+    /// `a - (K + 1)` by `vpmovd2m`, which runs on port 0, beside the port-5 `VPOPCNT`s, where
+    /// a compare into a mask register would compete with them.
+    #[inline(always)]
+    unsafe fn at_most(a: __m512i, k1: __m512i) -> __mmask16 {
+        _mm512_movepi32_mask(_mm512_sub_epi32(a, k1))
+    }
+
     /// `(x ^ w) & m` in one instruction (`vpternlogq` truth table of `(a ^ b) & c`).
     #[inline(always)]
     unsafe fn xor_and(x: __m512i, w: __m512i, m: __m512i) -> __m512i {
@@ -495,21 +503,18 @@ mod avx512 {
                 }
                 match bits.as_deref_mut() {
                     Some(b) => {
-                        // a <= K as the sign of a - (K + 1) (`vpmovd2m`: port 0, beside the
-                        // port-5 popcounts, where a compare into a mask would compete).
-                        let le = |a: __m512i, k1: __m512i| _mm512_movepi32_mask(_mm512_sub_epi32(a, k1));
                         let word = if nb == 4 {
-                            let m0 = le(acc[0], bound[0]);
-                            let m1 = le(acc[1], bound[1]);
-                            let m2 = le(acc[2], bound[2]);
-                            let m3 = le(acc[3], bound[3]);
+                            let m0 = at_most(acc[0], bound[0]);
+                            let m1 = at_most(acc[1], bound[1]);
+                            let m2 = at_most(acc[2], bound[2]);
+                            let m3 = at_most(acc[3], bound[3]);
                             let lo = _mm512_kunpackw(m1 as u32, m0 as u32);
                             let hi = _mm512_kunpackw(m3 as u32, m2 as u32);
                             _mm512_kunpackd(hi as u64, lo as u64)
                         } else {
                             let mut word = 0u64;
                             for i in 0..nb {
-                                word |= u64::from(le(acc[i], bound[i])) << (L * i);
+                                word |= u64::from(at_most(acc[i], bound[i])) << (L * i);
                             }
                             word
                         };
@@ -557,7 +562,10 @@ mod avx512 {
             }
             if bits.is_some() {
                 for (i, bd) in bound.iter_mut().enumerate().take(nb) {
-                    *bd = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
+                    if nb < REGS {
+                        // A partial pass compares the 64-bit popcounts with `K` directly.
+                        *bd = _mm512_loadu_si512(p.bound.as_ptr().add((b0 + i) * LANES) as *const _);
+                    }
                     let m = p.cout.saturating_sub((b0 + i) * LANES).min(LANES);
                     let valid = if m == LANES { 0xff } else { (1u8 << m) - 1 };
                     pos_word |= u64::from(!p.neg_mask[b0 + i] & valid) << (8 * i);
@@ -608,14 +616,13 @@ mod avx512 {
                         // bit = (a <= K) XOR positive, masked to the valid lanes
                         let word = if nb == REGS {
                             // Two blocks' popcounts (below 2^32: the high halves are zero) as
-                            // 16 dwords by one permute, then `a - (K + 1) < 0` by sign bit
-                            // (`vpmovd2m` runs on port 0; the compare and mask merges this
-                            // replaces, like `VPOPCNTQ`, all run on port 5).
+                            // 16 dwords by one permute, then compared by `at_most` (8 compares
+                            // and 7 mask merges, all on port 5 with `VPOPCNTQ`, become 4
+                            // permutes, 4 `at_most` and 3 merges).
                             let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
                             let mut m = [0 as __mmask16; REGS / 2];
                             for (q, mq) in m.iter_mut().enumerate() {
-                                let a = _mm512_permutex2var_epi32(acc[2 * q], even, acc[2 * q + 1]);
-                                *mq = _mm512_movepi32_mask(_mm512_sub_epi32(a, bound1[q]));
+                                *mq = at_most(_mm512_permutex2var_epi32(acc[2 * q], even, acc[2 * q + 1]), bound1[q]);
                             }
                             let lo = _mm512_kunpackw(m[1] as u32, m[0] as u32);
                             let hi = _mm512_kunpackw(m[3] as u32, m[2] as u32);
