@@ -1084,7 +1084,7 @@ mod avx512 {
             let (sr, or) = (&src[r0 * src_len..(r0 + L) * src_len], &mut out[r0 * out_len..(r0 + L) * out_len]);
             for s0 in (0..src_len).step_by(L) {
                 let n = L.min(src_len - s0);
-                let m = ((1u32 << n) - 1) as __mmask16;
+                let m = first(n);
                 let mut rows = [_mm512_setzero_ps(); L];
                 for (b, x) in rows.iter_mut().enumerate() {
                     *x = _mm512_maskz_loadu_ps(m, sr.as_ptr().add(b * src_len + s0));
@@ -1097,7 +1097,7 @@ mod avx512 {
             for (q, w) in plan.ptr.windows(2).enumerate() {
                 let o0 = q * R;
                 let rlen = R.min(out_len - o0);
-                let om = ((1u32 << rlen) - 1) as __mmask16;
+                let om = first(rlen);
                 let mut acc = [_mm512_setzero_ps(); R];
                 if add {
                     for (b, a) in acc.iter_mut().enumerate() {
@@ -1175,10 +1175,16 @@ mod avx512 {
         out
     }
 
+    /// The first `n <= 16` of 16 lanes.
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
     /// Load `rlen <= 16` floats (zero past them).
     #[inline(always)]
     unsafe fn load_part(s: &[f32], rlen: usize) -> __m512 {
-        _mm512_maskz_loadu_ps(((1u32 << rlen) - 1) as __mmask16, s.as_ptr())
+        _mm512_maskz_loadu_ps(first(rlen), s.as_ptr())
     }
 
     #[inline(always)]
@@ -1219,7 +1225,7 @@ mod avx512 {
                     // Part of the block (a diagonal's end or its wrap): lanes lo..hi by masked
                     // loads, multiply then add (as the AVX2 form's scalar loop), in registers.
                     debug_assert!(e.v as usize + (hi - lo) <= d && e.s as usize + (hi - lo) <= src_len);
-                    let m = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as __mmask16;
+                    let m = first(hi) & !first(lo);
                     // Lane i reads element i - lo of the piece: pointers start `lo` before it
                     // (masked lanes below `lo` are not read).
                     let vv = _mm512_maskz_loadu_ps(m, vk.as_ptr().add(e.v as usize).wrapping_sub(lo));
@@ -1231,7 +1237,7 @@ mod avx512 {
             }
             for (r, a) in acc.iter().enumerate() {
                 let o = &mut out[r * out_len + o0..][..rlen];
-                _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << rlen) - 1) as __mmask16, *a);
+                _mm512_mask_storeu_ps(o.as_mut_ptr(), first(rlen), *a);
             }
         }
     }
