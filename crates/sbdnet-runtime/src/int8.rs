@@ -1215,7 +1215,7 @@ mod avx512 {
     }
 
     /// Output pixels per depthwise pass (independent accumulators).
-    pub const SEG: usize = 16;
+    const SEG: usize = 16;
 
     /// Depthwise over one image (any kernel up to 15 x 15: `225 * 127 < 2^15`), channels in
     /// 16-bit lanes, reading the image quantized into a zero border (`x` as
