@@ -41,7 +41,12 @@
 //!   row-major tile's source loads shift by each diagonal's offset and mostly straddle two
 //!   cache lines); 16 outputs x 16 rows stay in registers and are transposed back at the end
 //!   of the block. Bit-identical to the row-major AVX-512 tile, which keeps the rows past the
-//!   last whole group.
+//!   last whole group. The transposed source takes 64 bytes per element (48 KB for 768
+//!   inputs, 192 KB for 3072: the L1 is 48 KB), so each block's diagonals run in *phases*
+//!   (consecutive runs of the block's plan entries, about 24 KB of source each): every block
+//!   runs phase 1, parking its partial sums, before any runs phase 2. With offsets in
+//!   ascending order a phase reads a window of the source that slides slowly from block to
+//!   block and stays in L1; the per-element order of the terms is unchanged.
 //! - *streaming* (a single row, or output ranges when there are fewer rows than threads):
 //!   `out[i] += a[i] * b[i]` over each whole piece.
 //!
@@ -567,7 +572,7 @@ impl Job<'_> {
             let full = rows / avx512::LANE_ROWS * avx512::LANE_ROWS;
             let (s, o) = (&src[..full * src_len], &mut out[..full * out_len]);
             // SAFETY: AVX-512F is available (checked once per process).
-            unsafe { avx512::batch_lanes(plan, v, d, s, src_len, o, out_len, full, add) };
+            unsafe { avx512::batch_lanes(plan, v, d, s, src_len, o, out_len, full, add, avx512::phases(src_len)) };
             return self.chunk(&src[full * src_len..], &mut out[full * out_len..], rows - full, add);
         }
         #[cfg(target_arch = "x86_64")]
@@ -1072,65 +1077,133 @@ mod avx512 {
         out_len: usize,
         rows: usize,
         add: bool,
+        phases: usize,
     ) {
         const L: usize = LANE_ROWS;
         assert!(rows.is_multiple_of(L) && src.len() >= rows * src_len && out.len() >= rows * out_len);
-        assert!(plan.out_len == out_len && plan.d == d);
-        // Aligned room for src_len registers.
-        let mut buf = vec![0f32; src_len.div_ceil(L) * L * L + L];
-        let shift = buf.as_ptr().align_offset(64);
-        let xt = &mut buf[shift..][..src_len.div_ceil(L) * L * L];
-        for r0 in (0..rows).step_by(L) {
-            let (sr, or) = (&src[r0 * src_len..(r0 + L) * src_len], &mut out[r0 * out_len..(r0 + L) * out_len]);
-            for s0 in (0..src_len).step_by(L) {
-                let n = L.min(src_len - s0);
-                let m = first(n);
-                let mut rows = [_mm512_setzero_ps(); L];
-                for (b, x) in rows.iter_mut().enumerate() {
-                    *x = _mm512_maskz_loadu_ps(m, sr.as_ptr().add(b * src_len + s0));
+        assert!(plan.out_len == out_len && plan.d == d && phases >= 1);
+        let blocks = plan.ptr.len() - 1;
+        // (Taken out of the thread-local rather than borrowed in a closure: a closure would
+        // not inherit this function's target features.)
+        let mut scratch = LANE_SCRATCH.take();
+        {
+            // Aligned room for src_len registers, then (with phases) the blocks' partial sums.
+            let (xt_len, part_len) = (src_len.div_ceil(L) * L * L, if phases > 1 { blocks * R * L } else { 0 });
+            scratch.resize(xt_len + part_len + L, 0.0);
+            let shift = scratch.as_ptr().align_offset(64);
+            let (xt, part) = scratch[shift..][..xt_len + part_len].split_at_mut(xt_len);
+            for r0 in (0..rows).step_by(L) {
+                let (sr, or) = (&src[r0 * src_len..(r0 + L) * src_len], &mut out[r0 * out_len..(r0 + L) * out_len]);
+                for s0 in (0..src_len).step_by(L) {
+                    let n = L.min(src_len - s0);
+                    let m = first(n);
+                    let mut rows = [_mm512_setzero_ps(); L];
+                    for (b, x) in rows.iter_mut().enumerate() {
+                        *x = _mm512_maskz_loadu_ps(m, sr.as_ptr().add(b * src_len + s0));
+                    }
+                    for (j, &c) in transpose(rows).iter().enumerate() {
+                        _mm512_store_ps(xt.as_mut_ptr().add((s0 + j) * L), c);
+                    }
                 }
-                for (j, &c) in transpose(rows).iter().enumerate() {
-                    _mm512_store_ps(xt.as_mut_ptr().add((s0 + j) * L), c);
+                for phase in 0..phases {
+                    lane_phase(plan, v, xt, or, out_len, part, add, phase, phases);
                 }
             }
-            let xp = xt.as_ptr();
-            for (q, w) in plan.ptr.windows(2).enumerate() {
-                let o0 = q * R;
-                let rlen = R.min(out_len - o0);
-                let om = first(rlen);
-                let mut acc = [_mm512_setzero_ps(); R];
-                if add {
-                    for (b, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_maskz_loadu_ps(om, or.as_ptr().add(b * out_len + o0));
-                    }
-                    acc = transpose(acc);
+        }
+        LANE_SCRATCH.set(scratch);
+    }
+
+    thread_local! {
+        /// Per-thread scratch of [`batch_lanes`]: the transposed source and the partial sums
+        /// between phases (kept between calls, so a training step does not allocate them).
+        static LANE_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Transposed-source bytes one phase of [`batch_lanes`] should touch: half of a 48 KB L1
+    /// data cache, leaving room for the values streaming through and the accumulators.
+    const PHASE_BYTES: usize = 24 << 10;
+
+    /// Phases of [`batch_lanes`] for a source `src_len` long: each block's entries are split
+    /// into this many consecutive runs, and every block runs its first run before any block
+    /// runs its second. With offsets in ascending order (as `DiagMatrix::random` and frozen
+    /// layers keep them) a block's entries read the source in one cyclic sweep, so a run
+    /// reads about `1 / phases` of it and consecutive blocks' runs overlap: the transposed
+    /// source (64 bytes per element) stays in L1 instead of being swept from L2 by every
+    /// block. Any order is still correct, only slower.
+    pub(super) fn phases(src_len: usize) -> usize {
+        (src_len * LANE_ROWS * 4).div_ceil(PHASE_BYTES).max(1)
+    }
+
+    /// One phase of [`batch_lanes`] over every output block of one pass: run `phase` of
+    /// `phases` of each block's entries, starting from the partial sums of the previous phase
+    /// (`part`, 16 x 16 per block in lane order) or from the output (first phase), and
+    /// leaving them in `part` or, transposed back, in the output (last phase). The stores and
+    /// reloads are exact, so the sum per output element is the one of a single pass.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lane_phase(
+        plan: &Plan,
+        v: &[f32],
+        xt: &[f32],
+        or: &mut [f32],
+        out_len: usize,
+        part: &mut [f32],
+        add: bool,
+        phase: usize,
+        phases: usize,
+    ) {
+        const L: usize = LANE_ROWS;
+        let xp = xt.as_ptr();
+        for (q, w) in plan.ptr.windows(2).enumerate() {
+            let o0 = q * R;
+            let rlen = R.min(out_len - o0);
+            let om = first(rlen);
+            let n = w[1] - w[0];
+            let (e0, e1) = (w[0] + n * phase / phases, w[0] + n * (phase + 1) / phases);
+            let pq = part.as_mut_ptr().wrapping_add(q * R * L);
+            let mut acc = [_mm512_setzero_ps(); R];
+            if phase > 0 {
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_load_ps(pq.add(t * L));
                 }
-                let bases = &plan.bases[w[0]..w[1]];
-                for (i, (e, base)) in plan.entries[w[0]..w[1]].iter().zip(bases).enumerate() {
-                    // The values of an entry a few ahead: each entry reads 64 bytes of a
-                    // different diagonal (from L2), which no hardware prefetcher predicts.
-                    let ahead = plan.bases.get(w[0] + i + PREFETCH).map_or(0, |b| b[0] as isize + 8);
-                    _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_offset(ahead).cast());
-                    let (lo, hi) = (e.lo as usize, e.hi as usize);
-                    debug_assert!(e.v as usize + (hi - lo) <= d && e.s as usize + (hi - lo) <= src_len);
-                    // Output t reads element t - lo of the piece: lane bases, wrapping.
-                    let vp = v.as_ptr().wrapping_offset(base[0] as isize);
-                    let sp = xp.wrapping_offset(base[1] as isize * L as isize);
-                    if hi - lo == R {
-                        for (t, a) in acc.iter_mut().enumerate() {
+            } else if add {
+                for (b, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(om, or.as_ptr().add(b * out_len + o0));
+                }
+                acc = transpose(acc);
+            }
+            for (i, (e, base)) in plan.entries[e0..e1].iter().zip(&plan.bases[e0..e1]).enumerate() {
+                // The values of an entry a few ahead: each entry reads 64 bytes of a
+                // different diagonal (from L2), which no hardware prefetcher predicts; both
+                // lines, as the 16 values are not aligned to a line in the scatter form.
+                let ahead = plan.bases.get(e0 + i + PREFETCH).map_or(0, |b| b[0] as isize);
+                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_offset(ahead).cast());
+                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_offset(ahead + 15).cast());
+                let (lo, hi) = (e.lo as usize, e.hi as usize);
+                debug_assert!(e.v as usize + (hi - lo) <= plan.d && e.s as usize + (hi - lo) <= xt.len() / L);
+                // Output t reads element t - lo of the piece: lane bases, wrapping.
+                let vp = v.as_ptr().wrapping_offset(base[0] as isize);
+                let sp = xp.wrapping_offset(base[1] as isize * L as isize);
+                if hi - lo == R {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st), *a);
+                    }
+                } else {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        if t >= lo && t < hi {
                             let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
-                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st), *a);
-                        }
-                    } else {
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            if t >= lo && t < hi {
-                                let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
-                                let p = _mm512_mul_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st));
-                                *a = _mm512_add_ps(*a, p);
-                            }
+                            let p = _mm512_mul_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st));
+                            *a = _mm512_add_ps(*a, p);
                         }
                     }
                 }
+            }
+            if phase + 1 < phases {
+                for (t, &a) in acc.iter().enumerate() {
+                    _mm512_store_ps(pq.add(t * L), a);
+                }
+            } else {
                 for (b, &y) in transpose(acc).iter().enumerate() {
                     _mm512_mask_storeu_ps(or.as_mut_ptr().add(b * out_len + o0), om, y);
                 }
@@ -1515,14 +1588,21 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(5);
-        for &(m, n, sp) in
-            &[(96, 32, 0.9), (32, 96, 0.8), (50, 70, 0.5), (128, 128, 0.95), (17, 300, 0.7), (300, 17, 0.6)]
-        {
+        for &(m, n, sp) in &[
+            (96, 32, 0.9),
+            (32, 96, 0.8),
+            (50, 70, 0.5),
+            (128, 128, 0.95),
+            (17, 300, 0.7),
+            (300, 17, 0.6),
+            (40, 800, 0.9),
+        ] {
             let w = DiagMatrix::from_sparsity(m, n, sp, &mut rng).unwrap();
             let (d, l, v) = (w.diag_len(), w.candidates(), w.values());
             let plans = w.plans();
             for (plan, src_len, out_len) in [(&plans.scatter, d, l), (&plans.gather, l, d)] {
-                for rows in [16usize, 48, 64] {
+                // Phases split each block's entries; 7 leaves some blocks' runs empty.
+                for (rows, phases) in [(16usize, 1usize), (48, 2), (64, 3), (16, 7), (32, avx512::phases(src_len))] {
                     for add in [false, true] {
                         let src: Vec<f32> = (0..rows * src_len).map(|_| rng.normal()).collect();
                         let out0: Vec<f32> = (0..rows * out_len).map(|_| rng.normal()).collect();
@@ -1530,10 +1610,11 @@ mod tests {
                         // SAFETY: AVX-512F checked above.
                         unsafe {
                             avx512::plan_chunk(plan, v, d, &src, src_len, &mut a, out_len, rows, add);
-                            avx512::batch_lanes(plan, v, d, &src, src_len, &mut b, out_len, rows, add);
+                            avx512::batch_lanes(plan, v, d, &src, src_len, &mut b, out_len, rows, add, phases);
                         }
                         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&a), bits(&b), "{m}x{n} s{sp} rows {rows} add {add} out_len {out_len}");
+                        let what = format!("{m}x{n} s{sp} rows {rows} phases {phases} add {add} out_len {out_len}");
+                        assert_eq!(bits(&a), bits(&b), "{what}");
                     }
                 }
             }
