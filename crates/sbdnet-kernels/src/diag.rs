@@ -678,15 +678,21 @@ struct Entry {
     hi: u8,
 }
 
+/// Dummy entries after a plan's last [`Plan::lanes`] entry (at least the prefetch distance).
+const LANE_PAD: usize = 8;
+
 /// Entries of every output block, blocks in order, diagonals in storage order within a block.
 #[derive(Clone, Debug)]
 struct Plan {
     out_len: usize,
     ptr: Vec<usize>,
     entries: Vec<Entry>,
-    /// Per entry, where output lane 0 would read: `[k * d + v - lo, s - lo]` (wrapping), so
-    /// the batch-in-lanes kernel adds lane offsets to one base each.
-    bases: Vec<[i32; 2]>,
+    /// Per entry, for the batch-in-lanes kernel: where output lane 0 would read the values,
+    /// `k * d + v - lo` (wrapping), and the transposed source, in bytes, `64 * (s - lo)`,
+    /// with bit 0 set when the entry is partial (`lo > 0` or `hi < 16`: then `entries` has
+    /// the span). [`LANE_PAD`] dummy entries follow the last, so a prefetch a few entries
+    /// ahead needs no bounds check.
+    lanes: Vec<[i32; 2]>,
     /// Diagonal length the bases were computed with.
     d: usize,
 }
@@ -705,14 +711,15 @@ impl Plan {
             let c = |x: usize| u32::try_from(x).expect("diagonal matrix larger than 2^32");
             self.entries.push(Entry { k: c(k), v: c(v), s: c(s), lo: lo as u8, hi: hi as u8 });
             let i = |x: usize| i32::try_from(x).expect("diagonal matrix larger than 2^31") - lo as i32;
-            self.bases.push([i(k * self.d + v), i(s)]);
+            let bytes = i(s).checked_mul(64).expect("diagonal matrix wider than 2^25");
+            self.lanes.push([i(k * self.d + v), bytes | i32::from(hi - lo != R)]);
         }
     }
 
     /// Scatter form: `out[t] += V[k][j] * src[j]` with `t = (j + off) mod l`, `out` `l` long.
     /// Lane `i` of block `t0` has `j = (t0 + i - off) mod l`, valid when `j < d`.
     fn scatter(offs: &[usize], d: usize, l: usize) -> Plan {
-        let mut p = Plan { out_len: l, ptr: vec![0], entries: Vec::new(), bases: Vec::new(), d };
+        let mut p = Plan { out_len: l, ptr: vec![0], entries: Vec::new(), lanes: Vec::new(), d };
         for t0 in (0..l).step_by(R) {
             let rlen = R.min(l - t0);
             for (k, &off) in offs.iter().enumerate() {
@@ -727,12 +734,13 @@ impl Plan {
             }
             p.ptr.push(p.entries.len());
         }
+        p.lanes.extend([[0, 0]; LANE_PAD]);
         p
     }
 
     /// Gather form: `out[j] += V[k][j] * src[(j + off) mod l]`, `out` `d` long.
     fn gather(offs: &[usize], d: usize, l: usize) -> Plan {
-        let mut p = Plan { out_len: d, ptr: vec![0], entries: Vec::new(), bases: Vec::new(), d };
+        let mut p = Plan { out_len: d, ptr: vec![0], entries: Vec::new(), lanes: Vec::new(), d };
         for j0 in (0..d).step_by(R) {
             let rlen = R.min(d - j0);
             for (k, &off) in offs.iter().enumerate() {
@@ -745,6 +753,7 @@ impl Plan {
             }
             p.ptr.push(p.entries.len());
         }
+        p.lanes.extend([[0, 0]; LANE_PAD]);
         p
     }
 }
@@ -1153,7 +1162,9 @@ mod avx512 {
         phases: usize,
     ) {
         const L: usize = LANE_ROWS;
+        const { assert!(PREFETCH <= super::LANE_PAD) };
         let xp = xt.as_ptr();
+        debug_assert!(plan.lanes.len() == plan.entries.len() + super::LANE_PAD);
         for (q, w) in plan.ptr.windows(2).enumerate() {
             let o0 = q * R;
             let rlen = R.min(out_len - o0);
@@ -1172,24 +1183,29 @@ mod avx512 {
                 }
                 acc = transpose(acc);
             }
-            for (i, (e, base)) in plan.entries[e0..e1].iter().zip(&plan.bases[e0..e1]).enumerate() {
+            // Raw pointers over the entries: the loop's bookkeeping is most of what a
+            // multiply-add costs beyond its two loads, so no bounds checks or spans here.
+            let (lp, vb) = (plan.lanes.as_ptr(), v.as_ptr());
+            for e in e0..e1 {
+                let [vo, so] = *lp.add(e);
                 // The values of an entry a few ahead: each entry reads 64 bytes of a
                 // different diagonal (from L2), which no hardware prefetcher predicts; both
                 // lines, as the 16 values are not aligned to a line in the scatter form.
-                let ahead = plan.bases.get(e0 + i + PREFETCH).map_or(0, |b| b[0] as isize);
-                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_offset(ahead).cast());
-                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_offset(ahead + 15).cast());
-                let (lo, hi) = (e.lo as usize, e.hi as usize);
-                debug_assert!(e.v as usize + (hi - lo) <= plan.d && e.s as usize + (hi - lo) <= xt.len() / L);
+                let ahead = vb.wrapping_offset((*lp.add(e + PREFETCH))[0] as isize);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(15).cast());
                 // Output t reads element t - lo of the piece: lane bases, wrapping.
-                let vp = v.as_ptr().wrapping_offset(base[0] as isize);
-                let sp = xp.wrapping_offset(base[1] as isize * L as isize);
-                if hi - lo == R {
+                let vp = vb.wrapping_offset(vo as isize);
+                let sp = xp.cast::<u8>().wrapping_offset((so & !1) as isize).cast::<f32>();
+                if so & 1 == 0 {
                     for (t, a) in acc.iter_mut().enumerate() {
                         let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
                         *a = _mm512_fmadd_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st), *a);
                     }
                 } else {
+                    let en = &plan.entries[e];
+                    let (lo, hi) = (en.lo as usize, en.hi as usize);
+                    debug_assert!(en.v as usize + (hi - lo) <= plan.d && en.s as usize + (hi - lo) <= xt.len() / L);
                     for (t, a) in acc.iter_mut().enumerate() {
                         if t >= lo && t < hi {
                             let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
