@@ -693,7 +693,7 @@ struct Plan {
     /// the span). [`LANE_PAD`] dummy entries follow the last, so a prefetch a few entries
     /// ahead needs no bounds check.
     lanes: Vec<[i32; 2]>,
-    /// Diagonal length the bases were computed with.
+    /// Diagonal length the records were computed with.
     d: usize,
 }
 
@@ -1134,7 +1134,7 @@ mod avx512 {
 
     /// Phases of [`batch_lanes`] for a source `src_len` long: each block's entries are split
     /// into this many consecutive runs, and every block runs its first run before any block
-    /// runs its second. With offsets in ascending order (as `DiagMatrix::random` and frozen
+    /// runs its second. With offsets in ascending order (as `DiagMatrix::from_sparsity` and frozen
     /// layers keep them) a block's entries read the source in one cyclic sweep, so a run
     /// reads about `1 / phases` of it and consecutive blocks' runs overlap: the transposed
     /// source (64 bytes per element) stays in L1 instead of being swept from L2 by every
@@ -1187,6 +1187,8 @@ mod avx512 {
             // multiply-add costs beyond its two loads, so no bounds checks or spans here.
             let (lp, vb) = (plan.lanes.as_ptr(), v.as_ptr());
             for e in e0..e1 {
+                // In bounds: e < e1 <= entries.len(), and `lanes` holds LANE_PAD >= PREFETCH
+                // more records than there are entries.
                 let [vo, so] = *lp.add(e);
                 // The values of an entry a few ahead: each entry reads 64 bytes of a
                 // different diagonal (from L2), which no hardware prefetcher predicts; both
@@ -1198,6 +1200,12 @@ mod avx512 {
                 let vp = vb.wrapping_offset(vo as isize);
                 let sp = xp.cast::<u8>().wrapping_offset((so & !1) as isize).cast::<f32>();
                 if so & 1 == 0 {
+                    // A whole entry: values v..v + 16 of diagonal k, source s..s + 16 (the plan
+                    // built them inside V and the source).
+                    debug_assert!({
+                        let en = &plan.entries[e];
+                        en.v as usize + R <= plan.d && (en.s as usize + R) * L <= xt.len()
+                    });
                     for (t, a) in acc.iter_mut().enumerate() {
                         let (vt, st) = (vp.wrapping_add(t), sp.wrapping_add(t * L));
                         *a = _mm512_fmadd_ps(_mm512_set1_ps(*vt), _mm512_load_ps(st), *a);
