@@ -1098,7 +1098,12 @@ mod avx512 {
         {
             // Aligned room for src_len registers, then (with phases) the blocks' partial sums.
             let (xt_len, part_len) = (src_len.div_ceil(L) * L * L, if phases > 1 { blocks * R * L } else { 0 });
-            scratch.resize(xt_len + part_len + L, 0.0);
+            // Grow only: every element a pass reads it has written first, so a training step
+            // alternating forward (short source) and input gradient (long source) re-zeroes
+            // nothing.
+            if scratch.len() < xt_len + part_len + L {
+                scratch.resize(xt_len + part_len + L, 0.0);
+            }
             let shift = scratch.as_ptr().align_offset(64);
             let (xt, part) = scratch[shift..][..xt_len + part_len].split_at_mut(xt_len);
             for r0 in (0..rows).step_by(L) {
