@@ -567,7 +567,11 @@ impl Job<'_> {
         }
         let (plan, v, d) = (self.plan, self.v, self.d);
         #[cfg(target_arch = "x86_64")]
-        if kernel_path() == KernelPath::Avx2 && avx512_available() && rows >= avx512::LANE_ROWS {
+        if kernel_path() == KernelPath::Avx2
+            && avx512_available()
+            && rows >= avx512::LANE_ROWS
+            && !plan.lanes.is_empty()
+        {
             // Whole passes of 16 rows with the batch in the lanes, the rest row-major.
             let full = rows / avx512::LANE_ROWS * avx512::LANE_ROWS;
             let (s, o) = (&src[..full * src_len], &mut out[..full * out_len]);
@@ -681,6 +685,9 @@ struct Entry {
 /// Dummy entries after a plan's last [`Plan::lanes`] entry (at least the prefetch distance).
 const LANE_PAD: usize = 8;
 
+/// Longest source the batch-in-lanes records can address (byte offsets `64 * s` in `i32`).
+const LANE_MAX_SRC: usize = i32::MAX as usize / 64 - R;
+
 /// Entries of every output block, blocks in order, diagonals in storage order within a block.
 #[derive(Clone, Debug)]
 struct Plan {
@@ -691,7 +698,8 @@ struct Plan {
     /// `k * d + v - lo` (wrapping), and the transposed source, in bytes, `64 * (s - lo)`,
     /// with bit 0 set when the entry is partial (`lo > 0` or `hi < 16`: then `entries` has
     /// the span). [`LANE_PAD`] dummy entries follow the last, so a prefetch a few entries
-    /// ahead needs no bounds check.
+    /// ahead needs no bounds check. Empty when the source is longer than [`LANE_MAX_SRC`]
+    /// (the byte offsets would not fit): the row-major kernels then take every row.
     lanes: Vec<[i32; 2]>,
     /// Diagonal length the records were computed with.
     d: usize,
@@ -711,8 +719,19 @@ impl Plan {
             let c = |x: usize| u32::try_from(x).expect("diagonal matrix larger than 2^32");
             self.entries.push(Entry { k: c(k), v: c(v), s: c(s), lo: lo as u8, hi: hi as u8 });
             let i = |x: usize| i32::try_from(x).expect("diagonal matrix larger than 2^31") - lo as i32;
-            let bytes = i(s).checked_mul(64).expect("diagonal matrix wider than 2^25");
+            // Wraps only for sources past LANE_MAX_SRC, whose records `finish` drops.
+            let bytes = i(s).wrapping_mul(64);
             self.lanes.push([i(k * self.d + v), bytes | i32::from(hi - lo != R)]);
+        }
+    }
+
+    /// Pad the batch-in-lanes records for a source `src_len` long, or drop them when it is
+    /// longer than [`LANE_MAX_SRC`].
+    fn finish(&mut self, src_len: usize) {
+        if src_len > LANE_MAX_SRC {
+            self.lanes = Vec::new();
+        } else {
+            self.lanes.extend([[0, 0]; LANE_PAD]);
         }
     }
 
@@ -734,7 +753,7 @@ impl Plan {
             }
             p.ptr.push(p.entries.len());
         }
-        p.lanes.extend([[0, 0]; LANE_PAD]);
+        p.finish(d);
         p
     }
 
@@ -753,7 +772,7 @@ impl Plan {
             }
             p.ptr.push(p.entries.len());
         }
-        p.lanes.extend([[0, 0]; LANE_PAD]);
+        p.finish(l);
         p
     }
 }
@@ -1090,7 +1109,7 @@ mod avx512 {
     ) {
         const L: usize = LANE_ROWS;
         assert!(rows.is_multiple_of(L) && src.len() >= rows * src_len && out.len() >= rows * out_len);
-        assert!(plan.out_len == out_len && plan.d == d && phases >= 1);
+        assert!(plan.out_len == out_len && plan.d == d && phases >= 1 && !plan.lanes.is_empty());
         let blocks = plan.ptr.len() - 1;
         // (Taken out of the thread-local rather than borrowed in a closure: a closure would
         // not inherit this function's target features.)
@@ -1579,6 +1598,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Batch-in-lanes records exist (padded) up to the longest addressable source and are
+    /// dropped past it, so such a matrix takes the row-major kernels instead of a panic.
+    #[test]
+    fn lane_records_only_for_addressable_sources() {
+        let fits = Plan::gather(&[0, 5], 1, LANE_MAX_SRC);
+        assert_eq!(fits.lanes.len(), fits.entries.len() + LANE_PAD);
+        // One-output blocks (d = 1) are partial (bit 0); diagonal 1 reads source element 5.
+        assert_eq!(fits.lanes[..2], [[0, 1], [1, 5 * 64 + 1]]);
+        let past = Plan::gather(&[0, 5], 1, LANE_MAX_SRC + 1);
+        assert!(past.lanes.is_empty() && past.entries.len() == fits.entries.len());
+        let scatter = Plan::scatter(&[3], 20, 40);
+        assert_eq!(scatter.lanes.len(), scatter.entries.len() + LANE_PAD);
     }
 
     /// The 16 x 16 register transpose against the index definition.
