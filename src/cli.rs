@@ -132,7 +132,7 @@ pub struct InferArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Images per run of the planned executor.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub batch: usize,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -603,7 +603,7 @@ pub struct BenchModelArgs {
     /// A `.sbd` file written by `sbdnet export`.
     pub model: PathBuf,
     /// Images per run.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub batch: usize,
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
@@ -775,4 +775,13 @@ fn default_distill_weight() -> f32 {
 
 fn default_distill_temperature() -> f32 {
     4.0
+}
+
+/// A count that must be at least 1 (`--batch`): refused by the parser with the reason.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }

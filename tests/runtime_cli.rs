@@ -94,7 +94,17 @@ fn damaged_or_wrong_files_are_clear_errors() {
     }
     let missing = dir.join("missing.sbd");
     let out = sbdnet(&["infer", missing.to_str().unwrap(), "--dataset", "digits"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("missing.sbd"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("missing.sbd"), "{err}");
+    // The cause once, not repeated by the error chain.
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    // A directory that is not a training run, and a batch of 0, are named as such.
+    let out = sbdnet(&["eval", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not a training run directory"), "{err}");
+    let out = sbdnet(&["bench", "model", f.to_str().unwrap(), "--batch", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("at least 1"), "{err}");
     // A model for other inputs is refused for a data set it does not fit (3 channels vs 1).
     let m = dir.join("rgb.sbd");
     let args = ["export", "--model", "dscnn", "--precision", "w1a1", "--input", "12x12x3", "-o", m.to_str().unwrap()];

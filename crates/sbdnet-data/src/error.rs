@@ -6,13 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or directory could not be read or written.
-    #[error("I/O error on {path}: {source}; check that the path exists and is accessible")]
+    #[error("I/O error on {path}: {cause}; check that the path exists and is accessible")]
     Io {
         /// The path involved.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The cause (part of the message, not a `source()`: the binary prints error chains, which would repeat it).
+        cause: std::io::Error,
     },
     /// The data set is not present in the data directory.
     #[error("{}", not_installed_message(name, dir))]
@@ -74,7 +73,7 @@ fn not_installed_message(name: &str, dir: &std::path::Path) -> String {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io { path: path.into(), cause: source }
     }
 
     pub(crate) fn format(reason: impl Into<String>) -> Self {

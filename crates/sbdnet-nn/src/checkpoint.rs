@@ -33,7 +33,7 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> NnError {
-    NnError::Io { path: path.display().to_string(), source }
+    NnError::Io { path: path.display().to_string(), cause: source }
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> NnError {
@@ -91,6 +91,12 @@ impl Checkpoint {
         let cfg_path = dir.join(CONFIG_FILE);
         if !dir.is_dir() {
             return Err(bad(dir, "no such directory (train a model with `sbdnet train --out DIR` first)"));
+        }
+        if !cfg_path.exists() {
+            return Err(bad(
+                dir,
+                format!("no {CONFIG_FILE} here: not a training run directory (`sbdnet train --out DIR` writes one)"),
+            ));
         }
         let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
         let config: ModelConfig =

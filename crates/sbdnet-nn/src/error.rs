@@ -20,12 +20,12 @@ pub enum NnError {
     #[error("bad input: {0}")]
     Input(String),
     /// Checkpoint I/O failed.
-    #[error("checkpoint {path}: {source}")]
+    #[error("checkpoint {path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (part of the message, not a `source()`: the binary prints error chains, which would repeat it).
+        cause: std::io::Error,
     },
     /// A checkpoint that cannot be read or does not fit the model.
     #[error("checkpoint {path} is not usable: {reason}")]

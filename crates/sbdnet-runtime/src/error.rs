@@ -6,13 +6,12 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum RuntimeError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
+        /// The cause (part of the message, not a `source()`: the binary prints error chains, which would repeat it).
+        cause: std::io::Error,
     },
     /// The bytes are not a valid `.sbd` file (truncated, corrupted, wrong version).
     #[error("{path}: not a valid sbdnet model file: {reason}")]

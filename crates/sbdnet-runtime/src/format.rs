@@ -74,15 +74,14 @@ impl DeployedModel {
     pub fn save(&self, path: &Path) -> Result<(), RuntimeError> {
         let bytes = self.to_bytes()?;
         let tmp = path.with_extension("sbd.tmp");
-        let io = |p: &Path, e| RuntimeError::Io { path: p.display().to_string(), source: e };
+        let io = |p: &Path, e| RuntimeError::Io { path: p.display().to_string(), cause: e };
         std::fs::write(&tmp, &bytes).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| io(path, e))
     }
 
     /// Read and validate a `.sbd` file.
     pub fn load(path: &Path) -> Result<Self, RuntimeError> {
-        let bytes =
-            std::fs::read(path).map_err(|e| RuntimeError::Io { path: path.display().to_string(), source: e })?;
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::Io { path: path.display().to_string(), cause: e })?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
