@@ -1037,6 +1037,7 @@ fn avx512_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Plan, R};
+    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     const TILE: usize = 12;
@@ -1259,6 +1260,163 @@ mod avx512 {
         }
     }
 
+    /// Transposed-row bytes one tile of [`values_lanes`] holds (both operands): the rows
+    /// of a tile of passes stay in L2 while every diagonal reads them.
+    const DV_TILE_BYTES: usize = 1 << 20;
+
+    /// Passes of 16 batch rows per tile of [`values_lanes`] for rows of `d` (`a`) and `l`
+    /// (`src`) elements.
+    pub(super) fn dv_passes(l: usize, d: usize, batch: usize) -> usize {
+        let per = (d.div_ceil(LANE_ROWS) + l.div_ceil(LANE_ROWS) + 1) * LANE_ROWS * LANE_ROWS * 4;
+        (DV_TILE_BYTES / per).clamp(1, batch.div_ceil(LANE_ROWS))
+    }
+
+    /// `rows <= 16 * np` rows of `x` (each `len` long) with the batch in the lanes: element
+    /// `t` of pass `p` (rows `16 p .. 16 p + 16`, zero past `rows`) at `out[(t * np + p) * 16..]`,
+    /// so one element's passes are consecutive registers.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_to_lanes(x: &[f32], len: usize, rows: usize, np: usize, out: &mut [f32]) {
+        const L: usize = LANE_ROWS;
+        assert!(rows <= np * L && x.len() >= rows * len && out.len() >= len.div_ceil(L) * L * np * L);
+        for p in 0..np {
+            for t0 in (0..len).step_by(L) {
+                let m = first(L.min(len - t0));
+                let mut r = [_mm512_setzero_ps(); L];
+                for (i, v) in r.iter_mut().enumerate() {
+                    let b = p * L + i;
+                    if b < rows {
+                        *v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(b * len + t0));
+                    }
+                }
+                for (j, &c) in transpose(r).iter().enumerate() {
+                    _mm512_store_ps(out.as_mut_ptr().add(((t0 + j) * np + p) * L), c);
+                }
+            }
+        }
+    }
+
+    /// Lane `t` of the result = the sum of the 16 lanes of `r[t]` (30 shuffles, 15 adds:
+    /// pairs of registers, then pairs of pairs, then across the 128-bit quarters).
+    #[inline(always)]
+    pub(super) unsafe fn sum_lanes(r: [__m512; 16]) -> __m512 {
+        // c[i], quarter q: (r[2i], r[2i+1], r[2i], r[2i+1]) partial sums of that quarter.
+        let mut c = [_mm512_setzero_ps(); 8];
+        for (i, c) in c.iter_mut().enumerate() {
+            let (a, b) = (r[2 * i], r[2 * i + 1]);
+            *c = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        // e[g], quarter q: the quarter's sums of r[4g], r[4g+1], r[4g+2], r[4g+3].
+        let mut e = [_mm512_setzero_ps(); 4];
+        for (g, e) in e.iter_mut().enumerate() {
+            let (x, y) = (_mm512_castps_pd(c[2 * g]), _mm512_castps_pd(c[2 * g + 1]));
+            let (lo, hi) = (_mm512_unpacklo_pd(x, y), _mm512_unpackhi_pd(x, y));
+            *e = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+        }
+        // Quarter g of the result: the sum of e[g]'s four quarters.
+        let (g01, g23) = (fold_quarters(e[0], e[1]), fold_quarters(e[2], e[3]));
+        fold_quarters(g01, g23)
+    }
+
+    /// Quarters (a0 + a1, a2 + a3, b0 + b1, b2 + b3) of two registers' 128-bit quarters.
+    /// (A function, not a closure: a closure would not inherit the caller's target features.)
+    #[inline(always)]
+    unsafe fn fold_quarters(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+    }
+
+    /// The value gradient with the batch in the lanes, for `batch >= 16`:
+    /// `dv[k][j] += sum_b a[b][j] * src[b][(j + offs[k]) mod l]`. Per tile of passes (16 rows
+    /// each, [`dv_passes`] of them) both operands are transposed once into a scratch (`src`
+    /// with its first 16 elements repeated after its end, so a block never wraps); then for
+    /// each block of 16 `j` and each diagonal, 16 registers accumulate `a[.][j] *
+    /// src[.][t]` over the tile's passes (aligned loads, one multiply-add per 16 rows) and
+    /// [`sum_lanes`] folds them into 16 sums added to `dv`. Diagonals are split across
+    /// threads when `par`. The sums run in another order than the row-major kernel's (per
+    /// lane, then across lanes), so the results agree to rounding, not bit for bit.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn values_lanes(
+        l: usize,
+        d: usize,
+        offs: &[usize],
+        a: &[f32],
+        src: &[f32],
+        batch: usize,
+        dv: &mut [f32],
+        par: bool,
+    ) {
+        const L: usize = LANE_ROWS;
+        assert!(a.len() >= batch * d && src.len() >= batch * l && dv.len() >= offs.len() * d);
+        assert!(offs.iter().all(|&o| o < l) && d <= l);
+        let pt = dv_passes(l, d, batch);
+        let (dp, lp) = (d.div_ceil(L) * L, l.div_ceil(L) * L + L);
+        let mut scratch = DV_SCRATCH.take();
+        if scratch.len() < (dp + lp) * pt * L + L {
+            scratch.resize((dp + lp) * pt * L + L, 0.0);
+        }
+        {
+            let shift = scratch.as_ptr().align_offset(64);
+            let (at, st) = scratch[shift..][..(dp + lp) * pt * L].split_at_mut(dp * pt * L);
+            // Tiles of equal numbers of passes (13 passes in tiles of at most 4: 4, 3, 3, 3,
+            // not 4, 4, 4, 1: a one-pass tile costs the lane sums of a whole one).
+            let passes = batch.div_ceil(L);
+            let pt = passes.div_ceil(passes.div_ceil(pt));
+            for r0 in (0..batch).step_by(pt * L) {
+                let rows = (pt * L).min(batch - r0);
+                let np = rows.div_ceil(L);
+                rows_to_lanes(&a[r0 * d..(r0 + rows) * d], d, rows, np, at);
+                rows_to_lanes(&src[r0 * l..(r0 + rows) * l], l, rows, np, st);
+                // Elements l .. l + 16: elements 0 .. 16 again (mod l).
+                for e in l..l + L {
+                    let from = (e % l) * np * L;
+                    st.copy_within(from..from + np * L, e * np * L);
+                }
+                let (at, st) = (&*at, &*st);
+                let per = offs.len().div_ceil(crate::threads().max(1));
+                if par && per < offs.len() {
+                    dv[..offs.len() * d].par_chunks_mut(per * d).zip(offs.par_chunks(per)).for_each(|(g, o)| {
+                        // SAFETY: AVX-512F, as for the caller.
+                        unsafe { values_block(l, d, o, at, st, np, g) }
+                    });
+                } else {
+                    values_block(l, d, offs, at, st, np, dv);
+                }
+            }
+        }
+        DV_SCRATCH.set(scratch);
+    }
+
+    thread_local! {
+        /// Per-thread scratch of [`values_lanes`]: both operands with the batch in the lanes.
+        static DV_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// The diagonals `offs` of [`values_lanes`] over one tile of `np` passes (`dv` holds their
+    /// rows).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values_block(l: usize, d: usize, offs: &[usize], at: &[f32], st: &[f32], np: usize, dv: &mut [f32]) {
+        const L: usize = LANE_ROWS;
+        let stride = np * L;
+        debug_assert!(at.len() >= d.div_ceil(L) * L * stride && st.len() >= (l + L) * stride);
+        for j0 in (0..d).step_by(L) {
+            let m = first(L.min(d - j0));
+            let ap = at.as_ptr().add(j0 * stride);
+            for (k, &o) in offs.iter().enumerate() {
+                // In bounds: t0 < l, and the scratch repeats 16 elements past l.
+                let sp = st.as_ptr().add(((j0 + o) % l) * stride);
+                let mut acc = [_mm512_setzero_ps(); L];
+                for p in 0..np {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let i = t * stride + p * L;
+                        *a = _mm512_fmadd_ps(_mm512_load_ps(ap.add(i)), _mm512_load_ps(sp.add(i)), *a);
+                    }
+                }
+                let dst = dv.as_mut_ptr().add(k * d + j0);
+                _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), sum_lanes(acc)));
+            }
+        }
+    }
+
     /// The transpose of a 16 x 16 block held as 16 rows: `out[j]` lane `i` = `r[i]` lane `j`
     /// (64 shuffles: 32-bit and 64-bit unpacks, then two rounds of 128-bit lane shuffles).
     #[inline(always)]
@@ -1468,6 +1626,12 @@ fn dv_chunk_dispatch(l: usize, d: usize, offs: &[usize], a: &[f32], src: &[f32],
 fn values_grad(l: usize, d: usize, offs: &[usize], a: &[f32], src: &[f32], batch: usize, dv: &mut [f32]) {
     let threads = crate::threads();
     let kk = offs.len();
+    #[cfg(target_arch = "x86_64")]
+    if kernel_path() == KernelPath::Avx2 && avx512_available() && batch >= avx512::LANE_ROWS {
+        let par = threads > 1 && batch * kk * d >= PAR_MIN_WORK;
+        // SAFETY: AVX-512F is available (checked once per process).
+        return unsafe { avx512::values_lanes(l, d, offs, a, src, batch, dv, par) };
+    }
     if threads <= 1 || batch * kk * d < PAR_MIN_WORK {
         return dv_chunk_dispatch(l, d, offs, a, src, batch, dv);
     }
@@ -1636,6 +1800,70 @@ mod tests {
         for i in 0..16 {
             for j in 0..16 {
                 assert_eq!(t[16 * j + i], m[16 * i + j], "row {i} column {j}");
+            }
+        }
+    }
+
+    /// The lane sums of 16 registers land in the right lanes (integer values: exact in any
+    /// order).
+    #[test]
+    fn avx512_sum_lanes_sums_each_register() {
+        if !avx512_available() {
+            eprintln!("no AVX-512 here: nothing to check");
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        // SAFETY: AVX-512F checked above.
+        let s = unsafe {
+            use std::arch::x86_64::*;
+            let r = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            let mut o = [0f32; 16];
+            _mm512_storeu_ps(o.as_mut_ptr(), avx512::sum_lanes(r));
+            o
+        };
+        for (t, &v) in s.iter().enumerate() {
+            assert_eq!(v, m[16 * t..16 * t + 16].iter().sum::<f32>(), "register {t}: {s:?}");
+        }
+    }
+
+    /// The batch-in-lanes value gradient against the reference, to rounding (it sums in
+    /// another order), on tall, wide and square shapes, `d` and `l` not multiples of 16,
+    /// sources shorter than 16, batches not multiples of 16 and tiles of several passes, 1
+    /// and 2 threads.
+    #[test]
+    fn avx512_values_lanes_match_reference() {
+        if !avx512_available() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let mut rng = Rng::new(9);
+        for &(m, n, sp, batch) in &[
+            (96, 32, 0.9, 16),
+            (32, 96, 0.8, 40),
+            (50, 70, 0.5, 33),
+            (7, 9, 0.3, 17),
+            (300, 17, 0.6, 64),
+            (40, 800, 0.9, 200),
+            (3000, 700, 0.95, 70),
+        ] {
+            let w = DiagMatrix::from_sparsity(m, n, sp, &mut rng).unwrap();
+            let x: Vec<f32> = (0..batch * n).map(|_| rng.normal()).collect();
+            let dy: Vec<f32> = (0..batch * m).map(|_| rng.normal()).collect();
+            let dv0: Vec<f32> = (0..w.nnz()).map(|_| rng.normal()).collect();
+            let (mut want, mut scale) = (dv0.clone(), dv0.iter().map(|v| v.abs()).collect::<Vec<_>>());
+            reference_backward_values(&w, &x, &dy, batch, &mut want);
+            let wa = DiagMatrix::new(m, n, w.offsets().to_vec(), vec![1.0; w.nnz()]).unwrap();
+            let abs = |v: &[f32]| v.iter().map(|f| f.abs()).collect::<Vec<_>>();
+            reference_backward_values(&wa, &abs(&x), &abs(&dy), batch, &mut scale);
+            let (d, l) = (w.diag_len(), w.candidates());
+            let (a, src) = if w.is_tall() { (&x, &dy) } else { (&dy, &x) };
+            for par in [false, true] {
+                let mut got = dv0.clone();
+                // SAFETY: AVX-512F checked above.
+                unsafe { avx512::values_lanes(l, d, w.offsets(), a, src, batch, &mut got, par) };
+                for (i, ((g, w), s)) in got.iter().zip(&want).zip(&scale).enumerate() {
+                    assert!((g - w).abs() <= 1e-5 * s + 1e-6, "{m}x{n} s{sp} b{batch} par {par} entry {i}: {g} vs {w}");
+                }
             }
         }
     }
