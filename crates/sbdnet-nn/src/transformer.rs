@@ -157,19 +157,8 @@ impl LayerNorm {
 
     /// Forward over `x.len() / c` rows; saves each row's mean and `rstd`.
     pub fn forward(&mut self, x: &[f32], y: &mut [f32], p: &ParamStore) {
-        let c = self.c;
         let (g, b) = (&p.data[self.gamma.range()], &p.data[self.beta.range()]);
-        for (((xr, yr), m), r) in
-            x.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(self.mean.iter_mut()).zip(self.rstd.iter_mut())
-        {
-            let mean = xr.iter().sum::<f32>() / c as f32;
-            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-            let rstd = 1.0 / (var + self.eps).sqrt();
-            for (((o, &v), &gg), &bb) in yr.iter_mut().zip(xr).zip(g).zip(b) {
-                *o = (v - mean) * rstd * gg + bb;
-            }
-            (*m, *r) = (mean, rstd);
-        }
+        ln_forward_rows(x, y, self.c, g, b, self.eps, &mut self.mean, &mut self.rstd);
     }
 
     /// Backward. With `xhat = (x - mean) rstd` and `g = dy * gamma` per row:
@@ -187,24 +176,90 @@ impl LayerNorm {
                 (&mut hi[..c], &mut lo[br.start..br.end])
             }
         };
-        for ((((xr, dyr), dxr), &mean), &rstd) in
-            x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)).zip(&self.mean).zip(&self.rstd)
-        {
-            let (mut sg, mut sgx) = (0.0f32, 0.0f32);
-            for (((&v, &d), &gm), (dg, db)) in
-                xr.iter().zip(dyr).zip(gamma).zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
-            {
-                let xh = (v - mean) * rstd;
-                *dg += d * xh;
-                *db += d;
-                let g = d * gm;
-                sg += g;
-                sgx += g * xh;
+        ln_backward_rows(x, dy, dx, c, gamma, dgamma, dbeta, &self.mean, &self.rstd, add);
+    }
+}
+
+/// `sum f(x_i)` in 8 interleaved partial sums (element `i` into sum `i % 8`, folded in a
+/// fixed order, then the tail), so the loop vectorizes and every build gives the same value.
+#[inline(always)]
+fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ch = x.chunks_exact(8);
+    for c in &mut ch {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in ch.remainder() {
+        s += f(v);
+    }
+    s
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// [`LayerNorm::forward`] over the rows of `c` channels of `x`.
+    fn ln_forward_rows(x: &[f32], y: &mut [f32], c: usize, g: &[f32], b: &[f32], eps: f32, mean: &mut [f32], rstd: &mut [f32]) {
+        for (((xr, yr), m), r) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
+            let mu = sum8(xr, |v| v) / c as f32;
+            let var = sum8(xr, |v| (v - mu) * (v - mu)) / c as f32;
+            let rs = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &gg), &bb) in yr.iter_mut().zip(xr).zip(g).zip(b) {
+                *o = (v - mu) * rs * gg + bb;
             }
-            let (mg, mgx) = (sg / c as f32, sgx / c as f32);
+            (*m, *r) = (mu, rs);
+        }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// [`LayerNorm::backward`] over the rows of `c` channels.
+    fn ln_backward_rows(
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        c: usize,
+        gamma: &[f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+        mean: &[f32],
+        rstd: &[f32],
+        add: bool,
+    ) {
+        let (gamma, dgamma, dbeta) = (&gamma[..c], &mut dgamma[..c], &mut dbeta[..c]);
+        for ((((xr, dyr), dxr), &mu), &rs) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)).zip(mean).zip(rstd) {
+            // One pass: the parameter gradients and the row's two sums in 8 partial sums each
+            // (folded as `sum8` folds them).
+            let (mut sg, mut sgx) = ([0f32; 8], [0f32; 8]);
+            let (mut tg, mut tgx) = (0f32, 0f32);
+            let whole = c - c % 8;
+            let it = xr[..whole].chunks_exact(8).zip(dyr[..whole].chunks_exact(8)).zip(gamma[..whole].chunks_exact(8));
+            for ((((xv, dv), gv), dgv), dbv) in
+                it.zip(dgamma[..whole].chunks_exact_mut(8)).zip(dbeta[..whole].chunks_exact_mut(8))
+            {
+                for l in 0..8 {
+                    let (xh, d) = ((xv[l] - mu) * rs, dv[l]);
+                    dgv[l] += d * xh;
+                    dbv[l] += d;
+                    let g = d * gv[l];
+                    sg[l] += g;
+                    sgx[l] += g * xh;
+                }
+            }
+            for i in whole..c {
+                let (xh, d) = ((xr[i] - mu) * rs, dyr[i]);
+                dgamma[i] += d * xh;
+                dbeta[i] += d;
+                let g = d * gamma[i];
+                tg += g;
+                tgx += g * xh;
+            }
+            let fold = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            let (mg, mgx) = ((fold(sg) + tg) / c as f32, (fold(sgx) + tgx) / c as f32);
             for (((o, &v), &d), &gm) in dxr.iter_mut().zip(xr).zip(dyr).zip(gamma) {
-                let xh = (v - mean) * rstd;
-                let val = rstd * (d * gm - mg - xh * mgx);
+                let xh = (v - mu) * rs;
+                let val = rs * (d * gm - mg - xh * mgx);
                 *o = if add { *o + val } else { val };
             }
         }
@@ -437,6 +492,48 @@ mod tests {
             let t = fast_tanh(x);
             assert!((t as f64 - (x as f64).tanh()).abs() < 1e-6, "tanh({x}) = {t}");
             x += 0.0137;
+        }
+    }
+
+    /// The LayerNorm row kernels against the formulas in `f64`, for widths with and without
+    /// a tail past the 8-lane sums, in write and add modes.
+    #[test]
+    fn layer_norm_rows_match_f64() {
+        for c in [13usize, 16, 192] {
+            let rows = 5;
+            let x: Vec<f32> = (0..rows * c).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03).collect();
+            let dy: Vec<f32> = (0..rows * c).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.01).collect();
+            let g: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.01).collect();
+            let b: Vec<f32> = (0..c).map(|i| i as f32 * -0.02).collect();
+            let (mut y, mut mean, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows]);
+            ln_forward_rows(&x, &mut y, c, &g, &b, 1e-5, &mut mean, &mut rstd);
+            let (mut dg, mut db, mut dx) = (vec![0.0; c], vec![0.0; c], vec![1.0; rows * c]);
+            ln_backward_rows(&x, &dy, &mut dx, c, &g, &mut dg, &mut db, &mean, &rstd, true);
+            let (mut wdg, mut wdb) = (vec![0f64; c], vec![0f64; c]);
+            for r in 0..rows {
+                let (xr, dyr) = (&x[r * c..][..c], &dy[r * c..][..c]);
+                let mu = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+                let var = xr.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / c as f64;
+                let rs = 1.0 / (var + 1e-5).sqrt();
+                let xh: Vec<f64> = xr.iter().map(|&v| (v as f64 - mu) * rs).collect();
+                let gg: Vec<f64> = (0..c).map(|i| dyr[i] as f64 * g[i] as f64).collect();
+                let (mg, mgx) =
+                    (gg.iter().sum::<f64>() / c as f64, gg.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / c as f64);
+                for i in 0..c {
+                    let want = xh[i] * g[i] as f64 + b[i] as f64;
+                    assert!((y[r * c + i] as f64 - want).abs() < 1e-5, "c {c} y[{r}][{i}]");
+                    let want = 1.0 + rs * (gg[i] - mg - xh[i] * mgx);
+                    assert!((dx[r * c + i] as f64 - want).abs() < 1e-4, "c {c} dx[{r}][{i}]");
+                    wdg[i] += dyr[i] as f64 * xh[i];
+                    wdb[i] += dyr[i] as f64;
+                }
+            }
+            for i in 0..c {
+                assert!(
+                    (dg[i] as f64 - wdg[i]).abs() < 1e-4 && (db[i] as f64 - wdb[i]).abs() < 1e-4,
+                    "c {c} dgamma/dbeta[{i}]"
+                );
+            }
         }
     }
 
