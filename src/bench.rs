@@ -15,7 +15,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 pub fn summary(a: crate::cli::SummaryArgs) -> Result<()> {
-    if let Some(path) = a.dir.as_ref().filter(|p| p.is_file()) {
+    // A file, or a path that names a `.sbd` file (missing: the loader says so), is a deployed
+    // model; anything else a training run directory.
+    if let Some(path) = a.dir.as_ref().filter(|p| p.is_file() || p.extension().is_some_and(|e| e == "sbd")) {
         return crate::infer::deployed_summary(path, a.json);
     }
     let ck = a.dir.as_ref().map(|d| sbdnet_nn::checkpoint::Checkpoint::read(d)).transpose()?;

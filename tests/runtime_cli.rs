@@ -111,4 +111,19 @@ fn damaged_or_wrong_files_are_clear_errors() {
     assert!(sbdnet(&args).status.success());
     let out = sbdnet(&["infer", m.to_str().unwrap(), "--dataset", "digits"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("12x12x3"));
+    // Flipped bits in the packed weights are refused (data checksum), by every command.
+    let mut bytes = std::fs::read(&m).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    let c = dir.join("corrupt.sbd");
+    std::fs::write(&c, &bytes).unwrap();
+    for args in [vec!["infer", c.to_str().unwrap(), "--dataset", "digits"], vec!["summary", c.to_str().unwrap()]] {
+        let out = sbdnet(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("corrupted") && !err.contains("panicked"), "{err}");
+    }
+    // A missing .sbd file is named as a missing file, not as a training run.
+    let out = sbdnet(&["summary", missing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("missing.sbd") && err.contains("os error"), "{err}");
 }

@@ -242,6 +242,23 @@ proptest! {
     }
 }
 
+/// Rewrite the data checksum in a (possibly damaged) file's metadata to match its data, where
+/// the header still names one.
+fn reseal(b: &mut [u8]) {
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let key = b"\"checksum\":\"";
+    if n > b.len() - 8 {
+        return;
+    }
+    if let Some(p) = b[8..8 + n].windows(key.len()).position(|w| w == key) {
+        let at = 8 + p + key.len();
+        let hex = format!("{:016x}", sbdnet_runtime::format::data_checksum(&b[8 + n..]));
+        if at + 16 <= 8 + n {
+            b[at..at + 16].copy_from_slice(hex.as_bytes());
+        }
+    }
+}
+
 #[test]
 fn loader_rejects_damaged_files_without_panicking() {
     let m = model(&Spec { cin: 1, h: 6, c1: 40, c2: 70, stride: 2, group: 8, sparse_dw: true, bits: true, seed: 3 });
@@ -251,13 +268,29 @@ fn loader_rejects_damaged_files_without_panicking() {
     for cut in (0..bytes.len()).step_by(97) {
         assert!(DeployedModel::from_bytes(&bytes[..cut], "cut").is_err(), "truncated at {cut} loaded");
     }
-    // Random byte flips: an error or a valid model, never a panic.
+    // One flipped bit in the tensor data (the last byte of the file) fails the checksum.
+    let mut b = bytes.clone();
+    *b.last_mut().unwrap() ^= 4;
+    let err = DeployedModel::from_bytes(&b, "flipped").unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    // (`reseal` finds the checksum: a file whose stored checksum was damaged loads again.)
+    let mut b = bytes.clone();
+    let at = b.windows(10).position(|w| w == b"\"checksum\"").unwrap() + 12;
+    b[at] ^= 1;
+    assert!(DeployedModel::from_bytes(&b, "bad sum").is_err());
+    reseal(&mut b);
+    assert!(DeployedModel::from_bytes(&b, "resealed").is_ok());
+    // Random byte flips: an error or a valid model, never a panic. Every other damaged file
+    // gets its checksum recomputed, so damaged data also reaches the validation behind it.
     let mut rng = Rng::new(5);
-    for _ in 0..400 {
+    for round in 0..400 {
         let mut b = bytes.clone();
         for _ in 0..1 + (rng.uniform() * 4.0) as usize {
             let i = (rng.uniform() * b.len() as f32) as usize % b.len();
             b[i] ^= 1 << ((rng.uniform() * 8.0) as u32 % 8);
+        }
+        if round % 2 == 1 {
+            reseal(&mut b);
         }
         if let Ok(m) = DeployedModel::from_bytes(&b, "flipped") {
             // Whatever loads must also plan and run.
