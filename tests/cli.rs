@@ -79,6 +79,16 @@ fn corrupt_checkpoint_is_an_error_not_a_panic() {
     assert!(sbdnet(&["train", "--epochs", "1", "--out", d, "--quiet"]).status.success());
     let w = dir.join("model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
+    // One flipped bit in the last weight: the data checksum refuses it.
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 0x20;
+    std::fs::write(&w, &flipped).unwrap();
+    for args in [vec!["eval", d], vec!["train", "--resume", d], vec!["export", d, "-o", "/dev/null"]] {
+        let out = sbdnet(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("checksum") && !err.contains("panicked"), "{err}");
+    }
+    // Truncated.
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
     for args in [vec!["eval", d], vec!["train", "--resume", d]] {
         let out = sbdnet(&args);

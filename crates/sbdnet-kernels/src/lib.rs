@@ -26,6 +26,7 @@
 #![deny(missing_docs)]
 
 pub mod binary;
+pub mod checksum;
 pub mod conv;
 pub mod csr;
 pub mod diag;

@@ -1,7 +1,9 @@
 //! Checkpoints: a directory with `model.safetensors` (parameters, running statistics,
 //! optimizer state, and the training state as JSON metadata) and `config.json` (the model's
 //! block list). Both are written to a temporary file and renamed, so an interrupted write
-//! never replaces a good checkpoint with a broken one.
+//! never replaces a good checkpoint with a broken one. The weights file's metadata holds a
+//! checksum of its data section ([`sbdnet_kernels::checksum`]), checked when it is read, so
+//! a corrupted file is refused rather than trained on.
 //!
 //! Tensor names: parameters and buffers by their layer names (`block1.pw.weight`,
 //! `block1.pw_bn.running_mean`); optimizer state as `optim.m.<name>` / `optim.v.<name>`.
@@ -11,6 +13,7 @@ use crate::error::NnError;
 use crate::model::Model;
 use crate::optim::Optimizer;
 use safetensors::tensor::{Dtype, TensorView};
+use sbdnet_kernels::checksum::safetensors_checksum;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -18,6 +21,8 @@ use std::path::Path;
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// File holding the model configuration.
 pub const CONFIG_FILE: &str = "config.json";
+/// Metadata key of the weights file's data checksum ([`sbdnet_kernels::checksum`]).
+pub const CHECKSUM_KEY: &str = "checksum";
 /// Format tag stored in the metadata.
 pub const FORMAT: &str = "sbdnet-checkpoint-v1";
 
@@ -79,6 +84,11 @@ pub fn save(dir: &Path, model: &Model, opt: Option<&Optimizer>, state: &str) -> 
     if let Some(o) = opt {
         meta.insert("optim.t".to_string(), o.t.to_string());
     }
+    // The data section does not depend on the metadata, so serialize once to hash it and
+    // again with the hash (`checksum`, checked by `Checkpoint::read`).
+    let first = safetensors::serialize(views.clone(), Some(meta.clone())).map_err(|e| bad(dir, e.to_string()))?;
+    let sum = safetensors_checksum(&first).ok_or_else(|| bad(dir, "serialized without a data section"))?;
+    meta.insert(CHECKSUM_KEY.to_string(), sum);
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(dir, e.to_string()))?;
     let cfg = serde_json::to_vec_pretty(&model.config).map_err(|e| bad(dir, e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), &cfg)?;
@@ -108,6 +118,15 @@ impl Checkpoint {
         let info = meta.metadata().clone().unwrap_or_default();
         if info.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(&wpath, format!("missing format tag {FORMAT}")));
+        }
+        // Checkpoints written before the checksum existed have none and load unchecked.
+        if let Some(want) = info.get(CHECKSUM_KEY) {
+            if safetensors_checksum(&bytes).as_deref() != Some(want.as_str()) {
+                return Err(bad(
+                    &wpath,
+                    "the tensor data does not match its checksum (the file is corrupted); train again or restore a copy",
+                ));
+            }
         }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&wpath, e.to_string()))?;
         let mut tensors = HashMap::new();

@@ -25,29 +25,8 @@ pub const FORMAT_TAG: &str = "sbdnet-model";
 /// every export; a file without it (exported before it existed) loads unchecked.
 pub const CHECKSUM_KEY: &str = "checksum";
 
-/// The bytes after a safetensors header (the tensors' data), if the header length fits.
-fn data_section(bytes: &[u8]) -> Option<&[u8]> {
-    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
-    bytes.get(8usize.checked_add(usize::try_from(n).ok()?)?..)
-}
-
-/// A 64-bit checksum of `data`: for each 8-byte little-endian word `w` (the last one padded
-/// with zeros), `h = (h xor w) * 0x100000001b3` (FNV-1a's prime, odd, so each step is a
-/// bijection of `h` and a change to any single word always changes the result), then the
-/// length the same way. Corruption detection, not authentication: loading validates
-/// everything else on its own.
-pub fn data_checksum(data: &[u8]) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut words = data.chunks_exact(8);
-    for w in &mut words {
-        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(PRIME);
-    }
-    let mut last = [0u8; 8];
-    last[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h ^ u64::from_le_bytes(last)).wrapping_mul(PRIME);
-    (h ^ data.len() as u64).wrapping_mul(PRIME)
-}
+pub use sbdnet_kernels::checksum::data_checksum;
+use sbdnet_kernels::checksum::safetensors_checksum;
 
 /// A loaded, validated model: its graph, tensors, and every value's shape.
 #[derive(Clone, Debug)]
@@ -101,8 +80,8 @@ impl DeployedModel {
         // start), so serialize once to hash it, then again with the hash in the metadata.
         let first = safetensors::serialize(views.clone(), Some(meta.clone()))
             .map_err(|e| fmt_err("<memory>", e.to_string()))?;
-        let sum = data_checksum(data_section(&first).ok_or_else(|| fmt_err("<memory>", "no data section"))?);
-        meta.insert(CHECKSUM_KEY.to_string(), format!("{sum:016x}"));
+        let sum = safetensors_checksum(&first).ok_or_else(|| fmt_err("<memory>", "no data section"))?;
+        meta.insert(CHECKSUM_KEY.to_string(), sum);
         safetensors::serialize(views, Some(meta)).map_err(|e| fmt_err("<memory>", e.to_string()))
     }
 
@@ -138,8 +117,7 @@ impl DeployedModel {
             return Err(fmt_err(path, format!("format version {version}; this sbdnet reads version {FORMAT_VERSION}")));
         }
         if let Some(want) = info.get(CHECKSUM_KEY) {
-            let got = data_section(bytes).map(data_checksum);
-            if got.map(|g| format!("{g:016x}")).as_deref() != Some(want.as_str()) {
+            if safetensors_checksum(bytes).as_deref() != Some(want.as_str()) {
                 return Err(fmt_err(
                     path,
                     "the tensor data does not match its checksum (the file is corrupted); export the model again",

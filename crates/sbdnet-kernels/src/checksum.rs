@@ -1,0 +1,41 @@
+//! The checksum sbdnet files carry over their tensor data (deployed `.sbd` models and
+//! training checkpoints, both safetensors containers), so flipped bits are refused at load
+//! instead of being trained on or run.
+
+/// A 64-bit checksum of `data`: for each 8-byte little-endian word `w` (the last one padded
+/// with zeros), `h = (h xor w) * 0x100000001b3` from `h = 0xcbf29ce484222325` (FNV-1a's
+/// prime and offset, on words: the prime is odd, so each step is a bijection of `h` and a
+/// change to any single word always changes the result), then the length the same way.
+/// Corruption detection, not authentication.
+///
+/// ```
+/// use sbdnet_kernels::checksum::data_checksum;
+/// let a = data_checksum(b"sign bits and thresholds");
+/// assert_ne!(a, data_checksum(b"sign bits and thresholdt"));
+/// assert_ne!(data_checksum(&[0; 8]), data_checksum(&[0; 9]));
+/// ```
+pub fn data_checksum(data: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(PRIME);
+    }
+    let mut last = [0u8; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = (h ^ u64::from_le_bytes(last)).wrapping_mul(PRIME);
+    (h ^ data.len() as u64).wrapping_mul(PRIME)
+}
+
+/// The data section of a safetensors file (the bytes after its 8-byte header length and its
+/// JSON header), if the header length fits in the file.
+pub fn safetensors_data(bytes: &[u8]) -> Option<&[u8]> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    bytes.get(8usize.checked_add(usize::try_from(n).ok()?)?..)
+}
+
+/// `format!("{:016x}", data_checksum(data section))` of a safetensors file: the value the
+/// `checksum` metadata key holds.
+pub fn safetensors_checksum(bytes: &[u8]) -> Option<String> {
+    safetensors_data(bytes).map(|d| format!("{:016x}", data_checksum(d)))
+}
