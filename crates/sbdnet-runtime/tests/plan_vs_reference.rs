@@ -242,23 +242,6 @@ proptest! {
     }
 }
 
-/// Rewrite the data checksum in a (possibly damaged) file's metadata to match its data, where
-/// the header still names one.
-fn reseal(b: &mut [u8]) {
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let key = b"\"checksum\":\"";
-    if n > b.len() - 8 {
-        return;
-    }
-    if let Some(p) = b[8..8 + n].windows(key.len()).position(|w| w == key) {
-        let at = 8 + p + key.len();
-        let hex = format!("{:016x}", sbdnet_runtime::format::data_checksum(&b[8 + n..]));
-        if at + 16 <= 8 + n {
-            b[at..at + 16].copy_from_slice(hex.as_bytes());
-        }
-    }
-}
-
 #[test]
 fn loader_rejects_damaged_files_without_panicking() {
     let m = model(&Spec { cin: 1, h: 6, c1: 40, c2: 70, stride: 2, group: 8, sparse_dw: true, bits: true, seed: 3 });
@@ -273,12 +256,12 @@ fn loader_rejects_damaged_files_without_panicking() {
     *b.last_mut().unwrap() ^= 4;
     let err = DeployedModel::from_bytes(&b, "flipped").unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
-    // (`reseal` finds the checksum: a file whose stored checksum was damaged loads again.)
+    // (`format::reseal` finds the checksum: a file whose stored checksum was damaged loads again.)
     let mut b = bytes.clone();
     let at = b.windows(10).position(|w| w == b"\"checksum\"").unwrap() + 12;
     b[at] ^= 1;
     assert!(DeployedModel::from_bytes(&b, "bad sum").is_err());
-    reseal(&mut b);
+    sbdnet_runtime::format::reseal(&mut b);
     assert!(DeployedModel::from_bytes(&b, "resealed").is_ok());
     // Random byte flips: an error or a valid model, never a panic. Every other damaged file
     // gets its checksum recomputed, so damaged data also reaches the validation behind it.
@@ -290,7 +273,7 @@ fn loader_rejects_damaged_files_without_panicking() {
             b[i] ^= 1 << ((rng.uniform() * 8.0) as u32 % 8);
         }
         if round % 2 == 1 {
-            reseal(&mut b);
+            sbdnet_runtime::format::reseal(&mut b);
         }
         if let Ok(m) = DeployedModel::from_bytes(&b, "flipped") {
             // Whatever loads must also plan and run.
