@@ -129,7 +129,7 @@ pub struct InferArgs {
     #[arg(long, value_enum, default_value_t = A8Arg::Int8)]
     pub a8: A8Arg,
     /// Only the first N test images.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub limit: Option<usize>,
     /// Images per run of the planned executor.
     #[arg(long, default_value_t = 64, value_parser = positive)]
@@ -612,7 +612,7 @@ pub struct BenchModelArgs {
     #[arg(long, default_value_t = 50)]
     pub warmup: usize,
     /// Timed runs (at least this many, and at least --seconds).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = positive)]
     pub iters: usize,
     /// Keep timing until this many seconds have passed.
     #[arg(long, default_value_t = 1.0)]
@@ -777,7 +777,8 @@ fn default_distill_temperature() -> f32 {
     4.0
 }
 
-/// A count that must be at least 1 (`--batch`): refused by the parser with the reason.
+/// A count that must be at least 1 (`--batch`, `--iters`, `--limit`): refused by the parser
+/// with the reason.
 fn positive(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),

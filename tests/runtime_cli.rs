@@ -102,7 +102,12 @@ fn damaged_or_wrong_files_are_clear_errors() {
     let out = sbdnet(&["eval", dir.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not a training run directory"), "{err}");
-    let out = sbdnet(&["bench", "model", f.to_str().unwrap(), "--batch", "0"]);
+    for flag in ["--batch", "--iters"] {
+        let out = sbdnet(&["bench", "model", f.to_str().unwrap(), flag, "0"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("at least 1") && !err.contains("panicked"), "{err}");
+    }
+    let out = sbdnet(&["infer", f.to_str().unwrap(), "--dataset", "digits", "--limit", "0"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("at least 1"), "{err}");
     // A model for other inputs is refused for a data set it does not fit (3 channels vs 1).
