@@ -1621,13 +1621,19 @@ fn dv_chunk_dispatch(l: usize, d: usize, offs: &[usize], a: &[f32], src: &[f32],
     dv_chunk::<Portable>(l, d, offs, a, src, batch, dv)
 }
 
+/// Longest `l + d` for which the value gradient takes the batch-in-lanes kernel: its scratch
+/// holds 64 bytes per element of both operands per pass (64 MB at this length and one pass
+/// per tile); longer rows keep the row-major kernel, which needs no scratch.
+#[cfg(target_arch = "x86_64")]
+const DV_LANES_MAX: usize = 1 << 20;
+
 /// `dv[k][j] += a[b][j] * src[b][(j + off_k) mod l]` over `b` in order; `a` rows are `d`
 /// long, `src` rows `l` long. Threaded over diagonals (or over `j` ranges when `K` is small).
 fn values_grad(l: usize, d: usize, offs: &[usize], a: &[f32], src: &[f32], batch: usize, dv: &mut [f32]) {
     let threads = crate::threads();
     let kk = offs.len();
     #[cfg(target_arch = "x86_64")]
-    if kernel_path() == KernelPath::Avx2 && avx512_available() && batch >= avx512::LANE_ROWS {
+    if kernel_path() == KernelPath::Avx2 && avx512_available() && batch >= avx512::LANE_ROWS && l + d <= DV_LANES_MAX {
         let par = threads > 1 && batch * kk * d >= PAR_MIN_WORK;
         // SAFETY: AVX-512F is available (checked once per process).
         return unsafe { avx512::values_lanes(l, d, offs, a, src, batch, dv, par) };
