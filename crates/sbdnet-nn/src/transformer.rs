@@ -276,12 +276,17 @@ const GELU_C: f32 = 0.044_715;
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer.
-    let y = x.clamp(-80.0, 80.0) * std::f32::consts::LOG2_E;
+                                     // Clamp by compare-selects: a NaN `x` becomes -80 (finite, so the conversion below is
+                                     // defined; callers that multiply by `x` still return NaN).
+    let x = if x > -80.0 { x } else { -80.0 };
+    let x = if x < 80.0 { x } else { 80.0 };
+    let y = x * std::f32::consts::LOG2_E;
     let n = (y + MAGIC) - MAGIC;
     let g = (y - n) * std::f32::consts::LN_2;
     let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
-    // SAFETY: `n` is an integer within [-116, 116] (from the clamp), so the unchecked
-    // conversion is exact (and, unlike the saturating `as`, one vector instruction).
+    // SAFETY: `n` is an integer within [-116, 116] (from the clamp, which also removes NaN),
+    // so the unchecked conversion is exact (and, unlike the saturating `as`, one vector
+    // instruction).
     let n = unsafe { n.to_int_unchecked::<i32>() };
     p * f32::from_bits(((n + 127) << 23) as u32)
 }
@@ -559,5 +564,12 @@ mod tests {
             assert!((dx[i] as f64 - dy[i] as f64 * g).abs() < 1e-5, "gelu'({v})");
             assert!((dxa[i] as f64 - 1.0 - dy[i] as f64 * g).abs() < 1e-5, "gelu'({v}), add");
         }
+        // NaN and infinities: NaN stays NaN (a diverging run is still caught), infinities
+        // saturate, and `fast_exp` never converts a NaN to an integer.
+        assert!(fast_exp(f32::NAN).is_finite() && fast_exp(f32::INFINITY) == fast_exp(80.0));
+        let x = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let mut y = [0.0; 3];
+        gelu_forward(&x, &mut y);
+        assert!(y[0].is_nan() && y[1] == f32::INFINITY, "{y:?}");
     }
 }
