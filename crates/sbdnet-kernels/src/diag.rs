@@ -1128,17 +1128,7 @@ mod avx512 {
             let (xt, part) = scratch[shift..][..xt_len + part_len].split_at_mut(xt_len);
             for r0 in (0..rows).step_by(L) {
                 let (sr, or) = (&src[r0 * src_len..(r0 + L) * src_len], &mut out[r0 * out_len..(r0 + L) * out_len]);
-                for s0 in (0..src_len).step_by(L) {
-                    let n = L.min(src_len - s0);
-                    let m = first(n);
-                    let mut rows = [_mm512_setzero_ps(); L];
-                    for (b, x) in rows.iter_mut().enumerate() {
-                        *x = _mm512_maskz_loadu_ps(m, sr.as_ptr().add(b * src_len + s0));
-                    }
-                    for (j, &c) in transpose(rows).iter().enumerate() {
-                        _mm512_store_ps(xt.as_mut_ptr().add((s0 + j) * L), c);
-                    }
-                }
+                rows_to_lanes(sr, src_len, L, 1, xt);
                 for phase in 0..phases {
                     lane_phase(plan, v, xt, or, out_len, part, add, phase, phases);
                 }
@@ -1274,6 +1264,7 @@ mod avx512 {
     /// `rows <= 16 * np` rows of `x` (each `len` long) with the batch in the lanes: element
     /// `t` of pass `p` (rows `16 p .. 16 p + 16`, zero past `rows`) at `out[(t * np + p) * 16..]`,
     /// so one element's passes are consecutive registers.
+    #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn rows_to_lanes(x: &[f32], len: usize, rows: usize, np: usize, out: &mut [f32]) {
         const L: usize = LANE_ROWS;
