@@ -1,6 +1,15 @@
 //! The checksum sbdnet files carry over their tensor data (deployed `.sbd` models and
 //! training checkpoints, both safetensors containers), so flipped bits are refused at load
-//! instead of being trained on or run.
+//! instead of being trained on or run. Writers put [`PLACEHOLDER`] under [`KEY`] in the
+//! metadata, serialize, then [`seal`] the bytes in place (the data section does not depend on
+//! the metadata, and the placeholder has the checksum's length, so nothing moves); readers
+//! compare [`safetensors_checksum`] with the stored value.
+
+/// Metadata key of the checksum (16 hex digits of [`data_checksum`] over the data section).
+pub const KEY: &str = "checksum";
+
+/// What a writer stores under [`KEY`] before [`seal`] overwrites it (same length).
+pub const PLACEHOLDER: &str = "0000000000000000";
 
 /// A 64-bit checksum of `data`: for each 8-byte little-endian word `w` (the last one padded
 /// with zeros), `h = (h xor w) * 0x100000001b3` from `h = 0xcbf29ce484222325` (FNV-1a's
@@ -38,4 +47,23 @@ pub fn safetensors_data(bytes: &[u8]) -> Option<&[u8]> {
 /// `checksum` metadata key holds.
 pub fn safetensors_checksum(bytes: &[u8]) -> Option<String> {
     safetensors_data(bytes).map(|d| format!("{:016x}", data_checksum(d)))
+}
+
+/// Write the checksum of a serialized safetensors file's data section over the value stored
+/// under [`KEY`] in its header (the [`PLACEHOLDER`], or a stale or damaged checksum); returns
+/// whether the header holds the key. Never panics on arbitrary bytes (fuzzed).
+pub fn seal(bytes: &mut [u8]) -> bool {
+    let key = format!("\"{KEY}\":\"");
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else {
+        return false;
+    };
+    let (Some(sum), Some(end)) = (safetensors_checksum(bytes), n.checked_add(8)) else { return false };
+    match bytes[8..end].windows(key.len()).position(|w| w == key.as_bytes()) {
+        Some(p) if 8 + p + key.len() + PLACEHOLDER.len() <= end => {
+            let at = 8 + p + key.len();
+            bytes[at..at + PLACEHOLDER.len()].copy_from_slice(sum.as_bytes());
+            true
+        }
+        _ => false,
+    }
 }

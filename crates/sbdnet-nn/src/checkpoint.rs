@@ -13,7 +13,7 @@ use crate::error::NnError;
 use crate::model::Model;
 use crate::optim::Optimizer;
 use safetensors::tensor::{Dtype, TensorView};
-use sbdnet_kernels::checksum::safetensors_checksum;
+use sbdnet_kernels::checksum::{safetensors_checksum, seal, PLACEHOLDER};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -22,7 +22,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// File holding the model configuration.
 pub const CONFIG_FILE: &str = "config.json";
 /// Metadata key of the weights file's data checksum ([`sbdnet_kernels::checksum`]).
-pub const CHECKSUM_KEY: &str = "checksum";
+pub use sbdnet_kernels::checksum::KEY as CHECKSUM_KEY;
 /// Format tag stored in the metadata.
 pub const FORMAT: &str = "sbdnet-checkpoint-v1";
 
@@ -84,12 +84,12 @@ pub fn save(dir: &Path, model: &Model, opt: Option<&Optimizer>, state: &str) -> 
     if let Some(o) = opt {
         meta.insert("optim.t".to_string(), o.t.to_string());
     }
-    // The data section does not depend on the metadata, so serialize once to hash it and
-    // again with the hash (`checksum`, checked by `Checkpoint::read`).
-    let first = safetensors::serialize(views.clone(), Some(meta.clone())).map_err(|e| bad(dir, e.to_string()))?;
-    let sum = safetensors_checksum(&first).ok_or_else(|| bad(dir, "serialized without a data section"))?;
-    meta.insert(CHECKSUM_KEY.to_string(), sum);
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(dir, e.to_string()))?;
+    // Sealed after serializing (checked by `Checkpoint::read`).
+    meta.insert(CHECKSUM_KEY.to_string(), PLACEHOLDER.to_string());
+    let mut bytes = safetensors::serialize(views, Some(meta)).map_err(|e| bad(dir, e.to_string()))?;
+    if !seal(&mut bytes) {
+        return Err(bad(dir, "serialized without its checksum key"));
+    }
     let cfg = serde_json::to_vec_pretty(&model.config).map_err(|e| bad(dir, e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), &cfg)?;
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)

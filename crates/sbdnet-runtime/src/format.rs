@@ -23,29 +23,14 @@ pub const FORMAT_TAG: &str = "sbdnet-model";
 
 /// Metadata key of the data section's checksum ([`data_checksum`], 16 hex digits). Written by
 /// every export; a file without it (exported before it existed) loads unchecked.
-pub const CHECKSUM_KEY: &str = "checksum";
+pub use sbdnet_kernels::checksum::KEY as CHECKSUM_KEY;
 
 pub use sbdnet_kernels::checksum::data_checksum;
-use sbdnet_kernels::checksum::safetensors_checksum;
-
 /// Rewrite the checksum stored in `.sbd` bytes (possibly damaged) to match their data section,
-/// where the header still holds one; returns whether it did. For tests and fuzzing: it lets
-/// damaged tensor data reach the validation behind the checksum.
-pub fn reseal(bytes: &mut [u8]) -> bool {
-    let key = format!("\"{CHECKSUM_KEY}\":\"");
-    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else {
-        return false;
-    };
-    let (Some(sum), Some(end)) = (safetensors_checksum(bytes), n.checked_add(8)) else { return false };
-    match bytes[8..end].windows(key.len()).position(|w| w == key.as_bytes()) {
-        Some(p) if 8 + p + key.len() + 16 <= end => {
-            let at = 8 + p + key.len();
-            bytes[at..at + 16].copy_from_slice(sum.as_bytes());
-            true
-        }
-        _ => false,
-    }
-}
+/// where the header still holds one; returns whether it did. Exports seal with it; tests and
+/// fuzzing use it to let damaged tensor data reach the validation behind the checksum.
+pub use sbdnet_kernels::checksum::seal as reseal;
+use sbdnet_kernels::checksum::{safetensors_checksum, PLACEHOLDER};
 
 /// A loaded, validated model: its graph, tensors, and every value's shape.
 #[derive(Clone, Debug)]
@@ -90,18 +75,17 @@ impl DeployedModel {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fmt_err("<memory>", e.to_string()))?;
         let graph = serde_json::to_string(&self.graph).map_err(|e| fmt_err("<memory>", e.to_string()))?;
-        let mut meta = HashMap::from([
+        let meta = HashMap::from([
             ("format".to_string(), FORMAT_TAG.to_string()),
             ("version".to_string(), FORMAT_VERSION.to_string()),
+            (CHECKSUM_KEY.to_string(), PLACEHOLDER.to_string()),
             ("graph".to_string(), graph),
         ]);
-        // The data section does not depend on the metadata (offsets are relative to its
-        // start), so serialize once to hash it, then again with the hash in the metadata.
-        let first = safetensors::serialize(views.clone(), Some(meta.clone()))
-            .map_err(|e| fmt_err("<memory>", e.to_string()))?;
-        let sum = safetensors_checksum(&first).ok_or_else(|| fmt_err("<memory>", "no data section"))?;
-        meta.insert(CHECKSUM_KEY.to_string(), sum);
-        safetensors::serialize(views, Some(meta)).map_err(|e| fmt_err("<memory>", e.to_string()))
+        let mut bytes = safetensors::serialize(views, Some(meta)).map_err(|e| fmt_err("<memory>", e.to_string()))?;
+        if !reseal(&mut bytes) {
+            return Err(fmt_err("<memory>", "serialized without its checksum key"));
+        }
+        Ok(bytes)
     }
 
     /// Write to `path` atomically (a temporary name, then a rename).
