@@ -180,6 +180,12 @@ impl LayerNorm {
     }
 }
 
+/// The 8 partial sums of [`sum8`] folded in their fixed order.
+#[inline(always)]
+fn fold8(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
 /// `sum f(x_i)` in 8 interleaved partial sums (element `i` into sum `i % 8`, folded in a
 /// fixed order, then the tail), so the loop vectorizes and every build gives the same value.
 #[inline(always)]
@@ -191,7 +197,7 @@ fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
             *a += f(v);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s = fold8(acc);
     for &v in ch.remainder() {
         s += f(v);
     }
@@ -230,7 +236,7 @@ sbdnet_kernels::simd_kernel! {
         let (gamma, dgamma, dbeta) = (&gamma[..c], &mut dgamma[..c], &mut dbeta[..c]);
         for ((((xr, dyr), dxr), &mu), &rs) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)).zip(mean).zip(rstd) {
             // One pass: the parameter gradients and the row's two sums in 8 partial sums each
-            // (folded as `sum8` folds them).
+            // (folded by `fold8`, as in `sum8`).
             let (mut sg, mut sgx) = ([0f32; 8], [0f32; 8]);
             let (mut tg, mut tgx) = (0f32, 0f32);
             let whole = c - c % 8;
@@ -255,8 +261,7 @@ sbdnet_kernels::simd_kernel! {
                 tg += g;
                 tgx += g * xh;
             }
-            let fold = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-            let (mg, mgx) = ((fold(sg) + tg) / c as f32, (fold(sgx) + tgx) / c as f32);
+            let (mg, mgx) = ((fold8(sg) + tg) / c as f32, (fold8(sgx) + tgx) / c as f32);
             for (((o, &v), &d), &gm) in dxr.iter_mut().zip(xr).zip(dyr).zip(gamma) {
                 let xh = (v - mu) * rs;
                 let val = rs * (d * gm - mg - xh * mgx);
