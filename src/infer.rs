@@ -82,7 +82,7 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let n = a.limit.unwrap_or(test.y.len()).min(test.y.len());
     test.y.truncate(n);
     test.x.truncate(n * test.il);
-    let batch = a.batch.max(1);
+    let batch = a.batch;
     let t0 = Instant::now();
     let mut preds = Vec::with_capacity(n);
     let mut plan = Plan::new(&dm, batch, plan_options(a.a8))?;
@@ -146,7 +146,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 
 pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     let dm = DeployedModel::load(&a.model)?;
-    let batch = a.batch.max(1);
+    let batch = a.batch;
     let mut plan = Plan::new(&dm, batch, plan_options(a.a8))?;
     let il = dm.values[0].len();
     let mut rng = sbdnet_kernels::rng::Rng::new(7);
