@@ -90,6 +90,10 @@ pub fn run(a: BenchLinearArgs) -> Result<()> {
     ensure!(a.sparsity.is_finite() && (0.0..1.0).contains(&a.sparsity), "--sparsity {} must be in [0, 1)", a.sparsity);
     ensure!(a.iters != Some(0), "--iters must be at least 1");
     ensure!(m.checked_mul(n).is_some_and(|mn| mn <= 1 << 31), "{m}x{n} is too large");
+    ensure!(
+        b.checked_mul(m.max(n)).is_some_and(|v| v <= 1 << 28),
+        "--batch {b} with {m}x{n} needs more than 2^28 values per activation buffer; use a smaller batch"
+    );
 
     let mut r = Rng::new(a.seed);
     let diag_nnz = DiagMatrix::active_diagonals(m, n, a.sparsity) * m.min(n);

@@ -214,9 +214,9 @@ fn layer(a: LayerArgs) -> Result<()> {
     }
     let (rows, cols, w): (usize, usize, Vec<f32>) = match &mut model.nodes[idx].op {
         Op::DiagLinear(l) => {
-            let w = l.dense_weight(p);
-            let rows = model.nodes[idx].out_shape.len();
-            (rows, w.len() / rows.max(1), w)
+            // The layer's own shape: its output shape has a token dimension in the
+            // transformer models.
+            (l.out, l.inp, l.dense_weight(p))
         }
         Op::MaskedLinear(l) => {
             let w = &p.data[l.weight.range()];

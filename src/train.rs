@@ -28,6 +28,24 @@ struct RunState {
     test_accuracy: Option<f32>,
 }
 
+impl RunState {
+    /// The saved normalization, checked against the data set's channel count (the training
+    /// state is JSON metadata, outside the data checksum, so an edited file reaches here).
+    fn normalization(&self, channels: usize, dir: &Path) -> Result<(Vec<f32>, Vec<f32>)> {
+        let ok = |v: &[f32]| v.len() == channels && v.iter().all(|x| x.is_finite());
+        anyhow::ensure!(
+            ok(&self.mean) && ok(&self.std) && self.std.iter().all(|&s| s > 0.0),
+            "the training state in {} has a damaged normalization ({} means and {} standard \
+             deviations for {channels} input channels; each must be finite, deviations positive): \
+             the checkpoint's metadata was edited or corrupted; train the run again",
+            dir.display(),
+            self.mean.len(),
+            self.std.len()
+        );
+        Ok((self.mean.clone(), self.std.clone()))
+    }
+}
+
 /// One line of metrics.jsonl.
 #[derive(Serialize, Debug, Clone)]
 struct EpochMetrics {
@@ -307,7 +325,7 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     a.epochs = Some(epochs);
 
     let (mean, std) = match &resume {
-        Some((_, st, _)) => (st.mean.clone(), st.std.clone()),
+        Some((_, st, dir)) => st.normalization(split.train.channels, dir)?,
         None => split.train.channel_stats(),
     };
     let train = prepare(&split.train, &mean, &std);
@@ -740,7 +758,7 @@ pub(crate) fn load_run(
         pad_split(&mut split, ch)?;
     }
     let (mean, std) = match &st {
-        Some(s) => (s.mean.clone(), s.std.clone()),
+        Some(s) => s.normalization(split.test.channels, dir)?,
         None => split.train.channel_stats(),
     };
     let test = prepare(&split.test, &mean, &std);

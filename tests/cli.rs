@@ -96,8 +96,42 @@ fn corrupt_checkpoint_is_an_error_not_a_panic() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("model.safetensors") && !err.contains("panicked"), "{err}");
     }
+    // Edited metadata (outside the data checksum): a normalization that does not fit the
+    // data (two deviations for one channel, one of them 0), and training state that is not JSON.
+    let header = |bytes: &[u8], edit: &dyn Fn(&str) -> String| {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let h = edit(std::str::from_utf8(&bytes[8..8 + n]).unwrap());
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(&bytes[8 + n..]);
+        out
+    };
+    let std_key = "std\\\":[";
+    let edited = header(&bytes, &|h| {
+        assert!(h.contains(std_key), "{h}");
+        h.replacen(std_key, &format!("{std_key}0.0,"), 1)
+    });
+    std::fs::write(&w, &edited).unwrap();
+    for args in [vec!["eval", d], vec!["train", "--resume", d]] {
+        let out = sbdnet(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("damaged normalization") && !err.contains("panicked"), "{err}");
+    }
+    std::fs::write(&w, header(&bytes, &|h| h.replacen("model_step\\\":", "model_step\\\":{", 1))).unwrap();
+    let out = sbdnet(&["eval", d]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not valid JSON") && !err.contains("panicked"), "{err}");
     let out = sbdnet(&["eval", "/nonexistent/dir"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("sbdnet train"));
+}
+
+#[test]
+fn models_of_linear_layers_refuse_binary_precisions_they_would_ignore() {
+    for p in ["w1", "w1a1", "sw1"] {
+        let out = sbdnet(&["train", "--model", "mlp", "--precision", p, "--epochs", "1", "--out", "/dev/null"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("stay float") && !err.contains("panicked"), "{p}: {err}");
+    }
 }
 
 #[test]

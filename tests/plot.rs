@@ -169,6 +169,20 @@ fn layer_of_a_trained_diag_model_is_drawn_with_its_diagonals() {
     assert!(nnz <= 26 * 256 && nnz > 20 * 256, "{nnz}");
     let out = sbdnet(&["plot", "layer", r, "--layer", "fc2.relu", "-o", png.to_str().unwrap()], &[]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no weight matrix"));
+    // A token-wise layer of a transformer is drawn as its own 576 x 192 matrix (not per token).
+    let vit = d.join("vit");
+    let v = vit.to_str().unwrap();
+    let args = ["train", "--model", "vit-tiny", "--linear", "diag", "--sparsity", "0.9", "--epochs", "1", "--quiet"];
+    ok(&sbdnet(&[&args[..], &["--out", v]].concat(), &[]));
+    let png = d.join("qkv.png");
+    ok(&sbdnet(
+        &["plot", "layer", v, "--layer", "blk1.attn.qkv", "-o", png.to_str().unwrap()],
+        &[("SBDNET_FONT", "none")],
+    ));
+    let csv = std::fs::read_to_string(d.join("qkv.csv")).unwrap();
+    let rows: Vec<usize> = csv.lines().map(|l| l.split(',').count()).collect();
+    assert_eq!(rows.len(), 576);
+    assert!(rows.iter().all(|&c| c == 192), "{:?}", &rows[..3]);
 }
 
 #[test]

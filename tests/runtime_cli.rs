@@ -27,6 +27,12 @@ fn exported_models_agree_with_training_and_bench_reports_latency() {
         let v = json(&sbdnet(&["infer", f, "--dataset", "digits", "--agree-with", d, "--a8", "float", "--json"]));
         assert_eq!(v["agreement"].as_f64(), Some(1.0), "{precision}: {v}");
         assert!(v["accuracy"].as_f64().unwrap() > 0.1, "{precision}: {v}");
+        if precision == "w1" {
+            // The default W1-A8 path (8-bit activations, additions only) differs from training
+            // only by the activation rounding: nearly every prediction agrees.
+            let q = json(&sbdnet(&["infer", f, "--dataset", "digits", "--agree-with", d, "--json"]));
+            assert!(q["agreement"].as_f64().unwrap() >= 0.9, "{q}");
+        }
         // The reference executor gives the same accuracy.
         let r = json(&sbdnet(&["infer", f, "--dataset", "digits", "--reference", "--a8", "float", "--json"]));
         assert_eq!(r["accuracy"], v["accuracy"], "{precision}");
@@ -116,6 +122,15 @@ fn damaged_or_wrong_files_are_clear_errors() {
     assert!(sbdnet(&args).status.success());
     let out = sbdnet(&["infer", m.to_str().unwrap(), "--dataset", "digits"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("12x12x3"));
+    // A batch whose buffers could not be allocated is refused before allocating.
+    let out = sbdnet(&["bench", "model", m.to_str().unwrap(), "--batch", "100000000000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("smaller batch") && !err.contains("panicked"), "{err}");
+    let args =
+        ["bench", "linear", "--kind", "diag", "--out-features", "64", "--in-features", "64", "--sparsity", "0.5"];
+    let out = sbdnet(&[&args[..], &["--batch", "100000000000"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("smaller batch") && !err.contains("panicked"), "{err}");
     // Flipped bits in the packed weights are refused (data checksum), by every command.
     let mut bytes = std::fs::read(&m).unwrap();
     let last = bytes.len() - 1;

@@ -209,11 +209,19 @@ impl std::str::FromStr for DatasetKind {
 /// from `data_dir/<name>/`. Checksums are not verified here (see [`verify`]).
 pub fn load(kind: DatasetKind, data_dir: &Path) -> Result<Split, DataError> {
     let dir = data_dir.join(kind.name());
-    match kind {
+    let split = match kind {
         DatasetKind::Digits => digits(),
         DatasetKind::Mnist | DatasetKind::FashionMnist => idx::load_idx_dir(kind.name(), &dir),
         DatasetKind::Cifar10 => cifar::load_cifar_dir(&dir),
+    }?;
+    // Valid but empty files (an IDX header with count 0, an empty CIFAR batch) would give
+    // an accuracy over no images.
+    for (part, d) in [("training", &split.train), ("test", &split.test)] {
+        if d.is_empty() {
+            return Err(DataError::Format { file: dir, reason: format!("its {part} split has no images") });
+        }
     }
+    Ok(split)
 }
 
 /// The data directory: `$SBDNET_DATA` if set, else `$XDG_CACHE_HOME/sbdnet`,
@@ -275,6 +283,17 @@ pub(crate) mod tests {
         w("train-labels-idx1-ubyte", idx_labels(&[0, 1, 2, 3, 9]), gz);
         w("t10k-images-idx3-ubyte", idx_images(3, 4, 4), gz);
         w("t10k-labels-idx1-ubyte", idx_labels(&[5, 6, 7]), gz);
+    }
+
+    #[test]
+    fn empty_splits_are_refused() {
+        let t = TempDir::new("empty");
+        let dir = t.0.join("mnist");
+        write_mnist(&dir, false);
+        std::fs::write(dir.join("t10k-images-idx3-ubyte"), idx_images(0, 4, 4)).unwrap();
+        std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx_labels(&[])).unwrap();
+        let err = load(DatasetKind::Mnist, &t.0).unwrap_err().to_string();
+        assert!(err.contains("test split has no images") && err.contains("mnist"), "{err}");
     }
 
     #[test]

@@ -137,14 +137,20 @@ impl Checkpoint {
             let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             tensors.insert(name, (view.shape().to_vec(), data));
         }
-        let mut state = info.get("state").cloned().unwrap_or_default();
-        if let Some(t) = info.get("optim.t") {
-            // Keep the optimizer step count with the state for `apply`.
-            state = format!("{{\"__optim_t\":{t},\"state\":{}}}", if state.is_empty() { "null".into() } else { state });
-        } else {
-            state =
-                format!("{{\"__optim_t\":null,\"state\":{}}}", if state.is_empty() { "null".into() } else { state });
-        }
+        // Keep the optimizer step count with the state for `apply`. Both are metadata, outside
+        // the data checksum: refuse what does not parse instead of carrying it along.
+        let state = match info.get("state").filter(|s| !s.is_empty()) {
+            Some(s) => serde_json::from_str(s)
+                .map_err(|e| bad(&wpath, format!("its training state metadata is not valid JSON ({e})")))?,
+            None => serde_json::Value::Null,
+        };
+        let t = match info.get("optim.t") {
+            Some(t) => serde_json::Value::from(
+                t.parse::<u64>().map_err(|_| bad(&wpath, format!("its optimizer step count {t:?} is not a number")))?,
+            ),
+            None => serde_json::Value::Null,
+        };
+        let state = serde_json::json!({ "__optim_t": t, "state": state }).to_string();
         Ok(Checkpoint { config, state, tensors })
     }
 

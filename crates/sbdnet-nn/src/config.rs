@@ -212,6 +212,17 @@ impl ModelConfig {
             "mlp-wide" => Some(1024),
             _ => None,
         } {
+            // Linear layers count as first / last layers: at a binary precision nothing would
+            // be binarized (and no group pruned) without the flag, yet the run would carry the
+            // precision's name.
+            if quant.precision != Precision::Float && (!quant.binarize_first_last || quant.precision.sparse()) {
+                return Err(NnError::Config(format!(
+                    "{name} has only linear layers, which stay float at precision {} like every \
+                     model's first and last layers; use --precision float, or w1 / w1a1 with \
+                     --binarize-first-last to binarize them (sw1 / sw1a1 prune convolutions only)",
+                    quant.precision.name()
+                )));
+            }
             let fc = |out, act| Block::Linear { out, bias: true, act, sparse: None };
             let blocks = vec![Block::Flatten, fc(ch(hidden), act), fc(ch(hidden), act), fc(classes, Act::None)];
             return Ok(ModelConfig { name: name.to_string(), input, classes, blocks, quant });

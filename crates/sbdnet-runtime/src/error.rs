@@ -29,6 +29,17 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
+    /// A batch too large to plan: one of its activation buffers would exceed
+    /// [`MAX_BATCH_VALUES`](crate::plan::MAX_BATCH_VALUES) values.
+    #[error("a batch of {batch} images would need {values} values in one activation buffer (at most {limit}); use a smaller batch")]
+    Batch {
+        /// Images per batch asked for.
+        batch: usize,
+        /// Values of the largest buffer (saturated on overflow).
+        values: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// An input of the wrong size was passed to `run`.
     #[error("input has {got} values, the model takes {expected} per image ({batch} images)")]
     Input {

@@ -680,12 +680,21 @@ fn stage_i32(stage: &Stage, raw: &[i32], c: usize, out_f: &mut [f32], out_b: &mu
     }
 }
 
+/// The most values one activation buffer of a plan may hold (1 GiB of `f32`): a larger
+/// batch is refused by [`Plan::new`] instead of failing to allocate.
+pub const MAX_BATCH_VALUES: usize = 1 << 28;
+
 impl Plan {
     /// Plan `model` for batches of up to `batch` images.
     pub fn new(model: &DeployedModel, batch: usize, opts: PlanOptions) -> Result<Plan, RuntimeError> {
         let batch = batch.max(1);
         let t = &model.tensors;
         let vals = &model.values;
+        let largest = vals.iter().map(|v| v.h.saturating_mul(v.w).saturating_mul(v.c)).max().unwrap_or(1);
+        let values = largest.saturating_mul(batch);
+        if values > MAX_BATCH_VALUES {
+            return Err(RuntimeError::Batch { batch, values, limit: MAX_BATCH_VALUES });
+        }
         let mut steps = Vec::new();
         let mut info = Vec::new();
         let (mut raw_len, mut col_len, mut scratch_len, mut unpacked_len) = (0usize, 0usize, 0usize, 0usize);
