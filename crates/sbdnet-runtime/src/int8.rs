@@ -128,6 +128,12 @@ pub struct QuantScratch {
     pub known: Vec<f32>,
     /// The value `known` describes.
     pub known_for: Option<usize>,
+    /// Per image and channel, `max |x|` of the same value, where `known_ch_valid`: written by
+    /// the fused affine of the layer that produced it (the passes that find only the whole
+    /// tensor's max clear the flag), so a depthwise layer's per-channel scales need no pass.
+    known_ch: Vec<f32>,
+    /// Whether `known_ch` describes the value `known_for` names.
+    pub known_ch_valid: bool,
     /// A depthwise layer's per-channel activation scales (`max_c |x| / 127`), `n x cin`.
     cscale: Vec<f32>,
     /// Their inverses for one image (`127 / max_c |x|`, 0 for a channel quantized to zeros).
@@ -153,6 +159,9 @@ impl QuantScratch {
         grow(&mut self.inv, g.batch);
         grow(&mut self.known, g.batch);
         grow(&mut self.acc, g.cin);
+        if c.fuses_affine() {
+            grow(&mut self.known_ch, g.batch * g.cout);
+        }
         if c.kind == A8Kind::Depthwise {
             grow(&mut self.cscale, g.batch * g.cin);
             grow(&mut self.cinv, g.cin);
@@ -216,16 +225,18 @@ pub(crate) struct Epilogue<'a> {
 }
 
 /// Where an AVX-512 kernel writes: `y`, and with an epilogue the affine applied on the way
-/// and the running `max |y|` (NaN skipped) in 16 lanes.
+/// and each output channel's `max |y|` (NaN skipped) in `cmax`.
 pub(crate) struct Out<'a> {
     y: &'a mut [f32],
     ep: Option<Epilogue<'a>>,
-    max: [f32; 16],
+    cmax: &'a mut [f32],
 }
 
 impl<'a> Out<'a> {
-    fn new(y: &'a mut [f32], ep: Option<Epilogue<'a>>) -> Self {
-        Out { y, ep, max: [0.0; 16] }
+    /// `cmax` (one per output channel, with an epilogue; may be empty without) is zeroed.
+    fn new(y: &'a mut [f32], ep: Option<Epilogue<'a>>, cmax: &'a mut [f32]) -> Self {
+        cmax.fill(0.0);
+        Out { y, ep, cmax }
     }
 
     /// Room for `len` outputs of `c` channels (and an epilogue covering them).
@@ -233,21 +244,26 @@ impl<'a> Out<'a> {
         assert!(self.y.len() >= len);
         if let Some(e) = &self.ep {
             assert!(e.scale.len() >= c && e.bias.len() >= c && e.kc.is_none_or(|k| k.len() >= c));
+            assert!(self.cmax.len() >= c);
         }
     }
 
-    /// Fold a kernel's running `max |y|` registers (never NaN) into `max`.
+    /// Fold a kernel's running `max |y|` register (never NaN) of channels `c0..` (lanes `m`)
+    /// into `cmax`; nothing without an epilogue.
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn merge_max(&mut self, mx: [std::arch::x86_64::__m512; 2]) {
+    unsafe fn merge_max(&mut self, c0: usize, m: std::arch::x86_64::__mmask16, mx: std::arch::x86_64::__m512) {
         use std::arch::x86_64::*;
-        let m = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_loadu_ps(self.max.as_ptr()));
-        _mm512_storeu_ps(self.max.as_mut_ptr(), m);
+        if self.ep.is_some() {
+            let p = self.cmax.as_mut_ptr().add(c0);
+            _mm512_mask_storeu_ps(p, m, _mm512_max_ps(mx, _mm512_maskz_loadu_ps(m, p)));
+        }
     }
 
     /// `max |y|` of everything written (0 when nothing was).
     fn max(&self) -> f32 {
-        self.max.iter().fold(0.0f32, |m, &v| if v > m { v } else { m })
+        self.cmax.iter().fold(0.0f32, |m, &v| if v > m { v } else { m })
     }
 }
 
@@ -405,16 +421,20 @@ impl A8Conv {
         assert!(self.fuses_affine() && scale.len() >= self.g.cout && bias.len() >= self.g.cout);
         self.quantize(n, x, s, known);
         let ol = self.g.oh * self.g.ow * self.g.cout;
-        // Out of the scratch while the kernel borrows it (a move, not a copy).
+        // Out of the scratch while the kernel borrows it (moves, not copies).
         let cscale = std::mem::take(&mut s.cscale);
-        for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
+        let mut known_ch = std::mem::take(&mut s.known_ch);
+        let c = self.g.cout;
+        for ((b, yb), cmax) in y[..n * ol].chunks_exact_mut(ol).enumerate().zip(known_ch.chunks_exact_mut(c)) {
             let kc = self.depthwise().then(|| &cscale[b * self.g.cin..][..self.g.cin]);
             let ep = Epilogue { k: s.scale[b], kc, scale, bias, act };
-            let mut out = Out::new(yb, Some(ep));
+            let mut out = Out::new(yb, Some(ep), cmax);
             self.image(b, x, &mut out, s);
             s.known[b] = out.max();
         }
         s.cscale = cscale;
+        s.known_ch = known_ch;
+        s.known_ch_valid = true;
     }
 
     /// Quantize `n` images of `x` into `s.q` and their scales into `s.scale`; a pointwise
@@ -433,7 +453,12 @@ impl A8Conv {
                 s.scale[b] = 1.0;
                 let c = self.g.cin;
                 let (kc, inv) = (&mut s.cscale[b * c..][..c], &mut s.cinv[..c]);
-                channel_scales(xb, kc, inv);
+                if known && s.known_ch_valid {
+                    kc.copy_from_slice(&s.known_ch[b * c..][..c]);
+                } else {
+                    channel_abs_max_of(xb, kc);
+                }
+                channel_scales(kc, inv);
                 if self.padded() {
                     quantize_padded(&self.g, xb, &mut s.qpad[b * pl..][..pl], inv);
                 } else {
@@ -539,9 +564,10 @@ impl A8Conv {
     /// instead of a pass over `x`.
     pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch, known: bool) {
         self.quantize(n, x, s, known);
+        s.known_ch_valid = false;
         let ol = self.g.oh * self.g.ow * self.g.cout;
         for (b, yb) in y[..n * ol].chunks_exact_mut(ol).enumerate() {
-            self.image(b, x, &mut Out::new(yb, None), s);
+            self.image(b, x, &mut Out::new(yb, None, &mut []), s);
             if self.depthwise() {
                 // The per-channel scales here (the image scale is 1): the same product the
                 // fused affine forms first.
@@ -586,16 +612,20 @@ sbdnet_kernels::simd_kernel! {
     }
 }
 
-/// Per-channel scales of one `pixels x c` image: `kc[c] = max_c |x| / 127` and `inv[c] =
-/// 127 / max_c |x|`; a channel whose max is 0 or not finite gets `kc = 1`, `inv = 0` (and
-/// quantizes to zeros, as a whole tensor does in [`quantize_with`]).
-fn channel_scales(x: &[f32], kc: &mut [f32], inv: &mut [f32]) {
+/// [`channel_abs_max`] of one `pixels x kc.len()` image into `kc`.
+fn channel_abs_max_of(x: &[f32], kc: &mut [f32]) {
     if avx512::available() {
         // SAFETY: the CPU has AVX-512 F and BW.
         unsafe { avx512::channel_abs_max(x, kc) }
     } else {
         channel_abs_max(x, kc);
     }
+}
+
+/// Per-channel scales from the maxima in `kc` (`max_c |x|`, replaced by `max_c |x| / 127`)
+/// and `inv[c] = 127 / max_c |x|`; a channel whose max is 0 or not finite gets `kc = 1`, `inv = 0` (and
+/// quantizes to zeros, as a whole tensor does in [`quantize_with`]).
+fn channel_scales(kc: &mut [f32], inv: &mut [f32]) {
     for (k, i) in kc.iter_mut().zip(inv.iter_mut()) {
         (*k, *i) = if *k > 0.0 && k.is_finite() { (*k / 127.0, 127.0 / *k) } else { (1.0, 0.0) };
     }
@@ -1403,9 +1433,8 @@ mod avx512 {
         out: &mut Out,
         r: usize,
     ) {
-        // One running max per half: two independent chains. Channels outer, so each 16
-        // channels' scale and bias are loaded once for all pixels.
-        let mut mx = [_mm512_setzero_ps(); 2];
+        // Channels outer, so each 16 channels' scale and bias are loaded once for all pixels,
+        // and their running max merged into the per-channel maxima once per tile.
         for v in 0..V {
             for h in 0..2 {
                 let c0 = (b0 + v) * 32 + 16 * h;
@@ -1414,15 +1443,16 @@ mod avx512 {
                 }
                 let m = lanes16(cout - c0);
                 let sb = affine16(out, c0, m);
+                let mut mx = _mm512_setzero_ps();
                 for (p, &s) in sums.iter().enumerate().take(np) {
                     let w = wide[p][v][h];
                     // No zeros: sum_{+} x - sum_{-} x = 2 * sum_{+} x - sum x.
                     let w = if zeros { w } else { _mm512_sub_epi32(_mm512_slli_epi32::<1>(w), _mm512_set1_epi32(s)) };
-                    emit(out, &mut mx[h], (r + p) * cout + c0, sb, m, w);
+                    emit(out, &mut mx, (r + p) * cout + c0, sb, m, w);
                 }
+                out.merge_max(c0, m, mx);
             }
         }
-        out.merge_max(mx);
     }
 
     /// Blocks `b0..b0 + V` of 32 channels for the `np` pixels in `dup`.
@@ -1568,7 +1598,11 @@ mod avx512 {
                 }
             }
         }
-        out.merge_max(mx);
+        for h in 0..2 {
+            if n[h] > 0 {
+                out.merge_max(c0 + 16 * h, m[h], mx[h]);
+            }
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -1797,6 +1831,13 @@ mod tests {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "case {i} {layout:?} {act:?}");
                     assert_eq!(bits(&s.known[..b]), bits(&maxes), "case {i} {layout:?} {act:?}");
+                    // And the per-channel maxima a depthwise layer after it reads instead of a pass.
+                    assert!(s.known_ch_valid);
+                    for (img, y) in got.chunks_exact(ol).enumerate() {
+                        let mut m = vec![0.0f32; cout];
+                        channel_abs_max(y, &mut m);
+                        assert_eq!(bits(&s.known_ch[img * cout..][..cout]), bits(&m), "case {i} {layout:?} {act:?}");
+                    }
                 }
             }
         }
@@ -1842,7 +1883,8 @@ mod tests {
             x[5 * c + c - 1] = f32::INFINITY;
             x[7 * c + c / 2] = f32::NAN;
             let (mut kc, mut inv) = (vec![0.0f32; c], vec![0.0f32; c]);
-            channel_scales(&x, &mut kc, &mut inv);
+            channel_abs_max_of(&x, &mut kc);
+            channel_scales(&mut kc, &mut inv);
             let mut want = vec![0.0f32; c];
             channel_abs_max(&x, &mut want);
             for ch in 0..c {

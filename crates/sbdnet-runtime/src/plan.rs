@@ -961,6 +961,7 @@ impl Plan {
                 let st = crate::conv_sign::AffineStage { scale, bias, act: *act as u8 };
                 crate::conv_sign::conv_affine(&g, xf, wt, &st, &mut self.unpacked, yf, &mut self.quant.known[..n]);
                 self.quant.known_for = Some(i + 1);
+                self.quant.known_ch_valid = false;
             }
             Kernel::SmallConv { g, wt, stage, .. } => {
                 let g = ConvGeom { batch: n, ..*g };
