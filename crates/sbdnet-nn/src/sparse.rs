@@ -78,6 +78,12 @@ use sbdnet_kernels::elementwise as ew;
 use sbdnet_kernels::rng::Rng;
 use serde::{Deserialize, Serialize};
 
+/// An invalid sparse-layer setting, or a saved pattern that does not fit its layer; the
+/// message names the knob or the buffer.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SparseError(pub String);
+
 /// Which sparse layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,27 +184,30 @@ impl SparseSpec {
     }
 
     /// Check the knobs; the message names the bad one.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SparseError> {
         if !(0.0..1.0).contains(&self.sparsity) {
-            return Err(format!("sparsity must be in [0, 1), got {}", self.sparsity));
+            return Err(SparseError(format!("sparsity must be in [0, 1), got {}", self.sparsity)));
         }
         if !(self.candidates >= 1.0 && self.candidates.is_finite()) {
-            return Err(format!("candidates must be >= 1, got {}", self.candidates));
+            return Err(SparseError(format!("candidates must be >= 1, got {}", self.candidates)));
         }
         if self.update_every == 0 {
-            return Err("update interval must be at least 1 step".into());
+            return Err(SparseError("update interval must be at least 1 step".to_string()));
         }
         if !(0.0..=1.0).contains(&self.drop_fraction) {
-            return Err(format!("drop fraction must be in [0, 1], got {}", self.drop_fraction));
+            return Err(SparseError(format!("drop fraction must be in [0, 1], got {}", self.drop_fraction)));
         }
         if !(0.0..=1.0).contains(&self.stop) || !(0.0..=1.0).contains(&self.freeze) {
-            return Err(format!("stop and freeze must be in [0, 1], got {} and {}", self.stop, self.freeze));
+            return Err(SparseError(format!(
+                "stop and freeze must be in [0, 1], got {} and {}",
+                self.stop, self.freeze
+            )));
         }
         if !(self.t_start > 0.0 && self.t_end > 0.0 && self.t_start.is_finite()) {
-            return Err(format!("temperatures must be positive, got {} -> {}", self.t_start, self.t_end));
+            return Err(SparseError(format!("temperatures must be positive, got {} -> {}", self.t_start, self.t_end)));
         }
         if !(self.alpha_lr >= 0.0 && self.alpha_lr.is_finite()) {
-            return Err(format!("alpha learning-rate multiplier must be >= 0, got {}", self.alpha_lr));
+            return Err(SparseError(format!("alpha learning-rate multiplier must be >= 0, got {}", self.alpha_lr)));
         }
         Ok(())
     }
@@ -298,11 +307,11 @@ impl DiagLinear {
         spec: SparseSpec,
         p: &mut ParamStore,
         rng: &mut Rng,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SparseError> {
         spec.validate()?;
         let (d, pp) = (inp.min(out), inp.max(out));
         if d == 0 {
-            return Err("a diagonal layer needs at least one input and one output".into());
+            return Err(SparseError("a diagonal layer needs at least one input and one output".to_string()));
         }
         let k = DiagMatrix::active_diagonals(out, inp, spec.sparsity);
         let c = ((spec.candidates * k as f32).ceil() as usize).clamp(k, pp);
@@ -328,7 +337,7 @@ impl DiagLinear {
         let state = p.add_buffer(format!("{name}.state"), vec![2], 0.0);
         p.buffers[state.offset] = if frozen { 1.0 } else { 0.0 };
         p.buffers[state.offset + 1] = spec.t_start;
-        let mat = DiagMatrix::new(out, inp, offs, vec![0.0; c * d]).map_err(|e| e.to_string())?;
+        let mat = DiagMatrix::new(out, inp, offs, vec![0.0; c * d]).map_err(|e| SparseError(e.to_string()))?;
         Ok(DiagLinear {
             inp,
             out,
@@ -395,17 +404,18 @@ impl DiagLinear {
     }
 
     /// Rebuild the pattern from the buffers (after a checkpoint was loaded into `p`).
-    pub fn sync(&mut self, p: &ParamStore) -> Result<(), String> {
+    pub fn sync(&mut self, p: &ParamStore) -> Result<(), SparseError> {
         let offs: Vec<usize> =
             p.buffers[self.offsets.range()].iter().take_while(|&&o| o >= 0.0).map(|&o| o as usize).collect();
         self.frozen = p.buffers[self.state.offset] != 0.0;
         self.temp = p.buffers[self.state.offset + 1];
         let want = if self.frozen { self.k } else { self.c };
         if offs.len() != want || self.temp.is_nan() || self.temp <= 0.0 {
-            return Err(format!("diagonal layer state holds {} offsets, expected {want}", offs.len()));
+            return Err(SparseError(format!("diagonal layer state holds {} offsets, expected {want}", offs.len())));
         }
         let d = self.diag_len();
-        self.mat = DiagMatrix::new(self.out, self.inp, offs, vec![0.0; want * d]).map_err(|e| e.to_string())?;
+        self.mat =
+            DiagMatrix::new(self.out, self.inp, offs, vec![0.0; want * d]).map_err(|e| SparseError(e.to_string()))?;
         Ok(())
     }
 
@@ -668,10 +678,10 @@ impl MaskedLinear {
         spec: SparseSpec,
         p: &mut ParamStore,
         rng: &mut Rng,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SparseError> {
         spec.validate()?;
         if inp == 0 || out == 0 {
-            return Err("a masked layer needs at least one input and one output".into());
+            return Err(SparseError("a masked layer needs at least one input and one output".to_string()));
         }
         let target_nnz = DiagMatrix::active_diagonals(out, inp, spec.sparsity) * inp.min(out);
         let bound = 1.0 / (target_nnz as f32 / out as f32).max(1.0).sqrt();

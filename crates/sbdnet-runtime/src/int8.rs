@@ -1846,6 +1846,7 @@ mod tests {
     #[test]
     fn avx512_quantization_equals_the_portable_one() {
         if !avx512::available() {
+            eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
             return;
         }
         let mut rng = sbdnet_kernels::rng::Rng::new(7);
