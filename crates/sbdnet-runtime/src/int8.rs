@@ -974,48 +974,44 @@ mod avx512 {
         }
     }
 
-    /// `a + x` in the 16-bit lanes `k` selects, `a` elsewhere: one masked `vpaddw`. The
-    /// intrinsic (`_mm512_mask_add_epi16`) is rewritten by the compiler where `x` is used
-    /// twice (a zero-masked move of `x` and an unmasked add: two vector instructions) or is a
+    /// A masked 16-bit instruction `ins a{k}, a, x` as a function. The intrinsics
+    /// (`_mm512_mask_add_epi16` ...) are rewritten by the compiler where `x` is used twice (a
+    /// zero-masked move of `x` and an unmasked add: two vector instructions) or is a
     /// broadcast (an AND with the mask as a constant, then the add), so the hot loops state
     /// the instruction.
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn add_w(a: __m512i, k: __mmask32, x: __m512i) -> __m512i {
-        let mut a = a;
-        // SAFETY: register-only instruction of AVX-512 BW, which this function requires.
-        unsafe {
-            std::arch::asm!(
-                "vpaddw {a}{{{k}}}, {a}, {x}",
-                a = inout(zmm_reg) a,
-                k = in(kreg) k,
-                x = in(zmm_reg) x,
-                options(pure, nomem, nostack, preserves_flags)
-            );
-        }
-        a
+    macro_rules! masked_w {
+        ($(#[$doc:meta])* $name:ident, $ins:literal) => {
+            $(#[$doc])*
+            #[cfg(target_arch = "x86_64")]
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512bw")]
+            unsafe fn $name(a: __m512i, k: __mmask32, x: __m512i) -> __m512i {
+                let mut a = a;
+                // SAFETY: a register-only instruction of AVX-512 BW, which this function requires.
+                unsafe {
+                    std::arch::asm!(
+                        concat!($ins, " {a}{{{k}}}, {a}, {x}"),
+                        a = inout(zmm_reg) a,
+                        k = in(kreg) k,
+                        x = in(zmm_reg) x,
+                        options(pure, nomem, nostack, preserves_flags)
+                    );
+                }
+                a
+            }
+        };
     }
 
-    /// `a - x` in the 16-bit lanes `k` selects, `a` elsewhere (one masked `vpsubw`; see
-    /// [`add_w`]).
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn sub_w(a: __m512i, k: __mmask32, x: __m512i) -> __m512i {
-        let mut a = a;
-        // SAFETY: as in `add_w`.
-        unsafe {
-            std::arch::asm!(
-                "vpsubw {a}{{{k}}}, {a}, {x}",
-                a = inout(zmm_reg) a,
-                k = in(kreg) k,
-                x = in(zmm_reg) x,
-                options(pure, nomem, nostack, preserves_flags)
-            );
-        }
-        a
-    }
+    masked_w!(
+        /// `a + x` in the 16-bit lanes `k` selects, `a` elsewhere: one masked `vpaddw`.
+        add_w,
+        "vpaddw"
+    );
+    masked_w!(
+        /// `a - x` in the 16-bit lanes `k` selects, `a` elsewhere: one masked `vpsubw`.
+        sub_w,
+        "vpsubw"
+    );
 
     /// Whether the lookup kernel can use byte permutes (AVX-512 VBMI).
     pub fn vbmi() -> bool {
