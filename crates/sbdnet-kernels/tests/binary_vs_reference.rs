@@ -132,6 +132,33 @@ fn one_hot_bit_order() {
 }
 
 #[test]
+fn thresholded_packing_equals_the_scalar_form() {
+    // Whatever implementation `pack_thresholded` dispatches to (AVX-512 here where the CPU
+    // has it) equals the one-value-at-a-time form: channel counts around the 16-lane pieces
+    // and 64-bit words, several rows, ties, NaN, infinities and signed zeros.
+    let mut r = sbdnet_kernels::rng::Rng::new(21);
+    for c in [1, 5, 16, 17, 33, 63, 64, 65, 100, 128, 129, 256] {
+        let rows = 7;
+        let t: Vec<f32> = (0..c).map(|i| if i % 5 == 0 { 0.0 } else { r.normal() }).collect();
+        let x: Vec<f32> = (0..rows * c)
+            .map(|i| match r.below(9) {
+                0 => f32::NAN,
+                1 => t[i % c],
+                2 => -0.0,
+                3 => f32::INFINITY,
+                4 => f32::NEG_INFINITY,
+                _ => r.normal(),
+            })
+            .collect();
+        let wd = words(c);
+        let (mut got, mut want) = (vec![u64::MAX; rows * wd], vec![0u64; rows * wd]);
+        pack_thresholded(&x, c, &t, &mut got);
+        binary::pack_thresholded_scalar(&x, c, &t, &mut want);
+        assert_eq!(got, want, "c={c}");
+    }
+}
+
+#[test]
 fn packing_rules_at_zero_ties_and_nan() {
     // Weights: sign(0) = +1 (also -0.0); activations: +1 iff x > t, so x == t is -1.
     let x = [0.0, -0.0, 1e-30, -1e-30, f32::NAN, 2.0];

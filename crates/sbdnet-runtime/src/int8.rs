@@ -425,6 +425,7 @@ impl A8Conv {
         let cscale = std::mem::take(&mut s.cscale);
         let mut known_ch = std::mem::take(&mut s.known_ch);
         let c = self.g.cout;
+        assert!(known_ch.len() >= n * c, "scratch not reserved for this layer");
         for ((b, yb), cmax) in y[..n * ol].chunks_exact_mut(ol).enumerate().zip(known_ch.chunks_exact_mut(c)) {
             let kc = self.depthwise().then(|| &cscale[b * self.g.cin..][..self.g.cin]);
             let ep = Epilogue { k: s.scale[b], kc, scale, bias, act };

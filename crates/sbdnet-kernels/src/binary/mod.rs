@@ -116,9 +116,51 @@ pub fn pack_signs(x: &[f32], c: usize, out: &mut [u64]) {
 /// `x > t[ch]` (so `x == t` and NaN give bit `1`, i.e. `-1`). `t` holds `c` thresholds.
 pub fn pack_thresholded(x: &[f32], c: usize, t: &[f32], out: &mut [u64]) {
     let t = &t[..c];
+    #[cfg(target_arch = "x86_64")]
+    if BinaryImpl::current() == BinaryImpl::Avx512 {
+        assert!(c > 0 && x.len().is_multiple_of(c), "pack: {} values are not rows of {c}", x.len());
+        assert!(out.len() >= x.len() / c * words(c), "pack: output too short");
+        // SAFETY: AVX-512 F is present (BinaryImpl::Avx512); lengths checked above.
+        unsafe { pack_thresholded_avx512(x, c, t, out) };
+        return;
+    }
+    pack_thresholded_scalar(x, c, t, out);
+}
+
+/// [`pack_thresholded`] one value at a time (the reference for the AVX-512 form).
+pub fn pack_thresholded_scalar(x: &[f32], c: usize, t: &[f32], out: &mut [u64]) {
+    let t = &t[..c];
     // Written as `!(x > t)`, not `x <= t`: NaN must give -1 as in training.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pack_rows(x, c, out, |ch, v| !(v > t[ch]))
+}
+
+/// [`pack_thresholded`] 16 channels per comparison (`vcmpps` with "not greater than,
+/// unordered", true for NaN as `!(x > t)` is), four comparisons' masks per 64-bit word.
+/// Lanes past `c` are masked off and give 0 bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_thresholded_avx512(x: &[f32], c: usize, t: &[f32], out: &mut [u64]) {
+    use std::arch::x86_64::*;
+    let wd = words(c);
+    for (r, xr) in x.chunks_exact(c).enumerate() {
+        for wi in 0..wd {
+            let mut bits = 0u64;
+            for q in 0..4 {
+                let lo = wi * WORD_BITS + 16 * q;
+                if lo >= c {
+                    break;
+                }
+                let n = (c - lo).min(16);
+                let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                let v = _mm512_maskz_loadu_ps(m, xr.as_ptr().add(lo));
+                let th = _mm512_maskz_loadu_ps(m, t.as_ptr().add(lo));
+                let k = _mm512_mask_cmp_ps_mask::<_CMP_NGT_UQ>(m, v, th);
+                bits |= u64::from(k) << (16 * q);
+            }
+            *out.get_unchecked_mut(r * wd + wi) = bits;
+        }
+    }
 }
 
 #[inline(always)]
