@@ -1078,44 +1078,81 @@ impl Plan {
             }
             Kernel::Binarize { t } => binary::pack_thresholded(xf, xi.c, t, yb),
             Kernel::Affine { scale, bias, act } => affine_rows(xf, xi.c, scale, bias, *act, yf),
-            Kernel::Activation(act) => {
-                for (y, &x) in yf.iter_mut().zip(xf) {
-                    *y = act.apply(x);
-                }
-            }
+            Kernel::Activation(act) => act_into(xf, yf, *act),
             Kernel::Pool { k, stride, max } => {
-                for b in 0..n {
-                    for oy in 0..yo.h {
-                        for ox in 0..yo.w {
-                            let yr = &mut yf[((b * yo.h + oy) * yo.w + ox) * yo.c..][..yo.c];
-                            yr.fill(if *max { f32::NEG_INFINITY } else { 0.0 });
-                            for ky in 0..*k {
-                                for kx in 0..*k {
-                                    let xr =
-                                        &xf[((b * xi.h + oy * stride + ky) * xi.w + ox * stride + kx) * xi.c..][..xi.c];
-                                    for (y, &v) in yr.iter_mut().zip(xr) {
-                                        *y = if *max { y.max(v) } else { *y + v };
-                                    }
-                                }
-                            }
-                            if !*max {
-                                let inv = 1.0 / (k * k) as f32;
-                                yr.iter_mut().for_each(|v| *v *= inv);
-                            }
-                        }
-                    }
+                let dims = [n, xi.h, xi.w, yo.h, yo.w, yo.c, *k, *stride];
+                if *max {
+                    pool_into::<true>(xf, yf, dims);
+                } else {
+                    pool_into::<false>(xf, yf, dims);
                 }
             }
             Kernel::Gap => gap_rows(xf, xi.h * xi.w, xi.c, yf),
             Kernel::Copy => yf.copy_from_slice(xf),
-            Kernel::Add => {
-                let other = &f_lo[step.inputs[1]][..yf.len()];
-                for ((y, &p), &q) in yf.iter_mut().zip(xf).zip(other) {
-                    *y = p + q;
+            Kernel::Add => add_into(xf, &f_lo[step.inputs[1]][..yf.len()], yf),
+        }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// `y = act(x)` (the variant matched once, outside the loop).
+    fn act_into(x: &[f32], y: &mut [f32], act: Act) {
+        match act {
+            Act::None => y.copy_from_slice(&x[..y.len()]),
+            Act::Relu => y.iter_mut().zip(x).for_each(|(y, &v)| *y = Act::Relu.apply(v)),
+            Act::Hardtanh => y.iter_mut().zip(x).for_each(|(y, &v)| *y = Act::Hardtanh.apply(v)),
+        }
+    }
+}
+
+sbdnet_kernels::simd_kernel! {
+    /// `y = p + q`.
+    fn add_into(p: &[f32], q: &[f32], y: &mut [f32]) {
+        for ((y, &p), &q) in y.iter_mut().zip(p).zip(q) {
+            *y = p + q;
+        }
+    }
+}
+
+/// `k x k` pooling at `stride`, no padding, NHWC; `dims` = `[n, h, w, oh, ow, c, k, stride]`.
+/// Average: the window's sum in tap order, times `1 / k^2`; max: `f32::max` from `-inf`.
+fn pool_into<const MAX: bool>(x: &[f32], y: &mut [f32], dims: [usize; 8]) {
+    #[inline(always)]
+    fn body<const MAX: bool>(x: &[f32], y: &mut [f32], dims: [usize; 8]) {
+        let [n, h, w, oh, ow, c, k, stride] = dims;
+        let inv = 1.0 / (k * k) as f32;
+        for b in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let yr = &mut y[((b * oh + oy) * ow + ox) * c..][..c];
+                    yr.fill(if MAX { f32::NEG_INFINITY } else { 0.0 });
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let xr = &x[((b * h + oy * stride + ky) * w + ox * stride + kx) * c..][..c];
+                            for (y, &v) in yr.iter_mut().zip(xr) {
+                                *y = if MAX { y.max(v) } else { *y + v };
+                            }
+                        }
+                    }
+                    if !MAX {
+                        yr.iter_mut().for_each(|v| *v *= inv);
+                    }
                 }
             }
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<const MAX: bool>(x: &[f32], y: &mut [f32], dims: [usize; 8]) {
+            body::<MAX>(x, y, dims)
+        }
+        if sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2 {
+            // SAFETY: the AVX2 path is chosen only when the CPU reports AVX2.
+            return unsafe { avx2::<MAX>(x, y, dims) };
+        }
+    }
+    body::<MAX>(x, y, dims)
 }
 
 #[cfg(test)]

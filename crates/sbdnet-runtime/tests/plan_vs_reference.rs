@@ -300,3 +300,45 @@ fn one_channel_sparse_depthwise_is_an_ordinary_convolution() {
         check(&Spec { cin: 1, h: 5, c1: 1, c2: 3, stride: 1, group: 0, sparse_dw: true, bits, seed: 7 }, 2);
     }
 }
+
+/// The float layers of the shortcut models (activation, average and max pooling, addition)
+/// through the planned executor equal the reference executor, channel counts not a multiple
+/// of the vector width, two images.
+#[test]
+fn float_layers_of_shortcut_models_match_the_reference() {
+    for (h, c, act) in [(6, 5, Act::Hardtanh), (8, 19, Act::Relu), (4, 16, Act::None)] {
+        let mut rng = Rng::new(c as u64);
+        let mut t = Tensors::new();
+        let layer = |name: &str, inputs: Vec<usize>, op: Op| Layer { name: name.into(), inputs, op };
+        let mut layers = vec![
+            layer("act", vec![0], Op::Activation { act }),
+            layer("avg", vec![1], Op::Pool { k: 2, stride: 2, max: false }),
+            layer("max", vec![1], Op::Pool { k: 2, stride: 2, max: true }),
+            layer("add", vec![2, 3], Op::Add),
+            layer("gap", vec![4], Op::GlobalAvgPool),
+        ];
+        t.insert("fc.weight".into(), f32s(&mut rng, 10 * c, 0.3, 0.0));
+        t.insert("fc.bias".into(), f32s(&mut rng, 10, 0.1, 0.0));
+        layers.push(layer(
+            "fc",
+            vec![5],
+            Op::Linear { inp: c, out: 10, weight: "fc.weight".into(), bias: Some("fc.bias".into()) },
+        ));
+        let graph = Graph {
+            name: "float-layers".into(),
+            precision: "float".into(),
+            input: [h, h, c],
+            classes: 10,
+            mean: vec![0.0; c],
+            std: vec![1.0; c],
+            layers,
+        };
+        let m = DeployedModel::new(graph, t).expect("valid test graph");
+        let x: Vec<f32> = (0..2 * h * h * c).map(|_| rng.normal() * 2.0).collect();
+        let want = reference::run(&m, &x, 2).unwrap();
+        let got = Plan::new(&m, 2, PlanOptions::default()).unwrap().run(&x, 2).unwrap().to_vec();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{h}x{h}x{c} {act:?}: planned {g} vs reference {w}");
+        }
+    }
+}
