@@ -137,6 +137,50 @@ fn write_sums(a: &[u64; 4], v: i32, o: &mut [i32]) {
     }
 }
 
+/// How the integer kernel writes `2 * agree - v` from the agree planes.
+trait SumWriter {
+    fn write(a: &[u64; 4], v: i32, o: &mut [i32]);
+}
+
+/// [`write_sums`]: byte spreading by table, 8 lanes at a time (any CPU).
+struct Spread;
+
+impl SumWriter for Spread {
+    #[inline(always)]
+    fn write(a: &[u64; 4], v: i32, o: &mut [i32]) {
+        write_sums(a, v, o)
+    }
+}
+
+/// 16 lanes per 512-bit register: each plane's 16 bits select the lanes that get `2^plane`
+/// (four masked adds), then `2 * count - v` and a masked store. Only instantiated by the
+/// AVX-512 arm of [`bdw_forward`], whose function enables AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+struct Masks512;
+
+#[cfg(target_arch = "x86_64")]
+impl SumWriter for Masks512 {
+    #[inline(always)]
+    fn write(a: &[u64; 4], v: i32, o: &mut [i32]) {
+        use std::arch::x86_64::*;
+        // SAFETY: inlined only into `row_i32_avx512`, compiled with AVX-512 F and run where
+        // the CPU has it (`BinaryImpl::Avx512`); stores are masked to `o`'s length.
+        unsafe {
+            let n = o.len().min(WORD_BITS);
+            for q in 0..n.div_ceil(16) {
+                let left = n - 16 * q;
+                let m: __mmask16 = if left >= 16 { 0xFFFF } else { (1u16 << left) - 1 };
+                let mut cnt = _mm512_setzero_si512();
+                for (p, &plane) in a.iter().enumerate() {
+                    cnt = _mm512_mask_add_epi32(cnt, (plane >> (16 * q)) as __mmask16, cnt, _mm512_set1_epi32(1 << p));
+                }
+                let s = _mm512_sub_epi32(_mm512_slli_epi32::<1>(cnt), _mm512_set1_epi32(v));
+                _mm512_mask_storeu_epi32(o.as_mut_ptr().add(16 * q).cast(), m, s);
+            }
+        }
+    }
+}
+
 /// Tap offsets (input pixel index, relative to the image) and validity masks of output
 /// pixel `(oy, ox)`; returns the count of valid taps.
 #[inline(always)]
@@ -216,6 +260,18 @@ fn walk_row<O: ?Sized>(
 
 #[inline(always)]
 fn row_i32(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
+    row_i32_with::<Spread>(g, x, w, out, row)
+}
+
+/// [`row_i32`] writing the sums with AVX-512 masks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+unsafe fn row_i32_avx512(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
+    row_i32_with::<Masks512>(g, x, w, out, row)
+}
+
+#[inline(always)]
+fn row_i32_with<W: SumWriter>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
     let (c, wd) = (g.cin, words(g.cin));
     let (b, oy) = (row / g.oh, row % g.oh);
     let xi = &x[b * g.h * g.w * wd..][..g.h * g.w * wd];
@@ -227,7 +283,7 @@ fn row_i32(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
         |out, ox| {
             let v = taps(g, oy, ox, &mut off, &mut mask) as i32;
             for (wi, ow) in out[ox * c..][..c].chunks_mut(WORD_BITS).enumerate() {
-                write_sums(&agree(xi, w, wd, wi, &off, &mask), v, ow);
+                W::write(&agree(xi, w, wd, wi, &off, &mask), v, ow);
             }
         },
         |out, ox| {
@@ -235,7 +291,7 @@ fn row_i32(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
                 let a = agree4(g, xi, w, wd, wi, oy, ox);
                 for p in 0..4 {
                     let lanes = &mut out[(ox + p) * c + wi * WORD_BITS..][..(c - wi * WORD_BITS).min(WORD_BITS)];
-                    write_sums(&[a[0].0[p], a[1].0[p], a[2].0[p], a[3].0[p]], 9, lanes);
+                    W::write(&[a[0].0[p], a[1].0[p], a[2].0[p], a[3].0[p]], 9, lanes);
                 }
             }
         },
@@ -324,8 +380,13 @@ fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
 
 /// Integer output, threaded over output rows; `imp` is not `Reference`.
 pub(super) fn bdw_forward(imp: BinaryImpl, g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32]) {
-    let f: fn(&ConvGeom, &[u64], &[u64], &mut [i32], usize) =
-        dispatch_row!(imp, row_i32, &mut [i32], (g: &ConvGeom, x: &[u64], w: &[u64]));
+    let f: fn(&ConvGeom, &[u64], &[u64], &mut [i32], usize) = match imp {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only run when the CPU reports avx512f and popcnt
+        // (`BinaryImpl::available`).
+        BinaryImpl::Avx512 => |g, x, w, out, row| unsafe { row_i32_avx512(g, x, w, out, row) },
+        _ => dispatch_row!(imp, row_i32, &mut [i32], (g: &ConvGeom, x: &[u64], w: &[u64])),
+    };
     for_rows(&mut out[..g.out_len()], g.ow * g.cin, |row, o| f(g, x, w, o, row));
 }
 
