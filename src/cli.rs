@@ -131,8 +131,10 @@ pub struct InferArgs {
     /// Only the first N test images.
     #[arg(long, value_parser = positive)]
     pub limit: Option<usize>,
-    /// Images per run of the planned executor.
-    #[arg(long, default_value_t = 64, value_parser = positive)]
+    /// Images per run of the planned executor. 1 is the fastest here: each image's
+    /// activations stay in cache (10,000 test images: 1.5 s at 1, 2.5 s at 64 for a dscnn
+    /// sw1 export; 1.4 s against 3.4 s for the shortcut w1a1 one).
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub batch: usize,
     #[command(flatten)]
     #[allow(missing_docs)]
