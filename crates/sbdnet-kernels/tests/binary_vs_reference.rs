@@ -95,6 +95,24 @@ fn check_depthwise(g: ConvGeom, seed: u64) {
     let mut got = vec![i32::MIN; g.out_len()];
     bdw_forward(&g, &xp, &wp, &mut got);
     assert_eq!(got, want);
+    // The fused affine (where this CPU runs it) equals the affine applied to the sums.
+    let scale: Vec<f32> = (0..c).map(|i| if i % 7 == 0 { -0.5 } else { r.normal() }).collect();
+    let bias: Vec<f32> = (0..c).map(|_| r.normal()).collect();
+    for act in 0..3u8 {
+        let mut y = vec![f32::NAN; g.out_len()];
+        let aff = binary::SumAffine { scale: &scale, bias: &bias, act };
+        if binary::bdw_forward_affine(&g, &xp, &wp, &aff, &mut y) {
+            for (i, (&yv, &s)) in y.iter().zip(&want).enumerate() {
+                let t = scale[i % c] * s as f32 + bias[i % c];
+                let e = match act {
+                    1 => t.max(0.0),
+                    2 => t.max(-1.0).min(1.0),
+                    _ => t,
+                };
+                assert_eq!(yv, e, "fused affine (act {act}) at {i} for {g:?}");
+            }
+        }
+    }
     let mut bits = vec![u64::MAX; out_words(&g)];
     bdw_forward_packed(&g, &xp, &wp, &table, &mut bits);
     assert_eq!(bits, want_bits);

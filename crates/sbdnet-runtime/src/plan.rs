@@ -1019,6 +1019,14 @@ impl Plan {
                         }
                     }
                     None => {
+                        if let (Stage::Affine { scale, bias, act }, None) = (stage, zero) {
+                            // The affine applied as the sums are written (AVX-512), no
+                            // integer buffer.
+                            let aff = binary::SumAffine { scale, bias, act: *act as u8 };
+                            if binary::bdw_forward_affine(&g, xb, w, &aff, yf) {
+                                return;
+                            }
+                        }
                         let raw = &mut self.raw_i32[..g.out_len()];
                         binary::bdw_forward(&g, xb, w, raw);
                         if let Some(z) = zero {

@@ -137,17 +137,18 @@ fn write_sums(a: &[u64; 4], v: i32, o: &mut [i32]) {
     }
 }
 
-/// How the integer kernel writes `2 * agree - v` from the agree planes.
-trait SumWriter {
-    fn write(a: &[u64; 4], v: i32, o: &mut [i32]);
+/// How the integer kernel writes `2 * agree - v` from the agree planes, into the lanes `o`
+/// of channels `ch0..`.
+trait SumWriter<T> {
+    fn write(&self, a: &[u64; 4], v: i32, ch0: usize, o: &mut [T]);
 }
 
 /// [`write_sums`]: byte spreading by table, 8 lanes at a time (any CPU).
 struct Spread;
 
-impl SumWriter for Spread {
+impl SumWriter<i32> for Spread {
     #[inline(always)]
-    fn write(a: &[u64; 4], v: i32, o: &mut [i32]) {
+    fn write(&self, a: &[u64; 4], v: i32, _: usize, o: &mut [i32]) {
         write_sums(a, v, o)
     }
 }
@@ -158,24 +159,87 @@ impl SumWriter for Spread {
 #[cfg(target_arch = "x86_64")]
 struct Masks512;
 
+/// The sums `2 * agree - v` of lanes `16 q..` (mask `m` of the lanes present) in one register.
+///
+/// # Safety
+/// AVX-512 F: inlined only into functions that enable it.
 #[cfg(target_arch = "x86_64")]
-impl SumWriter for Masks512 {
+#[inline(always)]
+unsafe fn sums16(a: &[u64; 4], v: i32, q: usize) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let mut cnt = _mm512_setzero_si512();
+    for (p, &plane) in a.iter().enumerate() {
+        cnt = _mm512_mask_add_epi32(cnt, (plane >> (16 * q)) as __mmask16, cnt, _mm512_set1_epi32(1 << p));
+    }
+    _mm512_sub_epi32(_mm512_slli_epi32::<1>(cnt), _mm512_set1_epi32(v))
+}
+
+/// Lane mask of the first `left` (at most 16) lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes16(left: usize) -> u16 {
+    if left >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << left) - 1
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl SumWriter<i32> for Masks512 {
     #[inline(always)]
-    fn write(a: &[u64; 4], v: i32, o: &mut [i32]) {
+    fn write(&self, a: &[u64; 4], v: i32, _: usize, o: &mut [i32]) {
         use std::arch::x86_64::*;
         // SAFETY: inlined only into `row_i32_avx512`, compiled with AVX-512 F and run where
         // the CPU has it (`BinaryImpl::Avx512`); stores are masked to `o`'s length.
         unsafe {
             let n = o.len().min(WORD_BITS);
             for q in 0..n.div_ceil(16) {
-                let left = n - 16 * q;
-                let m: __mmask16 = if left >= 16 { 0xFFFF } else { (1u16 << left) - 1 };
-                let mut cnt = _mm512_setzero_si512();
-                for (p, &plane) in a.iter().enumerate() {
-                    cnt = _mm512_mask_add_epi32(cnt, (plane >> (16 * q)) as __mmask16, cnt, _mm512_set1_epi32(1 << p));
-                }
-                let s = _mm512_sub_epi32(_mm512_slli_epi32::<1>(cnt), _mm512_set1_epi32(v));
-                _mm512_mask_storeu_epi32(o.as_mut_ptr().add(16 * q).cast(), m, s);
+                let s = sums16(a, v, q);
+                _mm512_mask_storeu_epi32(o.as_mut_ptr().add(16 * q).cast(), lanes16(n - 16 * q), s);
+            }
+        }
+    }
+}
+
+/// A per-channel affine applied to the depthwise sums as they are written:
+/// `y = act(scale[c] * s + bias[c])` in `f32` (multiply, round, add, round: no fused
+/// multiply-add), `act` 0 = none, 1 = ReLU (`f32::max(y, 0)`), 2 = hardtanh
+/// (`y.max(-1).min(1)`).
+#[derive(Clone, Copy, Debug)]
+pub struct SumAffine<'a> {
+    /// Per-channel scale.
+    pub scale: &'a [f32],
+    /// Per-channel bias.
+    pub bias: &'a [f32],
+    /// Activation code.
+    pub act: u8,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl SumWriter<f32> for SumAffine<'_> {
+    #[inline(always)]
+    fn write(&self, a: &[u64; 4], v: i32, ch0: usize, o: &mut [f32]) {
+        use std::arch::x86_64::*;
+        // SAFETY: inlined only into `row_affine_avx512`, compiled with AVX-512 F and run where
+        // the CPU has it; loads and stores are masked to the channels present (`o`'s length,
+        // `scale` and `bias` checked to cover every channel by the caller).
+        unsafe {
+            let n = o.len().min(WORD_BITS);
+            for q in 0..n.div_ceil(16) {
+                let m = lanes16(n - 16 * q);
+                let c = ch0 + 16 * q;
+                let s = _mm512_cvtepi32_ps(sums16(a, v, q));
+                let sc = _mm512_maskz_loadu_ps(m, self.scale.as_ptr().add(c));
+                let b = _mm512_maskz_loadu_ps(m, self.bias.as_ptr().add(c));
+                let y = _mm512_add_ps(_mm512_mul_ps(sc, s), b);
+                // `max_ps(y, c)` returns `c` for a NaN `y`, as `f32::max` does.
+                let y = match self.act {
+                    1 => _mm512_max_ps(y, _mm512_setzero_ps()),
+                    2 => _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
+                    _ => y,
+                };
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(16 * q), m, y);
             }
         }
     }
@@ -260,18 +324,25 @@ fn walk_row<O: ?Sized>(
 
 #[inline(always)]
 fn row_i32(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
-    row_i32_with::<Spread>(g, x, w, out, row)
+    row_sums(g, x, w, out, row, &Spread)
 }
 
 /// [`row_i32`] writing the sums with AVX-512 masks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,popcnt")]
 unsafe fn row_i32_avx512(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
-    row_i32_with::<Masks512>(g, x, w, out, row)
+    row_sums(g, x, w, out, row, &Masks512)
+}
+
+/// [`row_i32`] through a per-channel affine into `f32`, on AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+unsafe fn row_affine_avx512(g: &ConvGeom, x: &[u64], w: &[u64], aff: &SumAffine, out: &mut [f32], row: usize) {
+    row_sums(g, x, w, out, row, aff)
 }
 
 #[inline(always)]
-fn row_i32_with<W: SumWriter>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32], row: usize) {
+fn row_sums<T, W: SumWriter<T>>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [T], row: usize, wr: &W) {
     let (c, wd) = (g.cin, words(g.cin));
     let (b, oy) = (row / g.oh, row % g.oh);
     let xi = &x[b * g.h * g.w * wd..][..g.h * g.w * wd];
@@ -283,7 +354,7 @@ fn row_i32_with<W: SumWriter>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32
         |out, ox| {
             let v = taps(g, oy, ox, &mut off, &mut mask) as i32;
             for (wi, ow) in out[ox * c..][..c].chunks_mut(WORD_BITS).enumerate() {
-                W::write(&agree(xi, w, wd, wi, &off, &mask), v, ow);
+                wr.write(&agree(xi, w, wd, wi, &off, &mask), v, wi * WORD_BITS, ow);
             }
         },
         |out, ox| {
@@ -291,7 +362,7 @@ fn row_i32_with<W: SumWriter>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [i32
                 let a = agree4(g, xi, w, wd, wi, oy, ox);
                 for p in 0..4 {
                     let lanes = &mut out[(ox + p) * c + wi * WORD_BITS..][..(c - wi * WORD_BITS).min(WORD_BITS)];
-                    W::write(&[a[0].0[p], a[1].0[p], a[2].0[p], a[3].0[p]], 9, lanes);
+                    wr.write(&[a[0].0[p], a[1].0[p], a[2].0[p], a[3].0[p]], 9, wi * WORD_BITS, lanes);
                 }
             }
         },
@@ -388,6 +459,16 @@ pub(super) fn bdw_forward(imp: BinaryImpl, g: &ConvGeom, x: &[u64], w: &[u64], o
         _ => dispatch_row!(imp, row_i32, &mut [i32], (g: &ConvGeom, x: &[u64], w: &[u64])),
     };
     for_rows(&mut out[..g.out_len()], g.ow * g.cin, |row, o| f(g, x, w, o, row));
+}
+
+/// Integer sums through a per-channel affine into `f32`, threaded over output rows (AVX-512
+/// only: the caller checks [`BinaryImpl::Avx512`]).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn bdw_forward_affine(g: &ConvGeom, x: &[u64], w: &[u64], aff: &SumAffine, out: &mut [f32]) {
+    for_rows(&mut out[..g.out_len()], g.ow * g.cin, |row, o| {
+        // SAFETY: the caller runs this only where `BinaryImpl::Avx512` is available.
+        unsafe { row_affine_avx512(g, x, w, aff, o, row) }
+    });
 }
 
 /// Packed output through thresholds, threaded over output rows; `imp` is not `Reference`.

@@ -421,6 +421,24 @@ pub fn bdw_forward_with(imp: BinaryImpl, g: &ConvGeom, x: &[u64], w: &[u64], out
     }
 }
 
+pub use depthwise::SumAffine;
+
+/// [`bdw_forward`] followed by a per-channel affine, written as `f32` in one pass (no integer
+/// buffer), where the process runs [`BinaryImpl::Avx512`]; returns `false` (writing nothing)
+/// elsewhere, and the caller runs [`bdw_forward`] and its own affine. The same values as
+/// `act(scale[c] * (s as f32) + bias[c])` on the integer sums `s`.
+pub fn bdw_forward_affine(g: &ConvGeom, x: &[u64], w: &[u64], aff: &SumAffine, out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if BinaryImpl::current() == BinaryImpl::Avx512 {
+        check_dw(g, x, w);
+        assert!(out.len() >= g.out_len() && aff.scale.len() >= g.cin && aff.bias.len() >= g.cin);
+        depthwise::bdw_forward_affine(g, x, w, aff, out);
+        return true;
+    }
+    let _ = (g, x, w, aff, out);
+    false
+}
+
 /// Per-channel thresholds of [`bdw_forward_packed`], prepared once (at load) from
 /// [`SignThreshold`]s: for every possible count of valid taps `v` (0..=9) and every word of
 /// 64 channels, the bound on the agree count `a` as 4 bit planes, so the comparison runs
