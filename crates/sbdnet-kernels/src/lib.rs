@@ -42,6 +42,17 @@ pub mod x86_64;
 
 pub use dispatch::{kernel_path, KernelPath};
 
+/// The mask of the first `n` of 16 lanes (all of them for `n >= 16`): the partial-vector
+/// mask of the AVX-512 kernels here and in the runtime.
+#[inline(always)]
+pub fn lanes16(n: usize) -> u16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// How a backward kernel writes an input gradient `dx`.
 ///
 /// Backward passes of a graph add into `dx` where an activation feeds several layers, but

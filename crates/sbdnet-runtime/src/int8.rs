@@ -905,6 +905,8 @@ mod avx512 {
     use super::Act;
     use super::{Out, Rows};
     #[cfg(target_arch = "x86_64")]
+    use sbdnet_kernels::lanes16;
+    #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
     /// Pixels per tile.
@@ -1121,17 +1123,6 @@ mod avx512 {
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn quantize_channels(_: &[f32], _: &mut [i16], _: &[f32]) {
         unreachable!("AVX-512 is x86_64 only")
-    }
-
-    /// The first `n` of 16 lanes (all of them for `n >= 16`).
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn lanes16(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << n) - 1
-        }
     }
 
     /// Lanes `m` of the 16 values at `x` quantized as [`super::quantize_into`] does, in 32-bit

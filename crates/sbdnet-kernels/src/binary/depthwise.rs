@@ -12,6 +12,8 @@
 use super::conv::valid_taps;
 use super::{word_mask, words, BinaryImpl, DwThresholds, WORD_BITS};
 use crate::conv::ConvGeom;
+#[cfg(target_arch = "x86_64")]
+use crate::lanes16;
 use rayon::prelude::*;
 
 /// A vector of 64-lane bit vectors: one word, or the same word of 4 adjacent pixels (which
@@ -172,17 +174,6 @@ unsafe fn sums16(a: &[u64; 4], v: i32, q: usize) -> std::arch::x86_64::__m512i {
         cnt = _mm512_mask_add_epi32(cnt, (plane >> (16 * q)) as __mmask16, cnt, _mm512_set1_epi32(1 << p));
     }
     _mm512_sub_epi32(_mm512_slli_epi32::<1>(cnt), _mm512_set1_epi32(v))
-}
-
-/// Lane mask of the first `left` (at most 16) lanes.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lanes16(left: usize) -> u16 {
-    if left >= 16 {
-        0xFFFF
-    } else {
-        (1u16 << left) - 1
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

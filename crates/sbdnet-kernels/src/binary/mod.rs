@@ -152,7 +152,7 @@ unsafe fn pack_thresholded_avx512(x: &[f32], c: usize, t: &[f32], out: &mut [u64
                     break;
                 }
                 let n = (c - lo).min(16);
-                let m: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                let m: __mmask16 = crate::lanes16(n);
                 let v = _mm512_maskz_loadu_ps(m, xr.as_ptr().add(lo));
                 let th = _mm512_maskz_loadu_ps(m, t.as_ptr().add(lo));
                 let k = _mm512_mask_cmp_ps_mask::<_CMP_NGT_UQ>(m, v, th);
