@@ -325,7 +325,7 @@ pub fn run_training(mut a: TrainArgs) -> Result<Outcome> {
     a.epochs = Some(epochs);
 
     let (mean, std) = match &resume {
-        Some((_, st, dir)) => st.normalization(split.train.channels, dir)?,
+        Some((ck, st, dir)) => st.normalization(ck.config.input[2], dir)?,
         None => split.train.channel_stats(),
     };
     let train = prepare(&split.train, &mean, &std);
@@ -758,7 +758,9 @@ pub(crate) fn load_run(
         pad_split(&mut split, ch)?;
     }
     let (mean, std) = match &st {
-        Some(s) => s.normalization(split.test.channels, dir)?,
+        // Against the model's input channels: a data set of other inputs is reported by the
+        // shape check below, not as damaged metadata.
+        Some(s) => s.normalization(ck.config.input[2], dir)?,
         None => split.train.channel_stats(),
     };
     let test = prepare(&split.test, &mean, &std);

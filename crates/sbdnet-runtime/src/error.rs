@@ -29,9 +29,11 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
-    /// A batch too large to plan: one of its activation buffers would exceed
+    /// A batch too large to plan: one of its activation or scratch buffers would exceed
     /// [`MAX_BATCH_VALUES`](crate::plan::MAX_BATCH_VALUES) values.
-    #[error("a batch of {batch} images would need {values} values in one activation buffer (at most {limit}); use a smaller batch")]
+    #[error(
+        "a batch of {batch} images would need {values} values in one buffer (at most {limit}); use a smaller batch"
+    )]
     Batch {
         /// Images per batch asked for.
         batch: usize,

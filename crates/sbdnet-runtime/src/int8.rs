@@ -560,7 +560,9 @@ impl A8Conv {
     }
 
     /// As [`A8Conv::forward`] without the last multiplication: `y` gets the integer sums
-    /// (as `f32`, exact below 2^24) and `s.image_scale(b)` each image's scale.
+    /// (as `f32`, exact below 2^24) and `s.image_scale(b)` each image's scale; for a
+    /// depthwise layer `y` gets the sums times their per-channel scales and the image scale
+    /// is 1 (and the per-channel maxima `known_ch` are marked stale either way).
     /// With `known`, `s.known[b]` is taken as image `b`'s `max |x|` (NaN skipped, as the quantization finds it)
     /// instead of a pass over `x`.
     pub fn forward_raw(&self, n: usize, x: &[f32], y: &mut [f32], s: &mut QuantScratch, known: bool) {
@@ -616,7 +618,7 @@ sbdnet_kernels::simd_kernel! {
 /// [`channel_abs_max`] of one `pixels x kc.len()` image into `kc`.
 fn channel_abs_max_of(x: &[f32], kc: &mut [f32]) {
     if avx512::available() {
-        // SAFETY: the CPU has AVX-512 F and BW.
+        // SAFETY: `avx512::available` checked AVX-512 F, BW and VL.
         unsafe { avx512::channel_abs_max(x, kc) }
     } else {
         channel_abs_max(x, kc);
@@ -628,7 +630,9 @@ fn channel_abs_max_of(x: &[f32], kc: &mut [f32]) {
 /// quantizes to zeros, as a whole tensor does in [`quantize_with`]).
 fn channel_scales(kc: &mut [f32], inv: &mut [f32]) {
     for (k, i) in kc.iter_mut().zip(inv.iter_mut()) {
-        (*k, *i) = if *k > 0.0 && k.is_finite() { (*k / 127.0, 127.0 / *k) } else { (1.0, 0.0) };
+        // A max so small that 127 / max overflows counts as zero, like a zero max.
+        (*k, *i) =
+            if *k > 0.0 && k.is_finite() && (127.0 / *k).is_finite() { (*k / 127.0, 127.0 / *k) } else { (1.0, 0.0) };
     }
 }
 
@@ -637,7 +641,7 @@ fn channel_scales(kc: &mut [f32], inv: &mut [f32]) {
 /// NaN or infinite input times 0 is not 0).
 fn quantize_channels(x: &[f32], q: &mut [i16], inv: &[f32]) {
     if avx512::available() {
-        // SAFETY: the CPU has AVX-512 F and BW.
+        // SAFETY: `avx512::available` checked AVX-512 F, BW and VL.
         unsafe { avx512::quantize_channels(x, q, inv) }
     } else {
         quantize_channels_portable(x, q, inv);
@@ -1879,7 +1883,8 @@ mod tests {
             for ch in 0..c {
                 let m = (0..px).map(|p| x[p * c + ch].abs()).filter(|v| !v.is_nan()).fold(0.0f32, f32::max);
                 assert_eq!(want[ch], m, "c {c} channel {ch}");
-                let (k, i) = if m > 0.0 && m.is_finite() { (m / 127.0, 127.0 / m) } else { (1.0, 0.0) };
+                let live = m > 0.0 && m.is_finite() && (127.0 / m).is_finite();
+                let (k, i) = if live { (m / 127.0, 127.0 / m) } else { (1.0, 0.0) };
                 assert_eq!((kc[ch], inv[ch]), (k, i), "c {c} channel {ch}");
             }
             let (mut got, mut port) = (vec![9i16; x.len()], vec![7i16; x.len()]);

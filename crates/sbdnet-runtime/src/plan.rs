@@ -680,8 +680,9 @@ fn stage_i32(stage: &Stage, raw: &[i32], c: usize, out_f: &mut [f32], out_b: &mu
     }
 }
 
-/// The most values one activation buffer of a plan may hold (1 GiB of `f32`): a larger
-/// batch is refused by [`Plan::new`] instead of failing to allocate.
+/// The most values one buffer of a plan may hold (1 GiB of `f32`; activations, and the
+/// unfolded input of a convolution, `k * k` times larger): a larger batch is refused by
+/// [`Plan::new`] instead of failing to allocate.
 pub const MAX_BATCH_VALUES: usize = 1 << 28;
 
 impl Plan {
@@ -690,7 +691,17 @@ impl Plan {
         let batch = batch.max(1);
         let t = &model.tensors;
         let vals = &model.values;
+        // Per image: every value, and every convolution's unfolded input (the largest scratch,
+        // `k * k` times its input).
         let largest = vals.iter().map(|v| v.h.saturating_mul(v.w).saturating_mul(v.c)).max().unwrap_or(1);
+        let unfolded = model.graph.layers.iter().enumerate().filter_map(|(i, l)| match &l.op {
+            Op::Conv(cv) => {
+                let y = vals.get(i + 1)?;
+                Some(y.h.saturating_mul(y.w).saturating_mul(cv.k * cv.k).saturating_mul(cv.cin))
+            }
+            _ => None,
+        });
+        let largest = unfolded.fold(largest, usize::max);
         let values = largest.saturating_mul(batch);
         if values > MAX_BATCH_VALUES {
             return Err(RuntimeError::Batch { batch, values, limit: MAX_BATCH_VALUES });

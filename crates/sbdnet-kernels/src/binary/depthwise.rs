@@ -142,7 +142,10 @@ fn write_sums(a: &[u64; 4], v: i32, o: &mut [i32]) {
 /// How the integer kernel writes `2 * agree - v` from the agree planes, into the lanes `o`
 /// of channels `ch0..`.
 trait SumWriter<T> {
-    fn write(&self, a: &[u64; 4], v: i32, ch0: usize, o: &mut [T]);
+    /// # Safety
+    /// The writer's instructions must be enabled where it is inlined: none for [`Spread`],
+    /// AVX-512 F for [`Masks512`] and [`SumAffine`] (only `row_*_avx512` use them).
+    unsafe fn write(&self, a: &[u64; 4], v: i32, ch0: usize, o: &mut [T]);
 }
 
 /// [`write_sums`]: byte spreading by table, 8 lanes at a time (any CPU).
@@ -150,7 +153,7 @@ struct Spread;
 
 impl SumWriter<i32> for Spread {
     #[inline(always)]
-    fn write(&self, a: &[u64; 4], v: i32, _: usize, o: &mut [i32]) {
+    unsafe fn write(&self, a: &[u64; 4], v: i32, _: usize, o: &mut [i32]) {
         write_sums(a, v, o)
     }
 }
@@ -179,10 +182,10 @@ unsafe fn sums16(a: &[u64; 4], v: i32, q: usize) -> std::arch::x86_64::__m512i {
 #[cfg(target_arch = "x86_64")]
 impl SumWriter<i32> for Masks512 {
     #[inline(always)]
-    fn write(&self, a: &[u64; 4], v: i32, _: usize, o: &mut [i32]) {
+    unsafe fn write(&self, a: &[u64; 4], v: i32, _: usize, o: &mut [i32]) {
         use std::arch::x86_64::*;
-        // SAFETY: inlined only into `row_i32_avx512`, compiled with AVX-512 F and run where
-        // the CPU has it (`BinaryImpl::Avx512`); stores are masked to `o`'s length.
+        // SAFETY: AVX-512 F is enabled where this is inlined (the trait's contract); stores
+        // are masked to `o`'s length.
         unsafe {
             let n = o.len().min(WORD_BITS);
             for q in 0..n.div_ceil(16) {
@@ -210,11 +213,11 @@ pub struct SumAffine<'a> {
 #[cfg(target_arch = "x86_64")]
 impl SumWriter<f32> for SumAffine<'_> {
     #[inline(always)]
-    fn write(&self, a: &[u64; 4], v: i32, ch0: usize, o: &mut [f32]) {
+    unsafe fn write(&self, a: &[u64; 4], v: i32, ch0: usize, o: &mut [f32]) {
         use std::arch::x86_64::*;
-        // SAFETY: inlined only into `row_affine_avx512`, compiled with AVX-512 F and run where
-        // the CPU has it; loads and stores are masked to the channels present (`o`'s length,
-        // `scale` and `bias` checked to cover every channel by the caller).
+        // SAFETY: AVX-512 F is enabled where this is inlined (the trait's contract); loads
+        // and stores are masked to the channels present (`o`'s length; `scale` and `bias`
+        // checked to cover every channel by `bdw_forward_affine`).
         unsafe {
             let n = o.len().min(WORD_BITS);
             for q in 0..n.div_ceil(16) {
@@ -345,7 +348,9 @@ fn row_sums<T, W: SumWriter<T>>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [T
         |out, ox| {
             let v = taps(g, oy, ox, &mut off, &mut mask) as i32;
             for (wi, ow) in out[ox * c..][..c].chunks_mut(WORD_BITS).enumerate() {
-                wr.write(&agree(xi, w, wd, wi, &off, &mask), v, wi * WORD_BITS, ow);
+                // SAFETY: `row_sums` is instantiated with each writer only inside a function
+                // enabling its instructions (`row_i32`, `row_*_avx512`).
+                unsafe { wr.write(&agree(xi, w, wd, wi, &off, &mask), v, wi * WORD_BITS, ow) };
             }
         },
         |out, ox| {
@@ -353,7 +358,9 @@ fn row_sums<T, W: SumWriter<T>>(g: &ConvGeom, x: &[u64], w: &[u64], out: &mut [T
                 let a = agree4(g, xi, w, wd, wi, oy, ox);
                 for p in 0..4 {
                     let lanes = &mut out[(ox + p) * c + wi * WORD_BITS..][..(c - wi * WORD_BITS).min(WORD_BITS)];
-                    wr.write(&[a[0].0[p], a[1].0[p], a[2].0[p], a[3].0[p]], 9, wi * WORD_BITS, lanes);
+                    let planes = [a[0].0[p], a[1].0[p], a[2].0[p], a[3].0[p]];
+                    // SAFETY: as above.
+                    unsafe { wr.write(&planes, 9, wi * WORD_BITS, lanes) };
                 }
             }
         },
