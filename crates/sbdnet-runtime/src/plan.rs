@@ -447,6 +447,11 @@ trait PointwiseBits: Sync {
     /// The layer + affine + pooling fused, for one image of `rows` pixels (where the kernel's
     /// `has_affine_gap` says it runs).
     fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]);
+    /// The dot products through a per-channel affine into `f32` in one pass, where the kernel
+    /// has that form (`false`: nothing written).
+    fn dots_affine(&self, _x: &[u64], _rows: usize, _scale: &[f32], _bias: &[f32], _act: u8, _out: &mut [f32]) -> bool {
+        false
+    }
 }
 
 impl PointwiseBits for PackedPointwise {
@@ -464,6 +469,9 @@ impl PointwiseBits for PackedPointwise {
     }
     fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
         self.forward_affine_gap(x, rows, scale, bias, act, out)
+    }
+    fn dots_affine(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) -> bool {
+        self.forward_affine(x, rows, scale, bias, act, out)
     }
 }
 
@@ -525,6 +533,9 @@ fn run_pointwise(
             .zip(raw.par_chunks_mut(co))
             .enumerate()
             .for_each(|(k, (o, s))| p.packed(&xb[k * chunk * wd..], o.len() / od, o, s)),
+        // The affine applied as the sums are stored (AVX-512, one chunk), no integer buffer.
+        Stage::Affine { scale, bias, act }
+            if chunk == rows && p.dots_affine(xb, rows, scale, bias, *act as u8, &mut yf[..rows * co]) => {}
         _ => {
             let raw = &mut raw[..rows * co];
             raw.par_chunks_mut(chunk * co)

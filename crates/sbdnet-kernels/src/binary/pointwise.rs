@@ -227,6 +227,33 @@ impl PackedPointwise {
         self.forward_packed_with(PwImpl::current(), x, rows, out, scratch)
     }
 
+    /// [`Self::forward`] followed by a per-channel affine with activation, written as `f32`
+    /// in one pass: `out[r][c] = act(scale[c] * s[r][c] + bias[c])` (multiply, round, add,
+    /// round; `act` 0 none, 1 ReLU, 2 hardtanh as `max` then `min`), where the process runs
+    /// [`PwImpl::Avx512`]; returns `false` (writing nothing) elsewhere, and the caller runs
+    /// [`Self::forward`] and its own affine.
+    pub fn forward_affine(
+        &self,
+        x: &[u64],
+        rows: usize,
+        scale: &[f32],
+        bias: &[f32],
+        act: u8,
+        out: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if PwImpl::current() == PwImpl::Avx512 {
+            assert!(x.len() >= rows * words(self.cin) && out.len() >= rows * self.cout);
+            assert!(scale.len() >= self.cout && bias.len() >= self.cout);
+            let aff = avx512::AffOut { scale, bias, act, out };
+            // SAFETY: `PwImpl::current` is Avx512 only where the CPU has it; slices checked.
+            unsafe { avx512::forward_affine(self, x, rows, aff) };
+            return true;
+        }
+        let _ = (x, rows, scale, bias, act, out);
+        false
+    }
+
     /// Whether [`Self::forward_affine_gap`] runs here: AVX-512, more than 32 inputs.
     pub fn has_affine_gap(&self) -> bool {
         PwImpl::current() == PwImpl::Avx512 && self.cin > 32
@@ -330,10 +357,49 @@ mod avx512 {
         bits: Option<&mut [u64]>,
     ) {
         match (p.cin <= 32, p.masked()) {
-            (true, false) => forward32::<false>(p, x, rows, out_i32, bits),
-            (true, true) => forward32::<true>(p, x, rows, out_i32, bits),
-            (false, false) => forward64::<false>(p, x, rows, out_i32, bits),
-            (false, true) => forward64::<true>(p, x, rows, out_i32, bits),
+            (true, false) => forward32::<false, false>(p, x, rows, out_i32, bits, None),
+            (true, true) => forward32::<true, false>(p, x, rows, out_i32, bits, None),
+            (false, false) => forward64::<false, false>(p, x, rows, out_i32, bits, None),
+            (false, true) => forward64::<true, false>(p, x, rows, out_i32, bits, None),
+        }
+    }
+
+    /// See [`PackedPointwise::forward_affine`]: the kernels' integer store replaced by the
+    /// affine (separate instantiations, so the other outputs' code is unchanged).
+    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+    pub(super) unsafe fn forward_affine(p: &PackedPointwise, x: &[u64], rows: usize, aff: AffOut) {
+        let aff = Some(aff);
+        match (p.cin <= 32, p.masked()) {
+            (true, false) => forward32::<false, true>(p, x, rows, &mut [], None, aff),
+            (true, true) => forward32::<true, true>(p, x, rows, &mut [], None, aff),
+            (false, false) => forward64::<false, true>(p, x, rows, &mut [], None, aff),
+            (false, true) => forward64::<true, true>(p, x, rows, &mut [], None, aff),
+        }
+    }
+
+    /// The affine output of [`PackedPointwise::forward_affine`].
+    pub(super) struct AffOut<'a> {
+        pub scale: &'a [f32],
+        pub bias: &'a [f32],
+        pub act: u8,
+        pub out: &'a mut [f32],
+    }
+
+    impl AffOut<'_> {
+        /// `act(scale[c] * s + bias[c])` of the sums `s` in lanes `m` (channels from `c0`),
+        /// stored at row `r` of `cout` channels.
+        #[inline(always)]
+        unsafe fn store(&mut self, r: usize, cout: usize, c0: usize, m: __mmask16, s: __m512) {
+            let sc = _mm512_maskz_loadu_ps(m, self.scale.as_ptr().add(c0));
+            let b = _mm512_maskz_loadu_ps(m, self.bias.as_ptr().add(c0));
+            let y = _mm512_add_ps(_mm512_mul_ps(sc, s), b);
+            // `max_ps(y, c)` returns `c` for a NaN `y`, as `f32::max` does.
+            let y = match self.act {
+                1 => _mm512_max_ps(y, _mm512_setzero_ps()),
+                2 => _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
+                _ => y,
+            };
+            _mm512_mask_storeu_ps(self.out.as_mut_ptr().add(r * cout + c0), m, y);
         }
     }
 
@@ -441,12 +507,13 @@ mod avx512 {
     /// At most 32 input channels: half of every input word is padding, so the XOR and the
     /// popcount run on 32-bit lanes (`VPOPCNTD`), 16 output channels per instruction.
     #[inline(always)]
-    unsafe fn forward32<const MASKED: bool>(
+    unsafe fn forward32<const MASKED: bool, const AFF: bool>(
         p: &PackedPointwise,
         x: &[u64],
         rows: usize,
         out_i32: &mut [i32],
         mut bits: Option<&mut [u64]>,
+        mut aff: Option<AffOut>,
     ) {
         const L: usize = 16;
         let od = words(p.cout);
@@ -523,6 +590,12 @@ mod avx512 {
                     None => {
                         for i in 0..nb {
                             let sv = _mm512_sub_epi32(kept[i], _mm512_slli_epi32::<1>(acc[i]));
+                            if AFF {
+                                if let Some(a) = aff.as_mut() {
+                                    a.store(r, p.cout, (b0 + i) * L, valid[i], _mm512_cvtepi32_ps(sv));
+                                }
+                                continue;
+                            }
                             let o = out_i32.as_mut_ptr().add(r * p.cout + (b0 + i) * L);
                             _mm512_mask_storeu_epi32(o, valid[i], sv);
                         }
@@ -535,12 +608,13 @@ mod avx512 {
 
     /// Any input width: 64-bit lanes, 8 output channels per instruction.
     #[inline(always)]
-    unsafe fn forward64<const MASKED: bool>(
+    unsafe fn forward64<const MASKED: bool, const AFF: bool>(
         p: &PackedPointwise,
         x: &[u64],
         rows: usize,
         out_i32: &mut [i32],
         mut bits: Option<&mut [u64]>,
+        mut aff: Option<AffOut>,
     ) {
         let wd = words(p.cin);
         let od = words(p.cout);
@@ -642,6 +716,13 @@ mod avx512 {
                             let co0 = (b0 + i) * LANES;
                             let m = p.cout.saturating_sub(co0).min(LANES);
                             let v = _mm512_cvtepi64_epi32(s);
+                            if AFF {
+                                if let Some(a) = aff.as_mut() {
+                                    let f = _mm512_cvtepi32_ps(_mm512_zextsi256_si512(v));
+                                    a.store(r, p.cout, co0, ((1u32 << m) - 1) as __mmask16, f);
+                                }
+                                continue;
+                            }
                             if m == LANES {
                                 _mm256_storeu_si256(out_i32.as_mut_ptr().add(r * p.cout + co0) as *mut __m256i, v);
                             } else {
@@ -745,6 +826,44 @@ mod tests {
     }
     use crate::conv::ConvGeom;
     use crate::rng::Rng;
+
+    /// The affine applied as the sums are stored equals the affine on the integer sums.
+    #[test]
+    fn forward_affine_equals_the_affine_on_the_sums() {
+        let mut rng = Rng::new(13);
+        for &(rows, cin, cout) in &[(7, 1, 1), (5, 32, 64), (6, 17, 200), (3, 31, 9), (9, 64, 128), (4, 200, 257)] {
+            let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
+            let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
+            let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
+            pack_signs(&xf, cin, &mut x);
+            pack_signs(&wf, cin, &mut w);
+            let wd = words(cin);
+            let masks: Vec<u64> = (0..cout * wd).map(|_| rng.next_u64() | 1).collect();
+            let scale: Vec<f32> = (0..cout).map(|c| if c % 5 == 0 { -0.7 } else { rng.normal() }).collect();
+            let bias: Vec<f32> = (0..cout).map(|_| rng.normal()).collect();
+            for p in [PackedPointwise::new(cin, cout, &w), PackedPointwise::new_masked(cin, cout, &w, &masks)] {
+                let mut s = vec![0i32; rows * cout];
+                p.forward_with(PwImpl::Portable, &x, rows, &mut s);
+                for act in 0..3u8 {
+                    let mut got = vec![f32::NAN; rows * cout];
+                    if !p.forward_affine(&x, rows, &scale, &bias, act, &mut got) {
+                        eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
+                        return;
+                    }
+                    for (i, (&g, &sv)) in got.iter().zip(&s).enumerate() {
+                        let t = scale[i % cout] * sv as f32 + bias[i % cout];
+                        #[allow(clippy::manual_clamp)]
+                        let e = match act {
+                            1 => t.max(0.0),
+                            2 => t.max(-1.0).min(1.0),
+                            _ => t,
+                        };
+                        assert_eq!(g, e, "{rows}x{cin}->{cout} act {act} masked {} at {i}", p.masked());
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn pointwise_matches_the_general_kernel() {
