@@ -42,6 +42,23 @@ pub mod x86_64;
 
 pub use dispatch::{kernel_path, KernelPath};
 
+/// A per-channel affine's activation on 16 lanes: `act` 0 none, 1 ReLU, 2 hardtanh (`max`
+/// then `min`). `max_ps(y, c)` returns `c` for a NaN `y`, as `f32::max` does, so NaN becomes
+/// 0 (ReLU) or -1 (hardtanh), the scalar `Act::apply` rule of the runtime.
+///
+/// # Safety
+/// AVX-512 F: inline only into functions that enable it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn act512(y: std::arch::x86_64::__m512, act: u8) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    match act {
+        1 => _mm512_max_ps(y, _mm512_setzero_ps()),
+        2 => _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
+        _ => y,
+    }
+}
+
 /// The mask of the first `n` of 16 lanes (all of them for `n >= 16`): the partial-vector
 /// mask of the AVX-512 kernels here and in the runtime.
 #[inline(always)]

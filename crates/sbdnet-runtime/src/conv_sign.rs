@@ -334,14 +334,8 @@ mod avx512 {
                 image = pix / per_image;
             }
             for j in 0..NV {
-                let mut y = _mm512_add_ps(_mm512_mul_ps(scale[j], a[j]), bias[j]);
-                // max/min return their second operand when one is NaN: NaN -> 0 (ReLU), -1
-                // then -1 (hardtanh), as `Act::apply`.
-                match st.act {
-                    1 => y = _mm512_max_ps(y, _mm512_setzero_ps()),
-                    2 => y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
-                    _ => {}
-                }
+                // NaN -> 0 (ReLU), -1 (hardtanh), as `Act::apply` (see `act512`).
+                let y = sbdnet_kernels::act512(_mm512_add_ps(_mm512_mul_ps(scale[j], a[j]), bias[j]), st.act);
                 _mm512_storeu_ps(out.as_mut_ptr().add(pix * co + 16 * j), y);
                 // `max(|y|, m)` keeps `m` for NaN: the quantizer's max skips NaN too.
                 m = _mm512_max_ps(_mm512_abs_ps(y), m);

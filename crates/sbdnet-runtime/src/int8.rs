@@ -905,8 +905,6 @@ fn im2col_i16(g: &ConvGeom, x: &[i16], col: &mut [i16]) {
 /// (128 channels) stay in registers over runs of 256 inputs (`256 * 127 < 2^15`, no overflow),
 /// then widen into 32-bit sums. Integer sums identical to [`pw_rows`].
 mod avx512 {
-    #[cfg(target_arch = "x86_64")]
-    use super::Act;
     use super::{Out, Rows};
     #[cfg(target_arch = "x86_64")]
     use sbdnet_kernels::lanes16;
@@ -1396,12 +1394,8 @@ mod avx512 {
             Some(e) => {
                 let [s, b, k] = sb;
                 let t = _mm512_add_ps(_mm512_mul_ps(s, _mm512_mul_ps(k, v)), b);
-                // `max_ps(t, c)` returns `c` for a NaN `t`, as `f32::max` does.
-                let t = match e.act {
-                    Act::None => t,
-                    Act::Relu => _mm512_max_ps(t, _mm512_setzero_ps()),
-                    Act::Hardtanh => _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
-                };
+                // NaN -> 0 (ReLU), -1 (hardtanh), as `f32::max` / `Act::apply` (see `act512`).
+                let t = sbdnet_kernels::act512(t, e.act as u8);
                 // A NaN |t| leaves the running max (max_ps returns its second operand).
                 *mx = _mm512_mask_max_ps(*mx, m, _mm512_abs_ps(t), *mx);
                 t

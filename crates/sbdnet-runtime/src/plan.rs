@@ -471,7 +471,7 @@ impl PointwiseBits for PackedPointwise {
         self.forward_affine_gap(x, rows, scale, bias, act, out)
     }
     fn dots_affine(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) -> bool {
-        self.forward_affine(x, rows, scale, bias, act, out)
+        self.forward_affine(x, rows, &binary::SumAffine { scale, bias, act }, out)
     }
 }
 

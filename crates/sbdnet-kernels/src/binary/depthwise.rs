@@ -10,7 +10,7 @@
 //! `agree - K`), see [`super::DwThresholds`].
 
 use super::conv::valid_taps;
-use super::{word_mask, words, BinaryImpl, DwThresholds, WORD_BITS};
+use super::{word_mask, words, BinaryImpl, DwThresholds, SumAffine, WORD_BITS};
 use crate::conv::ConvGeom;
 #[cfg(target_arch = "x86_64")]
 use crate::lanes16;
@@ -196,20 +196,6 @@ impl SumWriter<i32> for Masks512 {
     }
 }
 
-/// A per-channel affine applied to the depthwise sums as they are written:
-/// `y = act(scale[c] * s + bias[c])` in `f32` (multiply, round, add, round: no fused
-/// multiply-add), `act` 0 = none, 1 = ReLU (`f32::max(y, 0)`), 2 = hardtanh
-/// (`y.max(-1).min(1)`).
-#[derive(Clone, Copy, Debug)]
-pub struct SumAffine<'a> {
-    /// Per-channel scale.
-    pub scale: &'a [f32],
-    /// Per-channel bias.
-    pub bias: &'a [f32],
-    /// Activation code.
-    pub act: u8,
-}
-
 #[cfg(target_arch = "x86_64")]
 impl SumWriter<f32> for SumAffine<'_> {
     #[inline(always)]
@@ -222,17 +208,7 @@ impl SumWriter<f32> for SumAffine<'_> {
             let n = o.len().min(WORD_BITS);
             for q in 0..n.div_ceil(16) {
                 let m = lanes16(n - 16 * q);
-                let c = ch0 + 16 * q;
-                let s = _mm512_cvtepi32_ps(sums16(a, v, q));
-                let sc = _mm512_maskz_loadu_ps(m, self.scale.as_ptr().add(c));
-                let b = _mm512_maskz_loadu_ps(m, self.bias.as_ptr().add(c));
-                let y = _mm512_add_ps(_mm512_mul_ps(sc, s), b);
-                // `max_ps(y, c)` returns `c` for a NaN `y`, as `f32::max` does.
-                let y = match self.act {
-                    1 => _mm512_max_ps(y, _mm512_setzero_ps()),
-                    2 => _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
-                    _ => y,
-                };
+                let y = self.apply16(ch0 + 16 * q, m, _mm512_cvtepi32_ps(sums16(a, v, q)));
                 _mm512_mask_storeu_ps(o.as_mut_ptr().add(16 * q), m, y);
             }
         }

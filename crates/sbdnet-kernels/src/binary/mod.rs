@@ -421,7 +421,38 @@ pub fn bdw_forward_with(imp: BinaryImpl, g: &ConvGeom, x: &[u64], w: &[u64], out
     }
 }
 
-pub use depthwise::SumAffine;
+/// A per-channel affine applied to integer sums as a kernel writes them (the depthwise and
+/// pointwise `*_affine` forms): `y = act(scale[c] * s + bias[c])` in `f32` (multiply, round,
+/// add, round: no fused multiply-add), `act` as [`crate::act512`].
+#[derive(Clone, Copy, Debug)]
+pub struct SumAffine<'a> {
+    /// Per-channel scale.
+    pub scale: &'a [f32],
+    /// Per-channel bias.
+    pub bias: &'a [f32],
+    /// Activation code.
+    pub act: u8,
+}
+
+impl SumAffine<'_> {
+    /// The affine of the sums `s` (as `f32`) of channels `c0..` in lanes `m` (others 0).
+    ///
+    /// # Safety
+    /// AVX-512 F enabled where inlined; `scale` and `bias` cover the lanes of `m`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn apply16(
+        &self,
+        c0: usize,
+        m: std::arch::x86_64::__mmask16,
+        s: std::arch::x86_64::__m512,
+    ) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let sc = _mm512_maskz_loadu_ps(m, self.scale.as_ptr().add(c0));
+        let b = _mm512_maskz_loadu_ps(m, self.bias.as_ptr().add(c0));
+        crate::act512(_mm512_add_ps(_mm512_mul_ps(sc, s), b), self.act)
+    }
+}
 
 /// [`bdw_forward`] followed by a per-channel affine, written as `f32` in one pass (no integer
 /// buffer), where the process runs [`BinaryImpl::Avx512`]; returns `false` (writing nothing)

@@ -16,7 +16,7 @@
 //! vector registers without forming the integers in memory. Both are tested against the
 //! general kernel ([`super::bconv_forward`]) and [`super::threshold_pack`].
 
-use super::{words, BinaryImpl, SignThreshold, WORD_BITS};
+use super::{words, BinaryImpl, SignThreshold, SumAffine, WORD_BITS};
 
 /// Output channels per weight row (`cout` is padded to this).
 const LANES: usize = 8;
@@ -227,30 +227,22 @@ impl PackedPointwise {
         self.forward_packed_with(PwImpl::current(), x, rows, out, scratch)
     }
 
-    /// [`Self::forward`] followed by a per-channel affine with activation, written as `f32`
-    /// in one pass: `out[r][c] = act(scale[c] * s[r][c] + bias[c])` (multiply, round, add,
-    /// round; `act` 0 none, 1 ReLU, 2 hardtanh as `max` then `min`), where the process runs
+    /// [`Self::forward`] followed by a per-channel affine with activation ([`SumAffine`]),
+    /// written as `f32` in one pass: `out[r][c] = act(scale[c] * s[r][c] + bias[c])`, where
+    /// the process runs
     /// [`PwImpl::Avx512`]; returns `false` (writing nothing) elsewhere, and the caller runs
     /// [`Self::forward`] and its own affine.
-    pub fn forward_affine(
-        &self,
-        x: &[u64],
-        rows: usize,
-        scale: &[f32],
-        bias: &[f32],
-        act: u8,
-        out: &mut [f32],
-    ) -> bool {
+    pub fn forward_affine(&self, x: &[u64], rows: usize, aff: &SumAffine, out: &mut [f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
         if PwImpl::current() == PwImpl::Avx512 {
             assert!(x.len() >= rows * words(self.cin) && out.len() >= rows * self.cout);
-            assert!(scale.len() >= self.cout && bias.len() >= self.cout);
-            let aff = avx512::AffOut { scale, bias, act, out };
+            assert!(aff.scale.len() >= self.cout && aff.bias.len() >= self.cout);
+            let aff = avx512::AffOut { aff: *aff, out };
             // SAFETY: `PwImpl::current` is Avx512 only where the CPU has it; slices checked.
             unsafe { avx512::forward_affine(self, x, rows, aff) };
             return true;
         }
-        let _ = (x, rows, scale, bias, act, out);
+        let _ = (x, rows, aff, out);
         false
     }
 
@@ -338,7 +330,7 @@ impl PackedPointwise {
 mod avx512 {
     #![allow(unsafe_op_in_unsafe_fn)]
     use super::{PackedPointwise, LANES};
-    use crate::binary::words;
+    use crate::binary::{words, SumAffine};
     use std::arch::x86_64::*;
 
     /// Channel blocks of 8 per pass: one output word of 64 channels.
@@ -379,26 +371,16 @@ mod avx512 {
 
     /// The affine output of [`PackedPointwise::forward_affine`].
     pub(super) struct AffOut<'a> {
-        pub scale: &'a [f32],
-        pub bias: &'a [f32],
-        pub act: u8,
+        pub aff: SumAffine<'a>,
         pub out: &'a mut [f32],
     }
 
     impl AffOut<'_> {
-        /// `act(scale[c] * s + bias[c])` of the sums `s` in lanes `m` (channels from `c0`),
-        /// stored at row `r` of `cout` channels.
+        /// The affine of the sums `s` in lanes `m` (channels from `c0`), stored at row `r` of
+        /// `cout` channels.
         #[inline(always)]
         unsafe fn store(&mut self, r: usize, cout: usize, c0: usize, m: __mmask16, s: __m512) {
-            let sc = _mm512_maskz_loadu_ps(m, self.scale.as_ptr().add(c0));
-            let b = _mm512_maskz_loadu_ps(m, self.bias.as_ptr().add(c0));
-            let y = _mm512_add_ps(_mm512_mul_ps(sc, s), b);
-            // `max_ps(y, c)` returns `c` for a NaN `y`, as `f32::max` does.
-            let y = match self.act {
-                1 => _mm512_max_ps(y, _mm512_setzero_ps()),
-                2 => _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0)),
-                _ => y,
-            };
+            let y = self.aff.apply16(c0, m, s);
             _mm512_mask_storeu_ps(self.out.as_mut_ptr().add(r * cout + c0), m, y);
         }
     }
@@ -470,12 +452,8 @@ mod avx512 {
                         _mm512_cvtepi64_epi32(acc[2 * k + 1]),
                     );
                     let sv = _mm512_sub_epi32(kept[k], _mm512_slli_epi32::<1>(a));
-                    let mut y = _mm512_add_ps(_mm512_mul_ps(sc[k], _mm512_cvtepi32_ps(sv)), bi[k]);
-                    if act == 1 {
-                        y = _mm512_max_ps(y, _mm512_setzero_ps());
-                    } else if act == 2 {
-                        y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-1.0)), _mm512_set1_ps(1.0));
-                    }
+                    let y = _mm512_add_ps(_mm512_mul_ps(sc[k], _mm512_cvtepi32_ps(sv)), bi[k]);
+                    let y = crate::act512(y, act);
                     pool[k] = _mm512_add_ps(pool[k], y);
                 }
             }
@@ -780,16 +758,22 @@ mod tests {
     }
     use crate::binary::{bconv_forward_with, pack_signs, threshold_pack};
 
+    /// Random packed inputs (`rows x cin`) and weights (`cout x cin`), drawn in that order.
+    fn random_signs(rng: &mut Rng, rows: usize, cin: usize, cout: usize) -> (Vec<u64>, Vec<u64>) {
+        let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
+        let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
+        let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
+        pack_signs(&xf, cin, &mut x);
+        pack_signs(&wf, cin, &mut w);
+        (x, w)
+    }
+
     /// The fused affine + pooling equals the affine stage then pooling, bit for bit.
     #[test]
     fn affine_gap_equals_stage_then_pooling() {
         let mut rng = Rng::new(9);
         for &(rows, cin, cout) in &[(49usize, 128usize, 256usize), (9, 100, 70), (4, 33, 9), (1, 64, 1)] {
-            let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
-            let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
-            let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
-            pack_signs(&xf, cin, &mut x);
-            pack_signs(&wf, cin, &mut w);
+            let (x, w) = random_signs(&mut rng, rows, cin, cout);
             // Dense, and masked with some words pruned for every channel (skipped tiles).
             let wd = words(cin);
             let masks: Vec<u64> = (0..cout * wd).map(|i| if i % wd == 1 { 0 } else { rng.next_u64() | 1 }).collect();
@@ -832,11 +816,7 @@ mod tests {
     fn forward_affine_equals_the_affine_on_the_sums() {
         let mut rng = Rng::new(13);
         for &(rows, cin, cout) in &[(7, 1, 1), (5, 32, 64), (6, 17, 200), (3, 31, 9), (9, 64, 128), (4, 200, 257)] {
-            let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
-            let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
-            let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
-            pack_signs(&xf, cin, &mut x);
-            pack_signs(&wf, cin, &mut w);
+            let (x, w) = random_signs(&mut rng, rows, cin, cout);
             let wd = words(cin);
             let masks: Vec<u64> = (0..cout * wd).map(|_| rng.next_u64() | 1).collect();
             let scale: Vec<f32> = (0..cout).map(|c| if c % 5 == 0 { -0.7 } else { rng.normal() }).collect();
@@ -846,7 +826,8 @@ mod tests {
                 p.forward_with(PwImpl::Portable, &x, rows, &mut s);
                 for act in 0..3u8 {
                     let mut got = vec![f32::NAN; rows * cout];
-                    if !p.forward_affine(&x, rows, &scale, &bias, act, &mut got) {
+                    let aff = SumAffine { scale: &scale, bias: &bias, act };
+                    if !p.forward_affine(&x, rows, &aff, &mut got) {
                         eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
                         return;
                     }
@@ -871,11 +852,7 @@ mod tests {
         for &(rows, cin, cout) in
             &[(7, 1, 1), (5, 32, 64), (6, 17, 200), (3, 31, 9), (9, 64, 128), (3, 100, 70), (4, 200, 257), (2, 1024, 9)]
         {
-            let xf: Vec<f32> = (0..rows * cin).map(|_| rng.normal()).collect();
-            let wf: Vec<f32> = (0..cout * cin).map(|_| rng.normal()).collect();
-            let (mut x, mut w) = (vec![0u64; rows * words(cin)], vec![0u64; cout * words(cin)]);
-            pack_signs(&xf, cin, &mut x);
-            pack_signs(&wf, cin, &mut w);
+            let (x, w) = random_signs(&mut rng, rows, cin, cout);
             let g = ConvGeom::new(1, 1, rows, cin, cout, 1, 1, 0, 1).unwrap();
             let mut want = vec![0i32; rows * cout];
             bconv_forward_with(BinaryImpl::Reference, &g, &x, &w, &mut want);
