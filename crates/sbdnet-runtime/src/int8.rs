@@ -652,13 +652,8 @@ sbdnet_kernels::simd_kernel! {
     fn quantize_channels_portable(x: &[f32], q: &mut [i16], inv: &[f32]) {
         for (qr, xr) in q.chunks_exact_mut(inv.len()).zip(x.chunks_exact(inv.len())) {
             for ((q, &v), &s) in qr.iter_mut().zip(xr).zip(inv) {
-                let y = (v * s).round_ties_even();
-                // As in `quantize_into`: compare-select clamps (NaN becomes -127).
-                let y = if y > -127.0 { y } else { -127.0 };
-                let y = if y < 127.0 { y } else { 127.0 };
-                let y = if s == 0.0 { 0.0 } else { y };
-                // SAFETY: `y` is finite and within [-127, 127].
-                *q = unsafe { y.to_int_unchecked::<i32>() } as i16;
+                let y = quantize_one(v, s);
+                *q = if s == 0.0 { 0 } else { y };
             }
         }
     }
@@ -745,15 +740,22 @@ fn quantize_with(x: &[f32], q: &mut [i16], amax: f32) -> f32 {
 sbdnet_kernels::simd_kernel! {
     fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
         for (q, &v) in q.iter_mut().zip(x) {
-            let y = (v * inv).round_ties_even();
-            // Clamp with compare-selects: NaN becomes -127, so the value is finite and in
-            // range for the unchecked conversion (which, unlike `as`, vectorizes).
-            let y = if y > -127.0 { y } else { -127.0 };
-            let y = if y < 127.0 { y } else { 127.0 };
-            // SAFETY: `y` is finite and within [-127, 127].
-            *q = unsafe { y.to_int_unchecked::<i32>() } as i16;
+            *q = quantize_one(v, inv);
         }
     }
+}
+
+/// `round(v * inv)` clamped to `+-127`, NaN to -127: the scalar rule every quantization
+/// path follows.
+#[inline(always)]
+fn quantize_one(v: f32, inv: f32) -> i16 {
+    let y = (v * inv).round_ties_even();
+    // Clamp with compare-selects: NaN becomes -127, so the value is finite and in range for
+    // the unchecked conversion (which, unlike `as`, vectorizes).
+    let y = if y > -127.0 { y } else { -127.0 };
+    let y = if y < 127.0 { y } else { 127.0 };
+    // SAFETY: `y` is finite and within [-127, 127].
+    unsafe { y.to_int_unchecked::<i32>() as i16 }
 }
 
 /// Pointwise rows: `y[r][co] = sum_k sign(w[co][k]) * x[r][k]` (raw integer sums as `f32`).

@@ -449,7 +449,7 @@ trait PointwiseBits: Sync {
     fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]);
     /// The dot products through a per-channel affine into `f32` in one pass, where the kernel
     /// has that form (`false`: nothing written).
-    fn dots_affine(&self, _x: &[u64], _rows: usize, _scale: &[f32], _bias: &[f32], _act: u8, _out: &mut [f32]) -> bool {
+    fn dots_affine(&self, _x: &[u64], _rows: usize, _aff: &binary::SumAffine, _out: &mut [f32]) -> bool {
         false
     }
 }
@@ -470,8 +470,8 @@ impl PointwiseBits for PackedPointwise {
     fn affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
         self.forward_affine_gap(x, rows, scale, bias, act, out)
     }
-    fn dots_affine(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) -> bool {
-        self.forward_affine(x, rows, &binary::SumAffine { scale, bias, act }, out)
+    fn dots_affine(&self, x: &[u64], rows: usize, aff: &binary::SumAffine, out: &mut [f32]) -> bool {
+        self.forward_affine(x, rows, aff, out)
     }
 }
 
@@ -535,7 +535,13 @@ fn run_pointwise(
             .for_each(|(k, (o, s))| p.packed(&xb[k * chunk * wd..], o.len() / od, o, s)),
         // The affine applied as the sums are stored (AVX-512, one chunk), no integer buffer.
         Stage::Affine { scale, bias, act }
-            if chunk == rows && p.dots_affine(xb, rows, scale, bias, *act as u8, &mut yf[..rows * co]) => {}
+            if chunk == rows
+                && p.dots_affine(
+                    xb,
+                    rows,
+                    &binary::SumAffine { scale, bias, act: *act as u8 },
+                    &mut yf[..rows * co],
+                ) => {}
         _ => {
             let raw = &mut raw[..rows * co];
             raw.par_chunks_mut(chunk * co)
@@ -1171,18 +1177,7 @@ fn pool_into<const MAX: bool>(x: &[f32], y: &mut [f32], dims: [usize; 8]) {
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2<const MAX: bool>(x: &[f32], y: &mut [f32], dims: [usize; 8]) {
-            body::<MAX>(x, y, dims)
-        }
-        if sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2 {
-            // SAFETY: the AVX2 path is chosen only when the CPU reports AVX2.
-            return unsafe { avx2::<MAX>(x, y, dims) };
-        }
-    }
-    body::<MAX>(x, y, dims)
+    sbdnet_kernels::dispatch::with_simd(|| body::<MAX>(x, y, dims))
 }
 
 #[cfg(test)]
