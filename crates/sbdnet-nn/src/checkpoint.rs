@@ -31,8 +31,10 @@ pub const FORMAT: &str = "sbdnet-checkpoint-v1";
 pub struct Checkpoint {
     /// The model description.
     pub config: ModelConfig,
-    /// Training state JSON (epoch, RNG, arguments) as saved by the trainer.
-    pub state: String,
+    /// Training state (epoch, RNG, arguments) as saved by the trainer, if any.
+    pub state: Option<serde_json::Value>,
+    /// The optimizer's step count, where optimizer state was saved.
+    pub optim_t: Option<u64>,
     /// Every tensor, by name.
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }
@@ -137,27 +139,25 @@ impl Checkpoint {
             let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             tensors.insert(name, (view.shape().to_vec(), data));
         }
-        // Keep the optimizer step count with the state for `apply`. Both are metadata, outside
-        // the data checksum: refuse what does not parse instead of carrying it along.
+        // Both are metadata, outside the data checksum: refuse what does not parse instead of
+        // carrying it along.
         let state = match info.get("state").filter(|s| !s.is_empty()) {
-            Some(s) => serde_json::from_str(s)
+            Some(s) => serde_json::from_str::<serde_json::Value>(s)
                 .map_err(|e| bad(&wpath, format!("its training state metadata is not valid JSON ({e})")))?,
             None => serde_json::Value::Null,
         };
-        let t = match info.get("optim.t") {
-            Some(t) => serde_json::Value::from(
+        let optim_t = match info.get("optim.t") {
+            Some(t) => Some(
                 t.parse::<u64>().map_err(|_| bad(&wpath, format!("its optimizer step count {t:?} is not a number")))?,
             ),
-            None => serde_json::Value::Null,
+            None => None,
         };
-        let state = serde_json::json!({ "__optim_t": t, "state": state }).to_string();
-        Ok(Checkpoint { config, state, tensors })
+        Ok(Checkpoint { config, state: (!state.is_null()).then_some(state), optim_t, tensors })
     }
 
-    /// The trainer's state JSON as saved (without the optimizer step count).
+    /// The trainer's state JSON as saved.
     pub fn train_state(&self) -> Option<serde_json::Value> {
-        let v: serde_json::Value = serde_json::from_str(&self.state).ok()?;
-        v.get("state").cloned().filter(|s| !s.is_null())
+        self.state.clone()
     }
 
     /// Initialize `model` from this checkpoint's parameters and buffers where names and shapes
@@ -208,8 +208,7 @@ impl Checkpoint {
                     o.v[t.range()].copy_from_slice(get(&format!("optim.v.{}", t.name), &t.shape)?);
                 }
             }
-            let v: serde_json::Value = serde_json::from_str(&self.state).map_err(|e| bad(path, e.to_string()))?;
-            o.t = v.get("__optim_t").and_then(|t| t.as_u64()).ok_or_else(|| bad(path, "no optimizer state saved"))?;
+            o.t = self.optim_t.ok_or_else(|| bad(path, "no optimizer state saved"))?;
         }
         model.sync_sparse().map_err(|e| bad(path, e.to_string()))
     }
