@@ -3,7 +3,7 @@
 //! instead of being trained on or run. Writers put [`PLACEHOLDER`] under [`KEY`] in the
 //! metadata, serialize, then [`seal`] the bytes in place (the data section does not depend on
 //! the metadata, and the placeholder has the checksum's length, so nothing moves); readers
-//! compare [`safetensors_checksum`] with the stored value.
+//! check it with [`verify`].
 
 /// Metadata key of the checksum (16 hex digits of [`data_checksum`] over the data section).
 pub const KEY: &str = "checksum";
@@ -47,6 +47,12 @@ pub fn safetensors_data(bytes: &[u8]) -> Option<&[u8]> {
 /// `checksum` metadata key holds.
 pub fn safetensors_checksum(bytes: &[u8]) -> Option<String> {
     safetensors_data(bytes).map(|d| format!("{:016x}", data_checksum(d)))
+}
+
+/// Whether a safetensors file's data section matches the checksum its metadata stores under
+/// [`KEY`] (`stored`); a file without one (written before checksums existed) passes.
+pub fn verify(bytes: &[u8], stored: Option<&str>) -> bool {
+    stored.is_none_or(|want| safetensors_checksum(bytes).as_deref() == Some(want))
 }
 
 /// Write the checksum of a serialized safetensors file's data section over the value stored

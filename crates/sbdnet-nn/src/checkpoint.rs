@@ -13,7 +13,7 @@ use crate::error::NnError;
 use crate::model::Model;
 use crate::optim::Optimizer;
 use safetensors::tensor::{Dtype, TensorView};
-use sbdnet_kernels::checksum::{safetensors_checksum, seal, PLACEHOLDER};
+use sbdnet_kernels::checksum::{seal, verify, PLACEHOLDER};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -122,13 +122,11 @@ impl Checkpoint {
             return Err(bad(&wpath, format!("missing format tag {FORMAT}")));
         }
         // Checkpoints written before the checksum existed have none and load unchecked.
-        if let Some(want) = info.get(CHECKSUM_KEY) {
-            if safetensors_checksum(&bytes).as_deref() != Some(want.as_str()) {
-                return Err(bad(
-                    &wpath,
-                    "the tensor data does not match its checksum (the file is corrupted); train again or restore a copy",
-                ));
-            }
+        if !verify(&bytes, info.get(CHECKSUM_KEY).map(String::as_str)) {
+            return Err(bad(
+                &wpath,
+                "the tensor data does not match its checksum (the file is corrupted); train again or restore a copy",
+            ));
         }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&wpath, e.to_string()))?;
         let mut tensors = HashMap::new();

@@ -30,7 +30,7 @@ pub use sbdnet_kernels::checksum::data_checksum;
 /// where the header still holds one; returns whether it did. Exports seal with it; tests and
 /// fuzzing use it to let damaged tensor data reach the validation behind the checksum.
 pub use sbdnet_kernels::checksum::seal as reseal;
-use sbdnet_kernels::checksum::{safetensors_checksum, PLACEHOLDER};
+use sbdnet_kernels::checksum::{verify, PLACEHOLDER};
 
 /// A loaded, validated model: its graph, tensors, and every value's shape.
 #[derive(Clone, Debug)]
@@ -119,13 +119,11 @@ impl DeployedModel {
         if version != FORMAT_VERSION.to_string() {
             return Err(fmt_err(path, format!("format version {version}; this sbdnet reads version {FORMAT_VERSION}")));
         }
-        if let Some(want) = info.get(CHECKSUM_KEY) {
-            if safetensors_checksum(bytes).as_deref() != Some(want.as_str()) {
-                return Err(fmt_err(
-                    path,
-                    "the tensor data does not match its checksum (the file is corrupted); export the model again",
-                ));
-            }
+        if !verify(bytes, info.get(CHECKSUM_KEY).map(String::as_str)) {
+            return Err(fmt_err(
+                path,
+                "the tensor data does not match its checksum (the file is corrupted); export the model again",
+            ));
         }
         let graph_json = info.get("graph").ok_or_else(|| fmt_err(path, "no layer graph in the metadata"))?;
         let graph: Graph =
