@@ -104,6 +104,8 @@ fn check_depthwise(g: ConvGeom, seed: u64) {
         if binary::bdw_forward_affine(&g, &xp, &wp, &aff, &mut y) {
             for (i, (&yv, &s)) in y.iter().zip(&want).enumerate() {
                 let t = scale[i % c] * s as f32 + bias[i % c];
+                // Hardtanh as max then min (NaN maps to -1, unlike clamp).
+                #[allow(clippy::manual_clamp)]
                 let e = match act {
                     1 => t.max(0.0),
                     2 => t.max(-1.0).min(1.0),

@@ -28,18 +28,22 @@ pub enum PwImpl {
     Portable,
     /// Compiled with `POPCNT`.
     Popcnt,
+    /// AVX2 (`vpshufb` nibble-table popcounts, 16 output channels per pass, thresholds
+    /// compared in registers).
+    Avx2,
     /// AVX-512 `VPOPCNTQ`.
     Avx512,
 }
 
 impl PwImpl {
     /// The implementation for this process: AVX-512 where the CPU has `avx512f` and
-    /// `avx512vpopcntdq` and [`BinaryImpl::current`] is not a fallback, else as
-    /// [`BinaryImpl::current`] says.
+    /// `avx512vpopcntdq` and [`BinaryImpl::current`] is not a fallback, else AVX2 where the
+    /// CPU has it, else as [`BinaryImpl::current`] says.
     pub fn current() -> PwImpl {
         match BinaryImpl::current() {
             BinaryImpl::Reference | BinaryImpl::Portable => PwImpl::Portable,
             _ if Self::Avx512.available() => PwImpl::Avx512,
+            _ if Self::Avx2.available() => PwImpl::Avx2,
             _ => PwImpl::Popcnt,
         }
     }
@@ -50,6 +54,8 @@ impl PwImpl {
             PwImpl::Portable => true,
             #[cfg(target_arch = "x86_64")]
             PwImpl::Popcnt => is_x86_feature_detected!("popcnt"),
+            #[cfg(target_arch = "x86_64")]
+            PwImpl::Avx2 => is_x86_feature_detected!("avx2"),
             #[cfg(target_arch = "x86_64")]
             PwImpl::Avx512 => {
                 is_x86_feature_detected!("avx512f")
@@ -79,6 +85,8 @@ pub struct PackedPointwise {
     /// Per padded channel, the bound `K` on the popcount `a` (`s = kept - 2a`): the output bit
     /// (`1` = `-1`) is `a > K` for a positive threshold and `a <= K` for a flipped one.
     bound: Vec<i64>,
+    /// `-1` where `neg` (as `i64` lanes: the AVX2 kernel flips its comparison with it).
+    negv: Vec<i64>,
     /// `bound + 1` as `i32`, with `bound` clamped to `-1..=cin` first (exact for a popcount
     /// in `0..=cin`): the AVX-512 kernel's sign-bit comparison `a - (K + 1) < 0`.
     bound1: Vec<i32>,
@@ -114,6 +122,7 @@ impl PackedPointwise {
             neg: Vec::new(),
             neg_mask: Vec::new(),
             bound: Vec::new(),
+            negv: Vec::new(),
             bound1: Vec::new(),
             mt: Vec::new(),
             kept: vec![cin as i64; cpad],
@@ -177,6 +186,7 @@ impl PackedPointwise {
             })
             .collect();
         self.bound1 = self.bound.iter().map(|&k| k.clamp(-1, self.cin as i64) as i32 + 1).collect();
+        self.negv = self.neg.iter().map(|&n| -(n as i64)).collect();
         self
     }
 
@@ -206,6 +216,9 @@ impl PackedPointwise {
                 // SAFETY: availability checked above; slices checked against `rows`.
                 unsafe { avx512::forward(self, x, rows, out, None) }
             }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: availability checked above; slices checked against `rows`.
+            PwImpl::Avx2 => unsafe { avx2::forward(self, x, rows, Some(out), None) },
             #[cfg(target_arch = "x86_64")]
             PwImpl::Popcnt => {
                 #[target_feature(enable = "popcnt")]
@@ -283,6 +296,11 @@ impl PackedPointwise {
             // SAFETY: availability checked above; slices checked against `rows`.
             return unsafe { avx512::forward(self, x, rows, &mut [], Some(out)) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if imp == PwImpl::Avx2 {
+            // SAFETY: availability checked above; slices checked against `rows`.
+            return unsafe { avx2::forward(self, x, rows, None, Some(out)) };
+        }
         assert!(scratch.len() >= self.cout, "forward_packed: scratch holds {}, needs {}", scratch.len(), self.cout);
         let s = &mut scratch[..self.cout];
         for r in 0..rows {
@@ -321,6 +339,162 @@ impl PackedPointwise {
             }
             for (v, &n) in o.iter_mut().zip(&self.kept) {
                 *v = n as i32 - 2 * *v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #![allow(unsafe_op_in_unsafe_fn)]
+    use super::PackedPointwise;
+    use crate::binary::{words, WORD_BITS};
+    use std::arch::x86_64::*;
+
+    /// Output channels per pass: four registers of four 64-bit lanes.
+    const BLOCK: usize = 16;
+    /// Input words per run of byte counters (`31 * 8 < 256`).
+    const RUN: usize = 31;
+
+    /// Per-byte popcounts of `v` (two nibble-table lookups).
+    #[inline(always)]
+    unsafe fn popcnt_bytes(v: __m256i) -> __m256i {
+        let table = _mm256_setr_epi8(
+            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+        );
+        let low = _mm256_set1_epi8(0x0f);
+        let lo = _mm256_and_si256(v, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi))
+    }
+
+    /// Popcounts `a = sum_j popcount((x_j ^ w_j) [& m_j])` of one pixel for channels
+    /// `c0 .. c0 + 4 Q` (four per register, as 64-bit lanes). A word whose channel blocks of 8
+    /// are all pruned (the `live` bits) is skipped.
+    #[inline(always)]
+    unsafe fn counts<const Q: usize, const MASKED: bool>(
+        p: &PackedPointwise,
+        xr: &[u64],
+        c0: usize,
+        live: &[u8],
+    ) -> [__m256i; Q] {
+        let wd = xr.len();
+        let mut a = [_mm256_setzero_si256(); Q];
+        let mut j0 = 0;
+        // Which live bits this block's channel blocks of 8 are (`Q / 2` of them).
+        let lb = ((1u32 << (Q / 2)) - 1) << ((c0 / 8) % 8);
+        while j0 < wd {
+            let run = RUN.min(wd - j0);
+            let mut b = [_mm256_setzero_si256(); Q];
+            for j in j0..j0 + run {
+                if MASKED && u32::from(live[j]) & lb == 0 {
+                    continue;
+                }
+                let xv = _mm256_set1_epi64x(xr[j] as i64);
+                let w = p.wt.as_ptr().add(j * p.cpad + c0);
+                for (q, bq) in b.iter_mut().enumerate() {
+                    let mut v = _mm256_xor_si256(xv, _mm256_loadu_si256(w.add(4 * q) as *const __m256i));
+                    if MASKED {
+                        let m = p.mt.as_ptr().add(j * p.cpad + c0 + 4 * q);
+                        v = _mm256_and_si256(v, _mm256_loadu_si256(m as *const __m256i));
+                    }
+                    *bq = _mm256_add_epi8(*bq, popcnt_bytes(v));
+                }
+            }
+            for (aq, bq) in a.iter_mut().zip(b) {
+                *aq = _mm256_add_epi64(*aq, _mm256_sad_epu8(bq, _mm256_setzero_si256()));
+            }
+            j0 += run;
+        }
+        a
+    }
+
+    /// Channels `c0 .. c0 + 4 Q` of one pixel: output bits through the thresholds
+    /// (`(a > K) xor neg`, `4 Q` bits), or `kept - 2 a` into `out` (only the real channels).
+    #[inline(always)]
+    unsafe fn block<const Q: usize, const MASKED: bool>(
+        p: &PackedPointwise,
+        xr: &[u64],
+        c0: usize,
+        live: &[u8],
+        out: Option<&mut [i32]>,
+    ) -> u64 {
+        let a = counts::<Q, MASKED>(p, xr, c0, live);
+        if let Some(o) = out {
+            let mut v = [0i64; BLOCK];
+            for (q, aq) in a.iter().enumerate() {
+                _mm256_storeu_si256(v.as_mut_ptr().add(4 * q) as *mut __m256i, *aq);
+            }
+            let n = (p.cout - c0).min(4 * Q);
+            for (i, (ov, &ai)) in o[c0..c0 + n].iter_mut().zip(&v).enumerate() {
+                *ov = (p.kept[c0 + i] - 2 * ai) as i32;
+            }
+            return 0;
+        }
+        let mut bits = 0u64;
+        for (q, aq) in a.iter().enumerate() {
+            let k = _mm256_loadu_si256(p.bound.as_ptr().add(c0 + 4 * q) as *const __m256i);
+            let n = _mm256_loadu_si256(p.negv.as_ptr().add(c0 + 4 * q) as *const __m256i);
+            let b = _mm256_xor_si256(_mm256_cmpgt_epi64(*aq, k), n);
+            bits |= (_mm256_movemask_pd(_mm256_castsi256_pd(b)) as u64) << (4 * q);
+        }
+        bits
+    }
+
+    /// Dot products of `rows` pixels into `out` (`rows * cout`), or packed sign bits
+    /// through the thresholds into `bits` (`rows * words(cout)`, padding bits 0).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn forward(
+        p: &PackedPointwise,
+        x: &[u64],
+        rows: usize,
+        out: Option<&mut [i32]>,
+        bits: Option<&mut [u64]>,
+    ) {
+        if p.masked() {
+            run::<true>(p, x, rows, out, bits)
+        } else {
+            run::<false>(p, x, rows, out, bits)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn run<const MASKED: bool>(
+        p: &PackedPointwise,
+        x: &[u64],
+        rows: usize,
+        mut out: Option<&mut [i32]>,
+        mut bits: Option<&mut [u64]>,
+    ) {
+        let (wd, od) = (words(p.cin), words(p.cout));
+        for r in 0..rows {
+            let xr = &x[r * wd..][..wd];
+            let mut o = out.as_deref_mut().map(|o| &mut o[r * p.cout..][..p.cout]);
+            let mut word = 0u64;
+            let mut c0 = 0;
+            while c0 < p.cpad {
+                let live = if MASKED { &p.live[(c0 / WORD_BITS) * wd..][..wd] } else { &[][..] };
+                let q = if c0 + BLOCK <= p.cpad { 4 } else { 2 };
+                let b = if q == 4 {
+                    block::<4, MASKED>(p, xr, c0, live, o.as_deref_mut())
+                } else {
+                    block::<2, MASKED>(p, xr, c0, live, o.as_deref_mut())
+                };
+                word |= b << (c0 % WORD_BITS);
+                c0 += 4 * q;
+                if let Some(bw) = bits.as_deref_mut() {
+                    if c0 % WORD_BITS == 0 || c0 >= p.cpad {
+                        let i = (c0 - 1) / WORD_BITS;
+                        if i < od {
+                            // Padding channels (`cout..cpad`) have `K = 0`, `neg = false`:
+                            // cleared here.
+                            let keep =
+                                if (i + 1) * WORD_BITS > p.cout { (1u64 << (p.cout % WORD_BITS)) - 1 } else { !0 };
+                            bw[r * od + i] = word & keep;
+                        }
+                        word = 0;
+                    }
+                }
             }
         }
     }
@@ -867,7 +1041,7 @@ mod tests {
             let mut want_bits = vec![0u64; rows * words(cout)];
             threshold_pack(&want, cout, &thr, &mut want_bits);
             let p = PackedPointwise::new(cin, cout, &w).with_thresholds(&thr);
-            for imp in [PwImpl::Portable, PwImpl::Popcnt, PwImpl::Avx512] {
+            for imp in [PwImpl::Portable, PwImpl::Popcnt, PwImpl::Avx2, PwImpl::Avx512] {
                 if !imp.available() {
                     continue;
                 }
