@@ -1,5 +1,6 @@
 //! The first convolution (float weights on float pixels, 32 or 64 output channels) fused
-//! with its sign output on AVX-512: the sums of four output pixels stay in registers, the
+//! with its sign output on AVX-512 (or AVX2 with FMA, 8 lanes per register and fewer pixels
+//! per pass): the sums of four output pixels stay in registers, the
 //! folded affine, the activation and the comparison with the threshold run on them, and
 //! `vcmpps` writes the sign bits straight into a mask register, so the raw sums never reach
 //! memory.
@@ -134,11 +135,13 @@ pub(crate) fn fold(wt: &[f32], cout: usize, st: &SignStage) -> Option<Folded> {
     Some(f)
 }
 
-/// Whether the fused kernel can run here (AVX-512 and no forced fallback).
+/// Whether the fused kernel can run here (AVX-512, or AVX2 with FMA, and no forced
+/// fallback).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2 && is_x86_feature_detected!("avx512f")
+        sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2
+            && (is_x86_feature_detected!("avx512f") || is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -175,7 +178,7 @@ pub(crate) struct AffineStage<'a> {
 /// Checks shared by both outputs; the padded input in `xp`; each tap's offset from a pixel's
 /// first input in the padded image.
 fn prepare(g: &ConvGeom, x: &[f32], wt: &[f32], xp: &mut [f32]) -> Vec<usize> {
-    assert!(available(), "the fused first convolution needs AVX-512");
+    assert!(available(), "the fused first convolution needs AVX-512 or AVX2 with FMA");
     assert!(matches!(g.cout, 32 | 64) && g.groups == 1);
     assert!(x.len() >= g.in_len() && wt.len() >= g.weight_len());
     // Every tap of every output pixel lies inside the padded image.
@@ -203,8 +206,19 @@ pub(crate) fn conv_affine(
     let taps = prepare(g, x, wt, xp);
     assert!(out.len() >= g.out_len() && max.len() >= g.batch && st.scale.len() >= g.cout && st.bias.len() >= g.cout);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available` checked avx512f; the slices hold what the loops index (asserted).
+    // SAFETY: `available` checked avx512f, or (here) AVX2 and FMA; the slices hold what the
+    // loops index (asserted).
     unsafe {
+        if !is_x86_feature_detected!("avx512f") {
+            return match (g.cout, taps.len()) {
+                (32, 9) => avx2::conv_affine::<4, 9, 2>(g, xp, &taps, wt, st, out, max),
+                (32, 27) => avx2::conv_affine::<4, 27, 2>(g, xp, &taps, wt, st, out, max),
+                (32, _) => avx2::conv_affine::<4, 0, 2>(g, xp, &taps, wt, st, out, max),
+                (_, 9) => avx2::conv_affine::<8, 9, 1>(g, xp, &taps, wt, st, out, max),
+                (_, 27) => avx2::conv_affine::<8, 27, 1>(g, xp, &taps, wt, st, out, max),
+                _ => avx2::conv_affine::<8, 0, 1>(g, xp, &taps, wt, st, out, max),
+            };
+        }
         match (g.cout, taps.len()) {
             (32, 9) => avx512::conv_affine::<2, 9, 4>(g, xp, &taps, wt, st, out, max),
             (32, 27) => avx512::conv_affine::<2, 27, 4>(g, xp, &taps, wt, st, out, max),
@@ -222,8 +236,19 @@ pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out
     let taps = prepare(g, x, &f.wt, xp);
     assert!(out.len() >= g.batch * g.oh * g.ow && f.thr.len() >= g.cout);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available` checked avx512f; the slices hold what the loops index (asserted).
+    // SAFETY: `available` checked avx512f, or (here) AVX2 and FMA; the slices hold what the
+    // loops index (asserted).
     unsafe {
+        if !is_x86_feature_detected!("avx512f") {
+            return match (g.cout, taps.len()) {
+                (32, 9) => avx2::conv_sign::<4, 9, 2>(g, xp, &taps, f, out),
+                (32, 27) => avx2::conv_sign::<4, 27, 2>(g, xp, &taps, f, out),
+                (32, _) => avx2::conv_sign::<4, 0, 2>(g, xp, &taps, f, out),
+                (_, 9) => avx2::conv_sign::<8, 9, 1>(g, xp, &taps, f, out),
+                (_, 27) => avx2::conv_sign::<8, 27, 1>(g, xp, &taps, f, out),
+                _ => avx2::conv_sign::<8, 0, 1>(g, xp, &taps, f, out),
+            };
+        }
         // 7 pixels per pass (14 accumulators) where rows split evenly so (28 wide: 4-5%
         // faster than 4 on dscnn's first layer), else 4.
         match (g.cout, taps.len(), g.ow.is_multiple_of(7)) {
@@ -235,6 +260,124 @@ pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out
             (_, 27, _) => avx512::conv_sign::<4, 27, 4>(g, xp, &taps, f, out),
             _ => avx512::conv_sign::<4, 0, 4>(g, xp, &taps, f, out),
         }
+    }
+}
+
+/// The AVX2 + FMA form of [`avx512`]: `NV` vectors of 8 output channels, the same
+/// arithmetic in the same order.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{AffineStage, Folded};
+    use sbdnet_kernels::conv::ConvGeom;
+    use std::arch::x86_64::*;
+
+    /// As `avx512::tiles` with 8-lane vectors (`NV * P` accumulators: 8 for dscnn's 32
+    /// channels and 2 pixels, the FMA latency times its throughput on the AMD Zen 3 here).
+    #[inline(always)]
+    unsafe fn tiles<const NV: usize, const KT: usize, const P: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        taps: &[usize],
+        wt: &[f32],
+        mut epi: impl FnMut(usize, &[__m256; NV]),
+    ) {
+        let kt = if KT == 0 { taps.len() } else { KT };
+        debug_assert_eq!(kt, taps.len());
+        let co = 8 * NV;
+        let (hp, wp, c) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin);
+        let wt = wt.as_ptr();
+        for b in 0..g.batch {
+            let xb = xp[b * hp * wp * c..][..hp * wp * c].as_ptr();
+            for oy in 0..g.oh {
+                let row = xb.add(oy * g.stride * wp * c);
+                let mut ox = 0;
+                while ox < g.ow {
+                    let np = (g.ow - ox).min(P);
+                    let px: [*const f32; P] = std::array::from_fn(|p| row.add((ox + p.min(np - 1)) * g.stride * c));
+                    let mut acc = [[_mm256_setzero_ps(); NV]; P];
+                    for (t, &off) in taps.iter().enumerate().take(kt) {
+                        let wv: [__m256; NV] = std::array::from_fn(|j| _mm256_loadu_ps(wt.add(t * co + 8 * j)));
+                        for p in 0..P {
+                            let xv = _mm256_set1_ps(*px[p].add(off));
+                            for j in 0..NV {
+                                acc[p][j] = _mm256_fmadd_ps(xv, wv[j], acc[p][j]);
+                            }
+                        }
+                    }
+                    for (p, a) in acc.iter().enumerate().take(np) {
+                        epi((b * g.oh + oy) * g.ow + ox + p, a);
+                    }
+                    ox += P;
+                }
+            }
+        }
+    }
+
+    /// Sign output: one word per pixel from the folded thresholds.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn conv_sign<const NV: usize, const KT: usize, const P: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        taps: &[usize],
+        f: &Folded,
+        out: &mut [u64],
+    ) {
+        let thr: [__m256; NV] = std::array::from_fn(|j| _mm256_loadu_ps(f.thr.as_ptr().add(8 * j)));
+        tiles::<NV, KT, P>(g, xp, taps, &f.wt, |pix, a| {
+            let mut word = 0u64;
+            for j in 0..NV {
+                let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NGE_UQ>(a[j], thr[j])) as u64 & 0xff;
+                word |= m << (8 * j);
+            }
+            out[pix] = (word | f.one) & !f.zero;
+        });
+    }
+
+    /// Float output `act(scale * s + bias)` and each image's `max |y|` into `max[b]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn conv_affine<const NV: usize, const KT: usize, const P: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        taps: &[usize],
+        wt: &[f32],
+        st: &AffineStage,
+        out: &mut [f32],
+        max: &mut [f32],
+    ) {
+        let co = 8 * NV;
+        let ld = |v: &[f32]| -> [__m256; NV] { std::array::from_fn(|j| _mm256_loadu_ps(v.as_ptr().add(8 * j))) };
+        let (scale, bias) = (ld(st.scale), ld(st.bias));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let per_image = g.oh * g.ow;
+        let mut m = _mm256_setzero_ps();
+        let mut image = 0;
+        tiles::<NV, KT, P>(g, xp, taps, wt, |pix, a| {
+            if pix / per_image != image {
+                max[image] = horizontal_max(m);
+                m = _mm256_setzero_ps();
+                image = pix / per_image;
+            }
+            for j in 0..NV {
+                let mut y = _mm256_add_ps(_mm256_mul_ps(scale[j], a[j]), bias[j]);
+                // `max_ps(y, c)` returns `c` for a NaN `y`: NaN -> 0 (ReLU), -1 (hardtanh).
+                if st.act == 1 {
+                    y = _mm256_max_ps(y, _mm256_setzero_ps());
+                } else if st.act == 2 {
+                    y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(pix * co + 8 * j), y);
+                m = _mm256_max_ps(_mm256_and_ps(y, abs), m);
+            }
+        });
+        max[image] = horizontal_max(m);
+    }
+
+    #[inline(always)]
+    unsafe fn horizontal_max(m: __m256) -> f32 {
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), m);
+        l.iter().fold(0.0f32, |a, &b| a.max(b))
     }
 }
 
@@ -404,7 +547,7 @@ mod tests {
     #[test]
     fn fused_equals_plain_loops_bit_for_bit() {
         if !available() {
-            eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
+            eprintln!("no AVX-512 or AVX2 + FMA here (or a forced fallback): nothing to compare");
             return;
         }
         let mut r = Rng::new(7);
@@ -459,7 +602,7 @@ mod tests {
     #[test]
     fn affine_output_equals_plain_loops() {
         if !available() {
-            eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
+            eprintln!("no AVX-512 or AVX2 + FMA here (or a forced fallback): nothing to compare");
             return;
         }
         let mut r = Rng::new(9);

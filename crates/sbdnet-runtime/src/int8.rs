@@ -36,6 +36,33 @@
 use crate::graph::Act;
 use sbdnet_kernels::conv::ConvGeom;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// Stand-ins where there is no AVX2: never planned ([`avx2::available`] is false).
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    use sbdnet_kernels::conv::ConvGeom;
+    pub fn available() -> bool {
+        false
+    }
+    pub fn dw_slack(_: &ConvGeom) -> usize {
+        0
+    }
+    pub unsafe fn dw_image(_: &ConvGeom, _: &[i16], _: &[i16], _: &mut super::Out) {
+        unreachable!("sign layouts are planned only on x86_64")
+    }
+    pub unsafe fn channel_abs_max(_: &[f32], _: &mut [f32]) {
+        unreachable!("AVX2 only")
+    }
+    pub unsafe fn quantize_channels(_: &[f32], _: &mut [i16], _: &[f32]) {
+        unreachable!("AVX2 only")
+    }
+    pub unsafe fn quantize_into(_: &[f32], _: &mut [i16], _: f32) {
+        unreachable!("AVX2 only")
+    }
+}
+
 /// Output channels per register block of the pointwise kernel.
 const CO_BLOCK: usize = 64;
 /// Input channels per 16-bit accumulation run.
@@ -88,6 +115,9 @@ enum Signs {
     /// `(e, e + 32)`: the tables are stored as 32 low bytes then 32 high bytes, and one byte
     /// permute (`vpermb`, cheaper than `vpermw`) fetches both bytes of every channel's entry.
     Lut { ix: Vec<u16>, bytes: bool },
+    /// Weights as `+1`, `-1`, `0` for the AVX2 sign-apply kernels ([`avx2`]): depthwise
+    /// `[tap][c padded to 16]`.
+    Sign { w: Vec<i16> },
 }
 
 /// Which sign layout (and so which kernel) a layer gets; `Auto` is what plans use (the
@@ -103,6 +133,8 @@ pub enum Layout {
     /// AVX-512 lookup tables (requires `avx512::available()`, not depthwise), with byte
     /// permutes (`true`, requires `avx512::vbmi()`) or 16-bit ones.
     Lut(bool),
+    /// AVX2 sign-apply (requires [`avx2_available`], depthwise only).
+    Sign,
 }
 
 /// Reusable buffers of the W1-A8 kernels, sized at plan time.
@@ -167,7 +199,7 @@ impl QuantScratch {
             grow(&mut self.cinv, g.cin);
         }
         if c.padded() {
-            grow(&mut self.qpad, g.batch * c.padded_len() + avx512::dw_slack(g));
+            grow(&mut self.qpad, g.batch * c.padded_len() + avx512::dw_slack(g).max(avx2::dw_slack(g)));
         }
         if c.kind == A8Kind::Dense {
             grow(&mut self.col, g.out_rows() * g.kh * g.kw * g.cin);
@@ -184,6 +216,11 @@ impl QuantScratch {
 /// Whether the AVX-512 kernels (`Layout::Bits`, `Layout::Lut(false)`) can run here.
 pub fn avx512_available() -> bool {
     avx512::available()
+}
+
+/// Whether the AVX2 sign-apply kernels (`Layout::Sign`) can run here.
+pub fn avx2_available() -> bool {
+    avx2::available()
 }
 
 /// Whether the byte-permute lookup kernel (`Layout::Lut(true)`, AVX-512 VBMI) can run here.
@@ -301,6 +338,7 @@ impl A8Conv {
         };
         let wide512 = avx512::available();
         let layout = match layout {
+            Layout::Auto if !wide512 && depthwise && avx2::available() => Layout::Sign,
             Layout::Auto
                 if wide512 && !depthwise && g.cout >= if zeros { LUT_MIN_COUT_ZEROS } else { LUT_MIN_COUT } =>
             {
@@ -309,7 +347,8 @@ impl A8Conv {
             Layout::Auto if wide512 => Layout::Bits,
             Layout::Auto => Layout::Wide,
             l => {
-                assert!(l == Layout::Wide || wide512, "the AVX-512 kernels need AVX-512 BW");
+                assert!(l != Layout::Sign || (avx2::available() && depthwise), "sign-apply: AVX2, depthwise");
+                assert!(matches!(l, Layout::Wide | Layout::Sign) || wide512, "the AVX-512 kernels need AVX-512 BW");
                 assert!(l != Layout::Lut(true) || avx512::vbmi(), "byte lookups need AVX-512 VBMI");
                 assert!(!matches!(l, Layout::Lut(_)) || !depthwise, "the lookup kernel is for dense layers");
                 l
@@ -349,6 +388,22 @@ impl A8Conv {
                 }
             }
             Signs::Bits { mp, mn }
+        } else if layout == Layout::Sign {
+            let (taps, cpad) = (g.kh * g.kw, g.cin.div_ceil(16) * 16);
+            let mut sw = vec![0i16; taps * cpad];
+            for c in 0..g.cin {
+                for t in 0..taps {
+                    let v = w[c * taps + t];
+                    sw[t * cpad + c] = if v > 0.0 {
+                        1
+                    } else if v < 0.0 {
+                        -1
+                    } else {
+                        0
+                    };
+                }
+            }
+            Signs::Sign { w: sw }
         } else if depthwise {
             let taps = g.kh * g.kw;
             let (mut wp, mut wn) = (vec![0i16; taps * g.cin], vec![0i16; taps * g.cin]);
@@ -386,6 +441,7 @@ impl A8Conv {
             Signs::Lut { ix, bytes: false } => unsafe { avx512::lut_rows(x, k, self.g.cout, ix, out, dup, lut) },
             // SAFETY: as above, and byte indices are planned only where `avx512::vbmi()`.
             Signs::Lut { ix, bytes: true } => unsafe { avx512::lut_rows_vbmi(x, k, self.g.cout, ix, out, dup, lut) },
+            Signs::Sign { .. } => unreachable!("sign-apply layouts are planned for depthwise layers only"),
             Signs::Wide { wp, wn } => {
                 assert!(out.ep.is_none(), "the portable kernels write raw sums");
                 let Rows::I16(x) = x else { unreachable!("the portable kernels read quantized rows") };
@@ -491,6 +547,12 @@ impl A8Conv {
                     // is the image `quantize` wrote with its border, then the slack.
                     unsafe { avx512::dw_image(&g, xp, mp, mn, out) }
                 }
+                Signs::Sign { w } => {
+                    let xp = &s.qpad[b * self.padded_len()..];
+                    // SAFETY: sign layouts are planned only where `avx2::available()`; `xp`
+                    // is the image `quantize` wrote with its border, then the slack.
+                    unsafe { avx2::dw_image(&g, xp, w, out) }
+                }
                 Signs::Wide { wp, wn } => {
                     assert!(out.ep.is_none(), "the portable kernels write raw sums");
                     dw_image(&g, xb, wp, wn, out.y, &mut s.acc[..g.cin])
@@ -510,10 +572,10 @@ impl A8Conv {
         }
     }
 
-    /// Whether the layer reads its input quantized into a zero border (the AVX-512
-    /// depthwise kernel).
+    /// Whether the layer reads its input quantized into a zero border (the AVX-512 and
+    /// AVX2 depthwise kernels).
     fn padded(&self) -> bool {
-        self.kind == A8Kind::Depthwise && matches!(self.signs, Signs::Bits { .. })
+        self.kind == A8Kind::Depthwise && matches!(self.signs, Signs::Bits { .. } | Signs::Sign { .. })
     }
 
     /// Elements of one image quantized into its zero border.
@@ -620,6 +682,9 @@ fn channel_abs_max_of(x: &[f32], kc: &mut [f32]) {
     if avx512::available() {
         // SAFETY: `avx512::available` checked AVX-512 F, BW and VL.
         unsafe { avx512::channel_abs_max(x, kc) }
+    } else if avx2::available() {
+        // SAFETY: `avx2::available` checked AVX2 and FMA.
+        unsafe { avx2::channel_abs_max(x, kc) }
     } else {
         channel_abs_max(x, kc);
     }
@@ -643,6 +708,9 @@ fn quantize_channels(x: &[f32], q: &mut [i16], inv: &[f32]) {
     if avx512::available() {
         // SAFETY: `avx512::available` checked AVX-512 F, BW and VL.
         unsafe { avx512::quantize_channels(x, q, inv) }
+    } else if avx2::available() {
+        // SAFETY: `avx2::available` checked AVX2 and FMA.
+        unsafe { avx2::quantize_channels(x, q, inv) }
     } else {
         quantize_channels_portable(x, q, inv);
     }
@@ -731,6 +799,9 @@ fn quantize_with(x: &[f32], q: &mut [i16], amax: f32) -> f32 {
     if avx512::available() {
         // SAFETY: the CPU has AVX-512 F and BW.
         unsafe { avx512::quantize_into(x, q, inv) }
+    } else if avx2::available() {
+        // SAFETY: `avx2::available` checked AVX2 and FMA.
+        unsafe { avx2::quantize_into(x, q, inv) }
     } else {
         quantize_into(x, q, inv);
     }
@@ -1700,6 +1771,9 @@ mod tests {
     fn check(g: ConvGeom, zero_every: usize, seed: u64) {
         check_layout(g, zero_every, seed, Layout::Auto);
         check_layout(g, zero_every, seed, Layout::Wide);
+        if avx2::available() && g.groups > 1 {
+            check_layout(g, zero_every, seed, Layout::Sign);
+        }
         if avx512::available() {
             check_layout(g, zero_every, seed, Layout::Bits);
             if g.groups == 1 {
@@ -1832,9 +1906,9 @@ mod tests {
     }
 
     #[test]
-    fn avx512_quantization_equals_the_portable_one() {
-        if !avx512::available() {
-            eprintln!("no AVX-512 here (or a forced fallback): nothing to compare");
+    fn simd_quantization_equals_the_portable_one() {
+        if !avx512::available() && !avx2::available() {
+            eprintln!("no AVX-512 or AVX2 here (or a forced fallback): nothing to compare");
             return;
         }
         let mut rng = sbdnet_kernels::rng::Rng::new(7);
@@ -1850,8 +1924,14 @@ mod tests {
                 for n in [x.len(), 65, 64, 63, 33, 32, 31, 17, 16, 15, 1, 0] {
                     let (mut want, mut got) = (vec![0i16; n], vec![9i16; n]);
                     quantize_into(&x[..n], &mut want, inv);
-                    // SAFETY: checked above.
-                    unsafe { avx512::quantize_into(&x[..n], &mut got, inv) };
+                    // SAFETY: checked above (one of the two is available).
+                    unsafe {
+                        if avx512::available() {
+                            avx512::quantize_into(&x[..n], &mut got, inv)
+                        } else {
+                            avx2::quantize_into(&x[..n], &mut got, inv)
+                        }
+                    };
                     assert_eq!(got, want, "inv {inv} n {n}");
                 }
             }

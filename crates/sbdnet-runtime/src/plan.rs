@@ -70,7 +70,7 @@ enum Kernel {
         stage: Stage,
         /// Sign output fused into the convolution on AVX-512 ([`crate::conv_sign`]).
         fused: Option<crate::conv_sign::Folded>,
-        /// An affine stage run in the AVX-512 kernel's registers ([`crate::conv_sign::conv_affine`]).
+        /// An affine stage run in the fused kernel's registers (AVX-512 or AVX2) ([`crate::conv_sign::conv_affine`]).
         affine512: bool,
     },
     /// Float weights (or unpacked binary ones) on `f32`.
@@ -151,8 +151,8 @@ enum Kernel {
 impl Kernel {
     fn name(&self) -> &'static str {
         match self {
-            Kernel::SmallConv { fused: Some(_), .. } => "conv-f32-direct-sign512",
-            Kernel::SmallConv { affine512: true, .. } => "conv-f32-direct-affine512",
+            Kernel::SmallConv { fused: Some(_), .. } => "conv-f32-direct-sign",
+            Kernel::SmallConv { affine512: true, .. } => "conv-f32-direct-affine",
             Kernel::SmallConv { .. } => "conv-f32-direct",
             Kernel::FloatConv { .. } => "conv-f32",
             Kernel::BinPw { gap: true, .. } => "bpw-xnor+affine+gap",

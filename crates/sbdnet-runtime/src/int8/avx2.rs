@@ -1,0 +1,258 @@
+//! The W1-A8 kernels for AVX2 machines without AVX-512 (the AMD Zen 3 this project's
+//! benchmarks now run on): sign-apply (`vpsignw`: `x`, `-x` or `0` per lane from the weight
+//! `+1`, `-1`, `0`) and 16-bit additions, the depthwise layer's affine applied as it stores,
+//! and the quantization passes written with explicit intrinsics (the compiler's vectorization
+//! of the portable loops left the per-channel maximum at one element per cycle).
+//!
+//! Every function here gives exactly the values of the portable path: the same integer sums,
+//! the same `f32` operations in the same order in the affine, the same rounding and clamping
+//! in the quantization (`round half to even`, NaN to `-127`).
+
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use super::Out;
+use sbdnet_kernels::conv::ConvGeom;
+use std::arch::x86_64::*;
+
+/// Output pixels per pass of the depthwise kernel (accumulator registers).
+const SEG: usize = 8;
+
+/// Whether these kernels run here: the AVX2 path (no forced fallback) on a CPU with AVX2 and
+/// FMA but without the AVX-512 kernels.
+pub fn available() -> bool {
+    sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+}
+
+/// Elements [`dw_image`] may read past the padded image: the last pass's pixels past the
+/// row's end and the last block's lanes past the channels.
+pub fn dw_slack(g: &ConvGeom) -> usize {
+    SEG * g.stride * g.cin + 16
+}
+
+/// `[0 or -1; 8]` for the first `n` of 8 lanes.
+#[inline(always)]
+unsafe fn lane_mask(n: usize) -> __m256i {
+    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+}
+
+/// The epilogue's per-channel vectors for channels `c..c + 8` (lanes `m`): scale, bias and
+/// activation scale.
+#[inline(always)]
+unsafe fn affine8(out: &Out, c: usize, m: __m256i) -> [__m256; 3] {
+    match &out.ep {
+        None => [_mm256_setzero_ps(); 3],
+        Some(e) => [
+            _mm256_maskload_ps(e.scale.as_ptr().add(c), m),
+            _mm256_maskload_ps(e.bias.as_ptr().add(c), m),
+            match e.kc {
+                Some(k) => _mm256_maskload_ps(k.as_ptr().add(c), m),
+                None => _mm256_set1_ps(e.k),
+            },
+        ],
+    }
+}
+
+/// Write 8 sums (lanes `m`, `full` when all 8) at `y[at..]`: as `f32`, or through the
+/// epilogue (`act(scale * (k * v) + bias)`, the plan's affine pass's operations in order)
+/// with the running `max |y|` in `mx` (NaN skipped: `max_ps` keeps its second operand).
+#[inline(always)]
+unsafe fn emit8(out: &mut Out, mx: &mut __m256, at: usize, sb: [__m256; 3], m: __m256i, full: bool, sum: __m256i) {
+    let v = _mm256_cvtepi32_ps(sum);
+    let v = match &out.ep {
+        None => v,
+        Some(e) => {
+            let [s, b, k] = sb;
+            let mut t = _mm256_add_ps(_mm256_mul_ps(s, _mm256_mul_ps(k, v)), b);
+            t = act8(t, e.act as u8);
+            let a = _mm256_and_ps(t, _mm256_castsi256_ps(_mm256_srli_epi32::<1>(m)));
+            *mx = _mm256_max_ps(a, *mx);
+            t
+        }
+    };
+    let p = out.y.as_mut_ptr().add(at);
+    if full {
+        _mm256_storeu_ps(p, v);
+    } else {
+        _mm256_maskstore_ps(p, m, v);
+    }
+}
+
+/// The activation on 8 lanes: `act` 0 none, 1 ReLU, 2 hardtanh (`max` then `min`; NaN
+/// becomes 0 or -1 as `f32::max` and the runtime's scalar rule).
+#[inline(always)]
+pub(crate) unsafe fn act8(y: __m256, act: u8) -> __m256 {
+    match act {
+        1 => _mm256_max_ps(y, _mm256_setzero_ps()),
+        2 => _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0)),
+        _ => y,
+    }
+}
+
+/// Fold a running `max |y|` (channels `c..c + 8`, lanes `m`) into `out.cmax`.
+#[inline(always)]
+unsafe fn merge_max(out: &mut Out, c: usize, m: __m256i, mx: __m256) {
+    if out.ep.is_some() {
+        let p = out.cmax.as_mut_ptr().add(c);
+        _mm256_maskstore_ps(p, m, _mm256_max_ps(mx, _mm256_maskload_ps(p, m)));
+    }
+}
+
+/// Depthwise over one image quantized into its zero border (`x`, as the AVX-512 kernel
+/// reads it, then [`dw_slack`]): `sum over taps of sign(w) * x` in 16-bit lanes, 16 channels
+/// by [`SEG`] pixels per pass; weights `[tap][c padded to 16]` in `{-1, 0, 1}`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dw_image(g: &ConvGeom, x: &[i16], w: &[i16], out: &mut Out) {
+    let c = g.cin;
+    let cpad = c.div_ceil(16) * 16;
+    assert!(x.len() >= (g.h + 2 * g.pad) * (g.w + 2 * g.pad) * c + dw_slack(g));
+    assert!(w.len() >= g.kh * g.kw * cpad && g.kh * g.kw <= 255);
+    out.check(g.oh * g.ow * c, c);
+    let len = match g.ow {
+        0..=2 => 2,
+        3..=4 => 4,
+        _ => SEG,
+    };
+    for c0 in (0..c).step_by(16) {
+        let lanes = (c - c0).min(16);
+        let n = [lanes.min(8), lanes.saturating_sub(8)];
+        let m = [lane_mask(n[0]), lane_mask(n[1])];
+        let sb = [affine8(out, c0, m[0]), affine8(out, c0 + 8, m[1])];
+        let mut mx = [_mm256_setzero_ps(); 2];
+        for oy in 0..g.oh {
+            for ox0 in (0..g.ow).step_by(len) {
+                let np = len.min(g.ow - ox0);
+                match len {
+                    2 => run::<2>(g, x, w, cpad, out, oy, ox0, np, c0, &n, &m, &sb, &mut mx),
+                    4 => run::<4>(g, x, w, cpad, out, oy, ox0, np, c0, &n, &m, &sb, &mut mx),
+                    _ => run::<SEG>(g, x, w, cpad, out, oy, ox0, np, c0, &n, &m, &sb, &mut mx),
+                }
+            }
+        }
+        for h in 0..2 {
+            if n[h] > 0 {
+                merge_max(out, c0 + 8 * h, m[h], mx[h]);
+            }
+        }
+    }
+}
+
+/// Output row `oy`, pixels `ox0..ox0 + np` (`S` computed), channels `c0..c0 + 16`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run<const S: usize>(
+    g: &ConvGeom,
+    x: &[i16],
+    w: &[i16],
+    cpad: usize,
+    out: &mut Out,
+    oy: usize,
+    ox0: usize,
+    np: usize,
+    c0: usize,
+    n: &[usize; 2],
+    m: &[__m256i; 2],
+    sb: &[[__m256; 3]; 2],
+    mx: &mut [__m256; 2],
+) {
+    let c = g.cin;
+    let (wp, step) = (g.w + 2 * g.pad, g.stride * c);
+    let mut acc = [_mm256_setzero_si256(); S];
+    for ky in 0..g.kh {
+        let row = x.as_ptr().add(((oy * g.stride + ky) * wp + ox0 * g.stride) * c + c0);
+        for kx in 0..g.kw {
+            let wv = _mm256_loadu_si256(w.as_ptr().add((ky * g.kw + kx) * cpad + c0).cast());
+            let mut q = row.add(kx * c);
+            for a in acc.iter_mut() {
+                *a = _mm256_add_epi16(*a, _mm256_sign_epi16(_mm256_loadu_si256(q.cast()), wv));
+                q = q.wrapping_add(step);
+            }
+        }
+    }
+    for (i, &a) in acc.iter().enumerate().take(np) {
+        let at = (oy * g.ow + ox0 + i) * c + c0;
+        let halves =
+            [_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(a))];
+        for h in 0..2 {
+            if n[h] > 0 {
+                emit8(out, &mut mx[h], at + 8 * h, sb[h], m[h], n[h] == 8, halves[h]);
+            }
+        }
+    }
+}
+
+/// `out[c] = max |x[p][c]|` over the pixels of `out.len()` channels (NaN skipped).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn channel_abs_max(x: &[f32], out: &mut [f32]) {
+    let c = out.len();
+    out.fill(0.0);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let full = c / 8 * 8;
+    // Eight channels at a time down the pixels, the running max in a register.
+    for c0 in (0..full).step_by(8) {
+        let mut m = _mm256_setzero_ps();
+        for row in x.chunks_exact(c) {
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row.as_ptr().add(c0)), abs), m);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add(c0), m);
+    }
+    for row in x.chunks_exact(c) {
+        for (o, &v) in out[full..].iter_mut().zip(&row[full..]) {
+            let a = v.abs();
+            *o = if a > *o { a } else { *o };
+        }
+    }
+}
+
+/// 8 values quantized with the inverse scales `inv` (`round(v * inv)` to even, clamped to
+/// `+-127`, NaN to `-127`), as 32-bit integers; lanes whose `inv` is 0 give 0.
+#[inline(always)]
+unsafe fn quantize8(v: __m256, inv: __m256) -> __m256i {
+    let y = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(v, inv));
+    // max_ps(NaN, -127) = -127: NaN clamps to -127 as in `quantize_one`.
+    let y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-127.0)), _mm256_set1_ps(127.0));
+    let q = _mm256_cvttps_epi32(y);
+    _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(inv, _mm256_setzero_ps())), q)
+}
+
+/// 16 quantized values from `x[..16]` with inverse scales `inv[..16]`, as 16-bit lanes in
+/// order.
+#[inline(always)]
+unsafe fn quantize16(x: *const f32, inv: *const f32) -> __m256i {
+    let a = quantize8(_mm256_loadu_ps(x), _mm256_loadu_ps(inv));
+    let b = quantize8(_mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(inv.add(8)));
+    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b))
+}
+
+/// Quantize pixels of `inv.len()` channels with one inverse scale per channel (the rule of
+/// [`super::quantize_channels`]).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_channels(x: &[f32], q: &mut [i16], inv: &[f32]) {
+    let c = inv.len();
+    let full = c / 16 * 16;
+    for (qr, xr) in q.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for c0 in (0..full).step_by(16) {
+            _mm256_storeu_si256(qr.as_mut_ptr().add(c0).cast(), quantize16(xr.as_ptr().add(c0), inv.as_ptr().add(c0)));
+        }
+        for ((qv, &v), &s) in qr[full..].iter_mut().zip(&xr[full..]).zip(&inv[full..]) {
+            let y = super::quantize_one(v, s);
+            *qv = if s == 0.0 { 0 } else { y };
+        }
+    }
+}
+
+/// Quantize with one inverse scale (the rule of [`super::quantize_into`]).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
+    let iv = [inv; 16];
+    let n = x.len().min(q.len());
+    let full = n / 16 * 16;
+    for i in (0..full).step_by(16) {
+        _mm256_storeu_si256(q.as_mut_ptr().add(i).cast(), quantize16(x.as_ptr().add(i), iv.as_ptr()));
+    }
+    for (qv, &v) in q[full..n].iter_mut().zip(&x[full..n]) {
+        *qv = super::quantize_one(v, inv);
+    }
+}
