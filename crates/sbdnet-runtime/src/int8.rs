@@ -61,6 +61,26 @@ mod avx2 {
     pub unsafe fn quantize_into(_: &[f32], _: &mut [i16], _: f32) {
         unreachable!("AVX2 only")
     }
+    pub const PX: usize = 64;
+    #[derive(Clone, Debug)]
+    pub struct Lists;
+    impl Lists {
+        pub fn new(_: usize, _: usize, _: &[f32]) -> Lists {
+            unreachable!("AVX2 only")
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pw_rows(
+        _: super::Rows,
+        _: usize,
+        _: usize,
+        _: &Lists,
+        _: &mut super::Out,
+        _: &mut [i16],
+        _: &mut [f32],
+    ) {
+        unreachable!("AVX2 only")
+    }
 }
 
 /// Output channels per register block of the pointwise kernel.
@@ -118,6 +138,9 @@ enum Signs {
     /// Weights as `+1`, `-1`, `0` for the AVX2 sign-apply kernels ([`avx2`]): depthwise
     /// `[tap][c padded to 16]`.
     Sign { w: Vec<i16> },
+    /// Per output channel, the inputs to add and to subtract, for the AVX2 pointwise kernel
+    /// ([`avx2::pw_rows`]: 64 pixels per register set, transposed on the way in and out).
+    List(avx2::Lists),
 }
 
 /// Which sign layout (and so which kernel) a layer gets; `Auto` is what plans use (the
@@ -133,7 +156,8 @@ pub enum Layout {
     /// AVX-512 lookup tables (requires `avx512::available()`, not depthwise), with byte
     /// permutes (`true`, requires `avx512::vbmi()`) or 16-bit ones.
     Lut(bool),
-    /// AVX2 sign-apply (requires [`avx2_available`], depthwise only).
+    /// The AVX2 kernels (requires [`avx2_available`]; depthwise: sign-apply, pointwise:
+    /// input lists; not other dense layers).
     Sign,
 }
 
@@ -170,6 +194,16 @@ pub struct QuantScratch {
     cscale: Vec<f32>,
     /// Their inverses for one image (`127 / max_c |x|`, 0 for a channel quantized to zeros).
     cinv: Vec<f32>,
+    /// The AVX2 pointwise kernel's transposed buffers.
+    planar: Planar,
+}
+
+/// Buffers of [`avx2::pw_rows`]: 64 pixels of input transposed (`[k][64]`) and the outputs
+/// before they are transposed back (`[cout][64]`).
+#[derive(Clone, Debug, Default)]
+struct Planar {
+    x: Vec<i16>,
+    y: Vec<f32>,
 }
 
 impl QuantScratch {
@@ -206,6 +240,11 @@ impl QuantScratch {
         }
         if matches!(c.signs, Signs::Bits { .. } | Signs::Lut { .. }) {
             grow(&mut self.dup, avx512::ROWS * g.kh * g.kw * g.cin);
+        }
+        if matches!(c.signs, Signs::List(_)) {
+            let k = g.kh * g.kw * g.cin;
+            grow(&mut self.planar.x, k * avx2::PX);
+            grow(&mut self.planar.y, g.cout.div_ceil(8) * 8 * avx2::PX);
         }
         if matches!(c.signs, Signs::Lut { .. }) {
             grow(&mut self.lut, avx512::ROWS * (g.kh * g.kw * g.cin).div_ceil(avx512::LG) * 32);
@@ -338,7 +377,7 @@ impl A8Conv {
         };
         let wide512 = avx512::available();
         let layout = match layout {
-            Layout::Auto if !wide512 && depthwise && avx2::available() => Layout::Sign,
+            Layout::Auto if !wide512 && kind != A8Kind::Dense && avx2::available() => Layout::Sign,
             Layout::Auto
                 if wide512 && !depthwise && g.cout >= if zeros { LUT_MIN_COUT_ZEROS } else { LUT_MIN_COUT } =>
             {
@@ -347,7 +386,7 @@ impl A8Conv {
             Layout::Auto if wide512 => Layout::Bits,
             Layout::Auto => Layout::Wide,
             l => {
-                assert!(l != Layout::Sign || (avx2::available() && depthwise), "sign-apply: AVX2, depthwise");
+                assert!(l != Layout::Sign || (avx2::available() && kind != A8Kind::Dense), "AVX2 kernels: no kxk");
                 assert!(matches!(l, Layout::Wide | Layout::Sign) || wide512, "the AVX-512 kernels need AVX-512 BW");
                 assert!(l != Layout::Lut(true) || avx512::vbmi(), "byte lookups need AVX-512 VBMI");
                 assert!(!matches!(l, Layout::Lut(_)) || !depthwise, "the lookup kernel is for dense layers");
@@ -388,6 +427,8 @@ impl A8Conv {
                 }
             }
             Signs::Bits { mp, mn }
+        } else if layout == Layout::Sign && !depthwise {
+            Signs::List(avx2::Lists::new(g.cin, g.cout, w))
         } else if layout == Layout::Sign {
             let (taps, cpad) = (g.kh * g.kw, g.cin.div_ceil(16) * 16);
             let mut sw = vec![0i16; taps * cpad];
@@ -432,8 +473,11 @@ impl A8Conv {
 
     /// Rows of `k` activations through the dense kernel: AVX-512 where planned, else the
     /// 16-bit AND-mask loops.
-    fn rows(&self, x: Rows, k: usize, out: &mut Out, dup: &mut [i32], lut: &mut [i16]) {
+    fn rows(&self, x: Rows, k: usize, out: &mut Out, dup: &mut [i32], lut: &mut [i16], pl: &mut Planar) {
         match &self.signs {
+            // SAFETY: lists are planned only where `avx2::available()`; `pl` was sized by
+            // `QuantScratch::reserve` for this layer.
+            Signs::List(l) => unsafe { avx2::pw_rows(x, k, self.g.cout, l, out, &mut pl.x, &mut pl.y) },
             // SAFETY: bit masks are planned only where `avx512::available()` (avx512f +
             // avx512bw); `dup` was sized by `QuantScratch::reserve` for this layer.
             Signs::Bits { mp, mn } => unsafe { avx512::pw_rows(x, k, self.g.cout, mp, mn, self.zeros, out, dup) },
@@ -557,17 +601,19 @@ impl A8Conv {
                     assert!(out.ep.is_none(), "the portable kernels write raw sums");
                     dw_image(&g, xb, wp, wn, out.y, &mut s.acc[..g.cin])
                 }
-                Signs::Lut { .. } => unreachable!("depthwise layers are not planned with tables"),
+                Signs::Lut { .. } | Signs::List(_) => {
+                    unreachable!("depthwise layers are not planned with tables or lists")
+                }
             },
             A8Kind::Pointwise => {
                 let rows = if s.inv[b] > 0.0 { Rows::F32(&x[b * il..][..il], s.inv[b]) } else { Rows::I16(xb) };
-                self.rows(rows, g.cin, out, &mut s.dup, &mut s.lut)
+                self.rows(rows, g.cin, out, &mut s.dup, &mut s.lut, &mut s.planar)
             }
             A8Kind::Dense => {
                 let kt = g.kh * g.kw * g.cin;
                 let rows = g.out_rows();
                 im2col_i16(&g, xb, &mut s.col[..rows * kt]);
-                self.rows(Rows::I16(&s.col[..rows * kt]), kt, out, &mut s.dup, &mut s.lut);
+                self.rows(Rows::I16(&s.col[..rows * kt]), kt, out, &mut s.dup, &mut s.lut, &mut s.planar);
             }
         }
     }
@@ -1771,7 +1817,7 @@ mod tests {
     fn check(g: ConvGeom, zero_every: usize, seed: u64) {
         check_layout(g, zero_every, seed, Layout::Auto);
         check_layout(g, zero_every, seed, Layout::Wide);
-        if avx2::available() && g.groups > 1 {
+        if avx2::available() && (g.groups > 1 || (g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0)) {
             check_layout(g, zero_every, seed, Layout::Sign);
         }
         if avx512::available() {
@@ -1982,6 +2028,9 @@ mod tests {
         // largest sum (256 * 127 for additions, 51 tables of 5 * 127 for lookups).
         let g = ConvGeom::new(1, 2, 2, 700, 160, 1, 1, 0, 1).unwrap();
         let mut layouts = vec![Layout::Wide];
+        if avx2::available() {
+            layouts.push(Layout::Sign);
+        }
         if avx512::available() {
             layouts.extend([Layout::Bits, Layout::Lut(false)]);
         }
@@ -2004,6 +2053,10 @@ mod tests {
             // Three 256-input runs; 7 blocks of 32 channels (tiles of 4 and 3) with a partial
             // last one; 9 pixels (a tile of 1).
             (1, 3, 600, 200, 1, 1, 0, 1),
+            // The AVX2 pointwise kernel's passes of 64 pixels: 81 = 64 + 17 and 144 = 2 * 64
+            // + 16, with channel counts off the 8-channel transposes.
+            (1, 9, 40, 20, 1, 1, 0, 1),
+            (2, 12, 24, 67, 1, 1, 0, 1),
             (2, 6, 16, 16, 3, 1, 1, 16),
             (2, 7, 70, 70, 3, 2, 1, 70),
             (1, 9, 32, 32, 3, 1, 1, 32),

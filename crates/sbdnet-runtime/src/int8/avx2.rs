@@ -256,3 +256,277 @@ pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
         *qv = super::quantize_one(v, inv);
     }
 }
+
+/// Pixels per pass of the pointwise kernel: four registers of 16-bit lanes per output.
+pub const PX: usize = 64;
+/// Inputs per 16-bit run (`256 * 127 < 2^15`), widened to 32 bits after each.
+pub const RUN: usize = 256;
+
+/// A pointwise layer's weights as lists, for [`pw_rows`]: per output channel and run of
+/// [`RUN`] inputs, the byte offsets (`input * PX * 2`) of the inputs whose weight is `+1`
+/// (`plus`) and `-1` (`minus`). A layer without zero weights keeps only the shorter list
+/// per channel (`flip`: the `-1` one) and forms `2 * sum(list) - sum(x)` (negated when
+/// flipped); one with zeros keeps both and forms `sum(plus) - sum(minus)`, so pruned
+/// weights cost nothing.
+#[derive(Clone, Debug)]
+pub struct Lists {
+    pub(crate) runs: usize,
+    pub(crate) zeros: bool,
+    /// `[cout * runs + 1]` starts into `plus`.
+    pub(crate) plus_at: Vec<u32>,
+    pub(crate) plus: Vec<u32>,
+    /// `[cout * runs + 1]` starts into `minus` (all 0 without zeros).
+    pub(crate) minus_at: Vec<u32>,
+    pub(crate) minus: Vec<u32>,
+    pub(crate) flip: Vec<bool>,
+}
+
+impl Lists {
+    /// From `[cout][k]` weights in `{-1, 0, 1}`.
+    pub fn new(k: usize, cout: usize, w: &[f32]) -> Lists {
+        let zeros = w[..k * cout].contains(&0.0);
+        let runs = k.div_ceil(RUN).max(1);
+        let mut l = Lists {
+            runs,
+            zeros,
+            plus_at: vec![0],
+            plus: Vec::new(),
+            minus_at: vec![0],
+            minus: Vec::new(),
+            flip: vec![false; cout],
+        };
+        for (co, row) in w.chunks_exact(k).take(cout).enumerate() {
+            let negs = row.iter().filter(|&&v| v < 0.0).count();
+            // Without zeros: sum over the shorter of the two lists.
+            l.flip[co] = !zeros && 2 * negs < k;
+            for r in 0..runs {
+                for (i, &v) in row.iter().enumerate().skip(r * RUN).take(RUN) {
+                    let off = (i * PX * 2) as u32;
+                    let to_plus = if zeros { v > 0.0 } else { (v < 0.0) == l.flip[co] };
+                    if to_plus {
+                        l.plus.push(off);
+                    } else if zeros && v < 0.0 {
+                        l.minus.push(off);
+                    }
+                }
+                l.plus_at.push(l.plus.len() as u32);
+                l.minus_at.push(l.minus.len() as u32);
+            }
+        }
+        l
+    }
+}
+
+/// `sum over list of x[off]` for [`PX`] pixels into 16-bit lanes.
+#[inline(always)]
+unsafe fn gather_sum(base: *const u8, list: &[u32], acc: &mut [__m256i; 4]) {
+    for &off in list {
+        let p = base.add(off as usize);
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_add_epi16(*a, _mm256_loadu_si256(p.add(32 * j).cast()));
+        }
+    }
+}
+
+/// `acc32 += widen(acc16)` (64 lanes: 8 registers of 32-bit sums in pixel order).
+#[inline(always)]
+unsafe fn widen(acc16: &[__m256i; 4], acc32: &mut [__m256i; 8], sign: i32) {
+    for (j, &a) in acc16.iter().enumerate() {
+        let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a));
+        let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(a));
+        if sign > 0 {
+            acc32[2 * j] = _mm256_add_epi32(acc32[2 * j], lo);
+            acc32[2 * j + 1] = _mm256_add_epi32(acc32[2 * j + 1], hi);
+        } else {
+            acc32[2 * j] = _mm256_sub_epi32(acc32[2 * j], lo);
+            acc32[2 * j + 1] = _mm256_sub_epi32(acc32[2 * j + 1], hi);
+        }
+    }
+}
+
+/// Transpose pixels `r0..r0 + np` of `k` inputs into `planar` (`[k][PX]`, pixels past `np`
+/// zero), quantizing `f32` rows on the way (8 pixels by 8 channels per register transpose,
+/// scalar edges; the quantization rule of [`quantize_into`]).
+#[inline(always)]
+unsafe fn to_planar(x: super::Rows, k: usize, r0: usize, np: usize, planar: &mut [i16]) {
+    if np < PX {
+        planar[..k * PX].fill(0);
+    }
+    let (xf, inv) = match x {
+        super::Rows::I16(x) => {
+            for p in 0..np {
+                for (i, &v) in x[(r0 + p) * k..][..k].iter().enumerate() {
+                    planar[i * PX + p] = v;
+                }
+            }
+            return;
+        }
+        super::Rows::F32(x, inv) => (&x[r0 * k..][..np * k], inv),
+    };
+    let (kf, pf) = (k / 8 * 8, np / 8 * 8);
+    let iv = _mm256_set1_ps(inv);
+    let src = xf.as_ptr();
+    for p0 in (0..pf).step_by(8) {
+        for c0 in (0..kf).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|i| {
+                _mm256_castsi256_ps(quantize8(_mm256_loadu_ps(src.add((p0 + i) * k + c0)), iv))
+            });
+            for (j, &v) in transpose8(r).iter().enumerate() {
+                let q = _mm256_packs_epi32(_mm256_castps_si256(v), _mm256_castps_si256(v));
+                let q = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(q));
+                _mm_storeu_si128(planar.as_mut_ptr().add((c0 + j) * PX + p0).cast(), q);
+            }
+        }
+    }
+    for p in 0..np {
+        let from = if p < pf { kf } else { 0 };
+        for (i, &v) in xf[p * k..][..k].iter().enumerate().skip(from) {
+            planar[i * PX + p] = super::quantize_one(v, inv);
+        }
+    }
+}
+
+/// An 8x8 transpose of 32-bit lanes: `out[j][i] = r[i][j]`.
+#[inline(always)]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+/// Pointwise rows through the lists: `y[r][co] = sum_k sign(w[co][k]) * x[r][k]`, with the
+/// epilogue of `out` (as [`emit8`]) and the per-channel `max |y|`. `planar`: `k * PX`
+/// values; `tmp`: `cout` rounded up to 8, times `PX`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn pw_rows(
+    x: super::Rows,
+    k: usize,
+    cout: usize,
+    l: &Lists,
+    out: &mut Out,
+    planar: &mut [i16],
+    tmp: &mut [f32],
+) {
+    let rows = x.len() / k;
+    out.check(rows * cout, cout);
+    let c8 = cout.div_ceil(8) * 8;
+    assert!(planar.len() >= k * PX && tmp.len() >= c8 * PX);
+    assert!(l.plus_at.len() == cout * l.runs + 1 && l.minus_at.len() == cout * l.runs + 1);
+    assert!(l.plus.iter().chain(&l.minus).all(|&o| (o as usize) < k * PX * 2));
+    let base = planar.as_ptr() as *const u8;
+    let ep = out.ep;
+    let mut r0 = 0;
+    while r0 < rows {
+        let np = (rows - r0).min(PX);
+        to_planar(x, k, r0, np, planar);
+        // The sum of every input per pixel (dense layers: `y = 2 * sum(list) - sum(x)`).
+        let mut s32 = [_mm256_setzero_si256(); 8];
+        if !l.zeros {
+            for r in 0..l.runs {
+                let mut s16 = [_mm256_setzero_si256(); 4];
+                for i in r * RUN..((r + 1) * RUN).min(k) {
+                    let p = base.add(i * PX * 2);
+                    for (j, a) in s16.iter_mut().enumerate() {
+                        *a = _mm256_add_epi16(*a, _mm256_loadu_si256(p.add(32 * j).cast()));
+                    }
+                }
+                widen(&s16, &mut s32, 1);
+            }
+        }
+        // Lanes of the pass's real pixels (the max skips the others).
+        let pm: [__m256i; 8] = std::array::from_fn(|j| lane_mask(np.saturating_sub(8 * j)));
+        for co in 0..cout {
+            let mut a32 = [_mm256_setzero_si256(); 8];
+            for r in 0..l.runs {
+                let at = co * l.runs + r;
+                let mut a16 = [_mm256_setzero_si256(); 4];
+                gather_sum(base, &l.plus[l.plus_at[at] as usize..l.plus_at[at + 1] as usize], &mut a16);
+                widen(&a16, &mut a32, 1);
+                if l.zeros {
+                    let mut n16 = [_mm256_setzero_si256(); 4];
+                    gather_sum(base, &l.minus[l.minus_at[at] as usize..l.minus_at[at + 1] as usize], &mut n16);
+                    widen(&n16, &mut a32, -1);
+                }
+            }
+            if !l.zeros {
+                for (a, &s) in a32.iter_mut().zip(&s32) {
+                    // 2 * list - sum, or sum - 2 * list for a flipped channel.
+                    let two = _mm256_slli_epi32::<1>(*a);
+                    *a = if l.flip[co] { _mm256_sub_epi32(s, two) } else { _mm256_sub_epi32(two, s) };
+                }
+            }
+            let t = tmp.as_mut_ptr().add(co * PX);
+            match &ep {
+                None => {
+                    for (j, &a) in a32.iter().enumerate() {
+                        _mm256_storeu_ps(t.add(8 * j), _mm256_cvtepi32_ps(a));
+                    }
+                }
+                Some(e) => {
+                    let (s, b) = (_mm256_set1_ps(e.scale[co]), _mm256_set1_ps(e.bias[co]));
+                    let kk = _mm256_set1_ps(e.kc.map_or(e.k, |kc| kc[co]));
+                    let mut mx = _mm256_setzero_ps();
+                    for (j, &a) in a32.iter().enumerate() {
+                        let v = _mm256_cvtepi32_ps(a);
+                        let y = act8(_mm256_add_ps(_mm256_mul_ps(s, _mm256_mul_ps(kk, v)), b), e.act as u8);
+                        _mm256_storeu_ps(t.add(8 * j), y);
+                        mx = _mm256_max_ps(_mm256_and_ps(y, _mm256_castsi256_ps(_mm256_srli_epi32::<1>(pm[j]))), mx);
+                    }
+                    let mut l8 = [0f32; 8];
+                    _mm256_storeu_ps(l8.as_mut_ptr(), mx);
+                    let m = l8.iter().fold(out.cmax[co], |m, &v| if v > m { v } else { m });
+                    out.cmax[co] = m;
+                }
+            }
+        }
+        from_planar(tmp, cout, np, &mut out.y[r0 * cout..][..np * cout]);
+        r0 += np;
+    }
+}
+
+/// `y[p][co] = tmp[co][p]` for `np` pixels: 8x8 transposes in registers, scalar edges.
+#[inline(always)]
+unsafe fn from_planar(tmp: &[f32], cout: usize, np: usize, y: &mut [f32]) {
+    let (cf, pf) = (cout / 8 * 8, np / 8 * 8);
+    let t = tmp.as_ptr();
+    for c0 in (0..cf).step_by(8) {
+        for p0 in (0..pf).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(t.add((c0 + i) * PX + p0)));
+            let o = transpose8(r);
+            for (i, &v) in o.iter().enumerate() {
+                _mm256_storeu_ps(y.as_mut_ptr().add((p0 + i) * cout + c0), v);
+            }
+        }
+    }
+    for p in 0..np {
+        let yr = &mut y[p * cout..][..cout];
+        let from = if p < pf { cf } else { 0 };
+        for (co, v) in yr.iter_mut().enumerate().skip(from) {
+            *v = tmp[co * PX + p];
+        }
+    }
+}
