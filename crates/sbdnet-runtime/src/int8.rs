@@ -68,6 +68,9 @@ mod avx2 {
         pub fn new(_: usize, _: usize, _: &[f32]) -> Lists {
             unreachable!("AVX2 only")
         }
+        pub fn rows(&self) -> usize {
+            0
+        }
     }
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn pw_rows(
@@ -241,9 +244,8 @@ impl QuantScratch {
         if matches!(c.signs, Signs::Bits { .. } | Signs::Lut { .. }) {
             grow(&mut self.dup, avx512::ROWS * g.kh * g.kw * g.cin);
         }
-        if matches!(c.signs, Signs::List(_)) {
-            let k = g.kh * g.kw * g.cin;
-            grow(&mut self.planar.x, k * avx2::PX);
+        if let Signs::List(l) = &c.signs {
+            grow(&mut self.planar.x, l.rows() * avx2::PX);
             grow(&mut self.planar.y, g.cout.div_ceil(8) * 8 * avx2::PX);
         }
         if matches!(c.signs, Signs::Lut { .. }) {
