@@ -257,13 +257,14 @@ pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
     }
 }
 
-/// Pixels per pass of the pointwise kernel: four registers of 16-bit lanes per output.
+/// Most pixels per pass of the pointwise kernel (four registers of 16-bit lanes per
+/// output); images of fewer pixels take passes of 32 or 16.
 pub const PX: usize = 64;
 /// Inputs per 16-bit run (`256 * 127 < 2^15`), widened to 32 bits after each.
 pub const RUN: usize = 256;
 
 /// A pointwise layer's weights as lists, for [`pw_rows`]: per output channel and run of
-/// [`RUN`] inputs, the byte offsets (`row * PX * 2`) of the transposed input rows whose
+/// [`RUN`] inputs, the indices of the transposed input rows whose
 /// weight is `+1` (`plus`) and `-1` (`minus`). A layer without zero weights keeps only the
 /// shorter list per channel (`flip`: the `-1` one) and forms `2 * sum(list) - sum(x)`
 /// (negated when flipped); its inputs go in pairs, and a pair whose two weights are both in
@@ -311,23 +312,23 @@ impl Lists {
                 while i < end {
                     if zeros {
                         if row[i] > 0.0 {
-                            l.plus.push((i * PX * 2) as u32);
+                            l.plus.push((i) as u32);
                         } else if row[i] < 0.0 {
-                            l.minus.push((i * PX * 2) as u32);
+                            l.minus.push((i) as u32);
                         }
                         i += 1;
                     } else if i + 1 < end {
                         // A pair (runs are even, so pairs never straddle two).
                         match (listed(row[i]), listed(row[i + 1])) {
-                            (true, true) => l.plus.push(((k + i / 2) * PX * 2) as u32),
-                            (true, false) => l.plus.push((i * PX * 2) as u32),
-                            (false, true) => l.plus.push(((i + 1) * PX * 2) as u32),
+                            (true, true) => l.plus.push((k + i / 2) as u32),
+                            (true, false) => l.plus.push(i as u32),
+                            (false, true) => l.plus.push((i + 1) as u32),
                             (false, false) => {}
                         }
                         i += 2;
                     } else {
                         if listed(row[i]) {
-                            l.plus.push((i * PX * 2) as u32);
+                            l.plus.push((i) as u32);
                         }
                         i += 1;
                     }
@@ -350,20 +351,20 @@ impl Lists {
     }
 }
 
-/// `sum over list of x[off]` for [`PX`] pixels into 16-bit lanes.
+/// `sum over list of x[row]` for `16 R` pixels into 16-bit lanes (rows `32 R` bytes apart).
 #[inline(always)]
-unsafe fn gather_sum(base: *const u8, list: &[u32], acc: &mut [__m256i; 4]) {
-    for &off in list {
-        let p = base.add(off as usize);
+unsafe fn gather_sum<const R: usize>(base: *const u8, list: &[u32], acc: &mut [__m256i; R]) {
+    for &row in list {
+        let p = base.add(row as usize * 32 * R);
         for (j, a) in acc.iter_mut().enumerate() {
             *a = _mm256_add_epi16(*a, _mm256_loadu_si256(p.add(32 * j).cast()));
         }
     }
 }
 
-/// `acc32 += widen(acc16)` (64 lanes: 8 registers of 32-bit sums in pixel order).
+/// `acc32 += sign * widen(acc16)` (`16 R` lanes in pixel order, 8 per 32-bit register).
 #[inline(always)]
-unsafe fn widen(acc16: &[__m256i; 4], acc32: &mut [__m256i; 8], sign: i32) {
+unsafe fn widen<const R: usize, const R2: usize>(acc16: &[__m256i; R], acc32: &mut [__m256i; R2], sign: i32) {
     for (j, &a) in acc16.iter().enumerate() {
         let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a));
         let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(a));
@@ -377,19 +378,19 @@ unsafe fn widen(acc16: &[__m256i; 4], acc32: &mut [__m256i; 8], sign: i32) {
     }
 }
 
-/// Transpose pixels `r0..r0 + np` of `k` inputs into `planar` (`[k][PX]`, pixels past `np`
+/// Transpose pixels `r0..r0 + np` of `k` inputs into `planar` (`[k][W]`, pixels past `np`
 /// zero), quantizing `f32` rows on the way (8 pixels by 8 channels per register transpose,
 /// scalar edges; the quantization rule of [`quantize_into`]).
 #[inline(always)]
-unsafe fn to_planar(x: super::Rows, k: usize, r0: usize, np: usize, planar: &mut [i16]) {
-    if np < PX {
-        planar[..k * PX].fill(0);
+unsafe fn to_planar<const W: usize>(x: super::Rows, k: usize, r0: usize, np: usize, planar: &mut [i16]) {
+    if np < W {
+        planar[..k * W].fill(0);
     }
     let (xf, inv) = match x {
         super::Rows::I16(x) => {
             for p in 0..np {
                 for (i, &v) in x[(r0 + p) * k..][..k].iter().enumerate() {
-                    planar[i * PX + p] = v;
+                    planar[i * W + p] = v;
                 }
             }
             return;
@@ -407,14 +408,14 @@ unsafe fn to_planar(x: super::Rows, k: usize, r0: usize, np: usize, planar: &mut
             for (j, &v) in transpose8(r).iter().enumerate() {
                 let q = _mm256_packs_epi32(_mm256_castps_si256(v), _mm256_castps_si256(v));
                 let q = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(q));
-                _mm_storeu_si128(planar.as_mut_ptr().add((c0 + j) * PX + p0).cast(), q);
+                _mm_storeu_si128(planar.as_mut_ptr().add((c0 + j) * W + p0).cast(), q);
             }
         }
     }
     for p in 0..np {
         let from = if p < pf { kf } else { 0 };
         for (i, &v) in xf[p * k..][..k].iter().enumerate().skip(from) {
-            planar[i * PX + p] = super::quantize_one(v, inv);
+            planar[i * W + p] = super::quantize_one(v, inv);
         }
     }
 }
@@ -451,8 +452,10 @@ unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 }
 
 /// Pointwise rows through the lists: `y[r][co] = sum_k sign(w[co][k]) * x[r][k]`, with the
-/// epilogue of `out` (as [`emit8`]) and the per-channel `max |y|`. `planar`: `k * PX`
-/// values; `tmp`: `cout` rounded up to 8, times `PX`.
+/// epilogue of `out` (as [`emit8`]) and the per-channel `max |y|`. `planar`: `l.rows() *
+/// PX` values; `tmp`: `cout` rounded up to 8, times `PX`. Passes of 64 pixels, or of 32 or
+/// 16 for images with fewer (the 4x4 and 2x2 layers of mobilenet compute no idle lanes
+/// past 16).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn pw_rows(
@@ -468,20 +471,40 @@ pub unsafe fn pw_rows(
     out.check(rows * cout, cout);
     let c8 = cout.div_ceil(8) * 8;
     assert!(planar.len() >= l.rows() * PX && tmp.len() >= c8 * PX);
-    // Every offset is below `rows() * PX * 2` (made so in `Lists::new` for this `k`).
+    // Every row index is below `rows()` (made so in `Lists::new` for this `k`).
     assert!(l.k == k && l.plus_at.len() == cout * l.runs + 1 && l.minus_at.len() == cout * l.runs + 1);
+    match rows {
+        0..=16 => passes::<1, 2, 16>(x, k, cout, l, out, planar, tmp),
+        17..=40 => passes::<2, 4, 32>(x, k, cout, l, out, planar, tmp),
+        _ => passes::<4, 8, 64>(x, k, cout, l, out, planar, tmp),
+    }
+}
+
+/// [`pw_rows`] in passes of `W = 16 R` pixels (`R2 = 2 R` registers of 32-bit sums).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn passes<const R: usize, const R2: usize, const W: usize>(
+    x: super::Rows,
+    k: usize,
+    cout: usize,
+    l: &Lists,
+    out: &mut Out,
+    planar: &mut [i16],
+    tmp: &mut [f32],
+) {
+    let rows = x.len() / k;
     let base = planar.as_ptr() as *const u8;
     let ep = out.ep;
     let mut r0 = 0;
     while r0 < rows {
-        let np = (rows - r0).min(PX);
-        to_planar(x, k, r0, np, planar);
+        let np = (rows - r0).min(W);
+        to_planar::<W>(x, k, r0, np, planar);
         if !l.zeros {
             // The pairs' sums (at most 2 * 127 per lane).
             let p = planar.as_mut_ptr();
             for j in 0..k / 2 {
-                let (a, b, o) = (p.add(2 * j * PX), p.add((2 * j + 1) * PX), p.add((k + j) * PX));
-                for q in 0..PX / 16 {
+                let (a, b, o) = (p.add(2 * j * W), p.add((2 * j + 1) * W), p.add((k + j) * W));
+                for q in 0..R {
                     let v = _mm256_add_epi16(
                         _mm256_loadu_si256(a.add(16 * q).cast()),
                         _mm256_loadu_si256(b.add(16 * q).cast()),
@@ -491,12 +514,12 @@ pub unsafe fn pw_rows(
             }
         }
         // The sum of every input per pixel (dense layers: `y = 2 * sum(list) - sum(x)`).
-        let mut s32 = [_mm256_setzero_si256(); 8];
+        let mut s32 = [_mm256_setzero_si256(); R2];
         if !l.zeros {
             for r in 0..l.runs {
-                let mut s16 = [_mm256_setzero_si256(); 4];
+                let mut s16 = [_mm256_setzero_si256(); R];
                 for i in r * RUN..((r + 1) * RUN).min(k) {
-                    let p = base.add(i * PX * 2);
+                    let p = base.add(i * W * 2);
                     for (j, a) in s16.iter_mut().enumerate() {
                         *a = _mm256_add_epi16(*a, _mm256_loadu_si256(p.add(32 * j).cast()));
                     }
@@ -505,17 +528,17 @@ pub unsafe fn pw_rows(
             }
         }
         // Lanes of the pass's real pixels (the max skips the others).
-        let pm: [__m256i; 8] = std::array::from_fn(|j| lane_mask(np.saturating_sub(8 * j)));
+        let pm: [__m256i; R2] = std::array::from_fn(|j| lane_mask(np.saturating_sub(8 * j)));
         for co in 0..cout {
-            let mut a32 = [_mm256_setzero_si256(); 8];
+            let mut a32 = [_mm256_setzero_si256(); R2];
             for r in 0..l.runs {
                 let at = co * l.runs + r;
-                let mut a16 = [_mm256_setzero_si256(); 4];
-                gather_sum(base, &l.plus[l.plus_at[at] as usize..l.plus_at[at + 1] as usize], &mut a16);
+                let mut a16 = [_mm256_setzero_si256(); R];
+                gather_sum::<R>(base, &l.plus[l.plus_at[at] as usize..l.plus_at[at + 1] as usize], &mut a16);
                 widen(&a16, &mut a32, 1);
                 if l.zeros {
-                    let mut n16 = [_mm256_setzero_si256(); 4];
-                    gather_sum(base, &l.minus[l.minus_at[at] as usize..l.minus_at[at + 1] as usize], &mut n16);
+                    let mut n16 = [_mm256_setzero_si256(); R];
+                    gather_sum::<R>(base, &l.minus[l.minus_at[at] as usize..l.minus_at[at + 1] as usize], &mut n16);
                     widen(&n16, &mut a32, -1);
                 }
             }
@@ -526,7 +549,7 @@ pub unsafe fn pw_rows(
                     *a = if l.flip[co] { _mm256_sub_epi32(s, two) } else { _mm256_sub_epi32(two, s) };
                 }
             }
-            let t = tmp.as_mut_ptr().add(co * PX);
+            let t = tmp.as_mut_ptr().add(co * W);
             match &ep {
                 None => {
                     for (j, &a) in a32.iter().enumerate() {
@@ -550,19 +573,19 @@ pub unsafe fn pw_rows(
                 }
             }
         }
-        from_planar(tmp, cout, np, &mut out.y[r0 * cout..][..np * cout]);
+        from_planar::<W>(tmp, cout, np, &mut out.y[r0 * cout..][..np * cout]);
         r0 += np;
     }
 }
 
 /// `y[p][co] = tmp[co][p]` for `np` pixels: 8x8 transposes in registers, scalar edges.
 #[inline(always)]
-unsafe fn from_planar(tmp: &[f32], cout: usize, np: usize, y: &mut [f32]) {
+unsafe fn from_planar<const W: usize>(tmp: &[f32], cout: usize, np: usize, y: &mut [f32]) {
     let (cf, pf) = (cout / 8 * 8, np / 8 * 8);
     let t = tmp.as_ptr();
     for c0 in (0..cf).step_by(8) {
         for p0 in (0..pf).step_by(8) {
-            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(t.add((c0 + i) * PX + p0)));
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(t.add((c0 + i) * W + p0)));
             let o = transpose8(r);
             for (i, &v) in o.iter().enumerate() {
                 _mm256_storeu_ps(y.as_mut_ptr().add((p0 + i) * cout + c0), v);
@@ -573,7 +596,7 @@ unsafe fn from_planar(tmp: &[f32], cout: usize, np: usize, y: &mut [f32]) {
         let yr = &mut y[p * cout..][..cout];
         let from = if p < pf { cf } else { 0 };
         for (co, v) in yr.iter_mut().enumerate().skip(from) {
-            *v = tmp[co * PX + p];
+            *v = tmp[co * W + p];
         }
     }
 }
