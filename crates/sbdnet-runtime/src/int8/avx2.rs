@@ -171,16 +171,20 @@ unsafe fn run<const S: usize>(
             }
         }
     }
+    // The running maxima in registers for the pass (through `mx` every emit would wait for
+    // the previous one's store).
+    let mut mr = *mx;
     for (i, &a) in acc.iter().enumerate().take(np) {
         let at = (oy * g.ow + ox0 + i) * c + c0;
         let halves =
             [_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(a))];
         for h in 0..2 {
             if n[h] > 0 {
-                emit8(out, &mut mx[h], at + 8 * h, sb[h], m[h], n[h] == 8, halves[h]);
+                emit8(out, &mut mr[h], at + 8 * h, sb[h], m[h], n[h] == 8, halves[h]);
             }
         }
     }
+    *mx = mr;
 }
 
 /// `out[c] = max |x[p][c]|` over the pixels of `out.len()` channels (NaN skipped).
