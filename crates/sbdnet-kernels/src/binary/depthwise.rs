@@ -464,10 +464,129 @@ pub(super) fn bdw_forward_packed(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         BinaryImpl::Avx512 => |g, x, w, thr, out, row| unsafe { avx512::row_packed(g, x, w, thr, out, row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `avx2::usable` checked that the CPU has AVX2 and POPCNT.
+        BinaryImpl::Popcnt | BinaryImpl::Avx2Shuffle if avx2::usable() => {
+            |g, x, w, thr, out, row| unsafe { avx2::row_packed(g, x, w, thr, out, row) }
+        }
         _ => dispatch_row!(imp, row_packed, &mut [u64], (g: &ConvGeom, x: &[u64], w: &[u64], thr: &DwThresholds)),
     };
     let row_len = g.ow * words(g.cin);
     for_rows(&mut out[..g.batch * g.oh * row_len], row_len, |row, o| f(g, x, w, thr, o, row));
+}
+
+/// The packed kernel with four output pixels per 256-bit register for the interior runs
+/// (the same carry-save adders and bit-sliced comparison as [`row_packed`], lane for lane),
+/// written without closures so every step is compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #![allow(unsafe_op_in_unsafe_fn)]
+    use super::super::{word_mask, words, DwThresholds};
+    use super::{agree, count9, full, ge, taps, Lanes};
+    use crate::conv::ConvGeom;
+    use std::arch::x86_64::*;
+
+    /// Four pixels' words in one register.
+    #[derive(Clone, Copy)]
+    struct Y(__m256i);
+
+    impl Lanes for Y {
+        #[inline(always)]
+        fn xor(self, o: Self) -> Self {
+            // SAFETY: inlined only into `row_packed`, which enables AVX2.
+            Y(unsafe { _mm256_xor_si256(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn and(self, o: Self) -> Self {
+            // SAFETY: as above.
+            Y(unsafe { _mm256_and_si256(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn or(self, o: Self) -> Self {
+            // SAFETY: as above.
+            Y(unsafe { _mm256_or_si256(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn not(self) -> Self {
+            // SAFETY: as above.
+            Y(unsafe { _mm256_xor_si256(self.0, _mm256_set1_epi64x(-1)) })
+        }
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: as above.
+            Y(unsafe { _mm256_setzero_si256() })
+        }
+    }
+
+    /// Whether the CPU runs this kernel (AVX2 and POPCNT).
+    pub(super) fn usable() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt")
+    }
+
+    /// [`super::row_packed`] with the interior runs of four pixels in AVX2 registers.
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) unsafe fn row_packed(
+        g: &ConvGeom,
+        x: &[u64],
+        w: &[u64],
+        thr: &DwThresholds,
+        out: &mut [u64],
+        row: usize,
+    ) {
+        let (c, wd) = (g.cin, words(g.cin));
+        let (b, oy) = (row / g.oh, row % g.oh);
+        let xi = &x[b * g.h * g.w * wd..][..g.h * g.w * wd];
+        let (mut off, mut mask) = ([0usize; 9], [0u64; 9]);
+        let row_full = full(oy, g.stride, g.pad, g.h);
+        let (s, rw) = (g.stride, g.w);
+        let mut ox = 0;
+        while ox < g.ow {
+            if row_full && ox + 4 <= g.ow && full(ox, s, g.pad, g.w) && full(ox + 3, s, g.pad, g.w) {
+                let base = (oy * s - g.pad) * rw + ox * s - g.pad;
+                let bounds = &thr.planes[9 * wd..][..wd];
+                for wi in 0..wd {
+                    let mut f = [Y::zero(); 9];
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let t = ky * 3 + kx;
+                            let i = base + ky * rw + kx;
+                            let xv = if s == 1 && wd == 1 {
+                                let v = &xi[i..i + 4];
+                                _mm256_loadu_si256(v.as_ptr().cast())
+                            } else {
+                                _mm256_setr_epi64x(
+                                    xi[i * wd + wi] as i64,
+                                    xi[(i + s) * wd + wi] as i64,
+                                    xi[(i + 2 * s) * wd + wi] as i64,
+                                    xi[(i + 3 * s) * wd + wi] as i64,
+                                )
+                            };
+                            // !(x ^ w) = x ^ !w.
+                            f[t] = Y(_mm256_xor_si256(xv, _mm256_set1_epi64x(!w[t * wd + wi] as i64)));
+                        }
+                    }
+                    let a = count9(&f);
+                    let k = bounds[wi].map(|p| Y(_mm256_set1_epi64x(p as i64)));
+                    let m = Y(_mm256_set1_epi64x(thr.not_negative[wi] as i64));
+                    let bits = ge(&a, &k).xor(m).and(Y(_mm256_set1_epi64x(word_mask(c, wi) as i64)));
+                    let mut l = [0u64; 4];
+                    _mm256_storeu_si256(l.as_mut_ptr().cast(), bits.0);
+                    for (p, &v) in l.iter().enumerate() {
+                        out[(ox + p) * wd + wi] = v;
+                    }
+                }
+                ox += 4;
+            } else {
+                let v = taps(g, oy, ox, &mut off, &mut mask);
+                let bounds = &thr.planes[v * wd..][..wd];
+                for (wi, o) in out[ox * wd..][..wd].iter_mut().enumerate() {
+                    let a = agree(xi, w, wd, wi, &off, &mask);
+                    *o = (ge(&a, &bounds[wi]) ^ thr.not_negative[wi]) & word_mask(c, wi);
+                }
+                ox += 1;
+            }
+        }
+    }
 }
 
 /// The packed kernel on 8 output pixels per 512-bit register.
