@@ -13,7 +13,9 @@ Run:
         --sbd dscnn-w1a1.sbd dscnn-w1.sbd --threads 1 2 --rounds 3
 
 Prints one JSON line per measurement and a table of medians with the ratio
-ORT median / sbdnet median (higher = sbdnet faster).
+ORT median / sbdnet median (higher = sbdnet faster). `--sbdnet A B` times every model
+with each of several sbdnet binaries in the same rounds (a before/after comparison beside
+ONNX Runtime; rows are labelled with the binary's index).
 """
 import argparse
 import json
@@ -70,7 +72,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--sbdnet", default=os.environ.get("SBDNET", "target/release/sbdnet"))
+    ap.add_argument("--sbdnet", nargs="+", default=[os.environ.get("SBDNET", "target/release/sbdnet")])
     a = ap.parse_args()
     rows = {}
     for r in range(a.rounds):
@@ -80,15 +82,18 @@ def main():
             print(json.dumps(m), flush=True)
             rows.setdefault((a.onnx, t), []).append(m["latency_us_median"])
             for s in a.sbd:
-                m = time_sbdnet(a.sbdnet, s, t, a.seconds, a.warmup)
-                m.update(engine="sbdnet", model=s, threads=t, round=r)
-                print(json.dumps(m), flush=True)
-                rows.setdefault((s, t), []).append(m["latency_us_median"])
+                for i, exe in enumerate(a.sbdnet):
+                    m = time_sbdnet(exe, s, t, a.seconds, a.warmup)
+                    name = s if len(a.sbdnet) == 1 else f"{s} [{i}]"
+                    m.update(engine="sbdnet", binary=exe, model=name, threads=t, round=r)
+                    print(json.dumps(m), flush=True)
+                    rows.setdefault((name, t), []).append(m["latency_us_median"])
     print()
     print(f"{'model':<40} {'threads':>7} {'median us (per round)':>34} {'ORT/this':>9}")
     for t in a.threads:
         ort_med = statistics.median(rows[(a.onnx, t)])
-        for name in [a.onnx] + a.sbd:
+        names = a.sbd if len(a.sbdnet) == 1 else [f"{s} [{i}]" for s in a.sbd for i in range(len(a.sbdnet))]
+        for name in [a.onnx] + names:
             meds = rows[(name, t)]
             med = statistics.median(meds)
             per = " ".join(f"{v:.1f}" for v in meds)

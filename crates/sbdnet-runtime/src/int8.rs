@@ -62,6 +62,7 @@ mod avx2 {
         unreachable!("AVX2 only")
     }
     pub const PX: usize = 64;
+    pub const MIN_PIXELS: usize = 16;
     #[derive(Clone, Debug)]
     pub struct Lists;
     impl Lists {
@@ -379,7 +380,15 @@ impl A8Conv {
         };
         let wide512 = avx512::available();
         let layout = match layout {
-            Layout::Auto if !wide512 && kind != A8Kind::Dense && avx2::available() => Layout::Sign,
+            // The AVX2 pointwise kernel sums 16 pixels per register: images of fewer pixels
+            // (mobilenet's 2x2 layers) run faster vectorized over the output channels.
+            Layout::Auto
+                if !wide512
+                    && avx2::available()
+                    && (depthwise || (kind == A8Kind::Pointwise && g.oh * g.ow >= avx2::MIN_PIXELS)) =>
+            {
+                Layout::Sign
+            }
             Layout::Auto
                 if wide512 && !depthwise && g.cout >= if zeros { LUT_MIN_COUT_ZEROS } else { LUT_MIN_COUT } =>
             {

@@ -264,6 +264,10 @@ pub unsafe fn quantize_into(x: &[f32], q: &mut [i16], inv: f32) {
 /// Most pixels per pass of the pointwise kernel (four registers of 16-bit lanes per
 /// output); images of fewer pixels take passes of 32 or 16.
 pub const PX: usize = 64;
+/// Fewest pixels per image for which plans use [`pw_rows`] (at 2x2 = 4 pixels, 12 of
+/// every 16 lanes would be idle: mobilenet's 2x2 layers took 149 and 329 us this way
+/// against 57 and 112 us vectorized over the output channels).
+pub const MIN_PIXELS: usize = 16;
 /// Inputs per 16-bit run (`256 * 127 < 2^15`), widened to 32 bits after each.
 pub const RUN: usize = 256;
 
