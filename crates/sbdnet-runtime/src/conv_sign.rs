@@ -203,13 +203,40 @@ pub(crate) fn conv_affine(
     out: &mut [f32],
     max: &mut [f32],
 ) {
+    conv_affine_with(wide512(), g, x, wt, st, xp, out, max)
+}
+
+/// Whether the AVX-512 forms run (else the AVX2 ones).
+fn wide512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`conv_affine`] with the AVX-512 form (`wide`, which the CPU must have) or the AVX2 one.
+#[allow(clippy::too_many_arguments)]
+fn conv_affine_with(
+    wide: bool,
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    st: &AffineStage,
+    xp: &mut [f32],
+    out: &mut [f32],
+    max: &mut [f32],
+) {
     let taps = prepare(g, x, wt, xp);
     assert!(out.len() >= g.out_len() && max.len() >= g.batch && st.scale.len() >= g.cout && st.bias.len() >= g.cout);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available` checked avx512f, or (here) AVX2 and FMA; the slices hold what the
     // loops index (asserted).
     unsafe {
-        if !is_x86_feature_detected!("avx512f") {
+        if !wide {
             return match (g.cout, taps.len()) {
                 (32, 9) => avx2::conv_affine::<4, 9, 2>(g, xp, &taps, wt, st, out, max),
                 (32, 27) => avx2::conv_affine::<4, 27, 2>(g, xp, &taps, wt, st, out, max),
@@ -233,13 +260,18 @@ pub(crate) fn conv_affine(
 /// Convolution + sign for `g.cout` in {32, 64}: one output word per pixel, with the stage
 /// folded by [`fold`]. `xp`: scratch of [`padded_len`]; requires [`available`].
 pub(crate) fn conv_sign(g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out: &mut [u64]) {
+    conv_sign_with(wide512(), g, x, f, xp, out)
+}
+
+/// [`conv_sign`] with the AVX-512 form (`wide`, which the CPU must have) or the AVX2 one.
+fn conv_sign_with(wide: bool, g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32], out: &mut [u64]) {
     let taps = prepare(g, x, &f.wt, xp);
     assert!(out.len() >= g.batch * g.oh * g.ow && f.thr.len() >= g.cout);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available` checked avx512f, or (here) AVX2 and FMA; the slices hold what the
     // loops index (asserted).
     unsafe {
-        if !is_x86_feature_detected!("avx512f") {
+        if !wide {
             return match (g.cout, taps.len()) {
                 (32, 9) => avx2::conv_sign::<4, 9, 2>(g, xp, &taps, f, out),
                 (32, 27) => avx2::conv_sign::<4, 27, 2>(g, xp, &taps, f, out),
@@ -591,8 +623,12 @@ mod tests {
             let mut xp = vec![f32::NAN; padded_len(&g)];
             let mut got = vec![u64::MAX; batch * g.oh * g.ow];
             let f = fold(&wt, cout, &st).expect("non-zero finite scales fold");
-            conv_sign(&g, &x, &f, &mut xp, &mut got);
-            assert_eq!(got, plain(&g, &x, &wt, &st).1, "case {case}: {g:?} act {act}");
+            // Both forms where the CPU has AVX-512 (the AVX2 one is what AVX2-only CPUs run).
+            for wide in [false, true].into_iter().filter(|&w| !w || wide512()) {
+                got.fill(u64::MAX);
+                conv_sign_with(wide, &g, &x, &f, &mut xp, &mut got);
+                assert_eq!(got, plain(&g, &x, &wt, &st).1, "case {case}: {g:?} act {act} avx512 {wide}");
+            }
         }
     }
 
@@ -623,11 +659,14 @@ mod tests {
             let mut xp = vec![f32::NAN; padded_len(&g)];
             let (mut got, mut max) = (vec![f32::NAN; g.out_len()], vec![f32::NAN; batch]);
             let ast = AffineStage { scale: &scale, bias: &bias, act };
-            conv_affine(&g, &x, &wt, &ast, &mut xp, &mut got, &mut max);
-            assert!(got.iter().zip(&want).all(|(a, b)| a == b), "case {case}: {g:?} act {act}");
-            for (b, img) in got.chunks_exact(g.oh * g.ow * cout).enumerate() {
-                let m = img.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                assert_eq!(max[b], m, "case {case} image {b}");
+            for wide in [false, true].into_iter().filter(|&w| !w || wide512()) {
+                got.fill(f32::NAN);
+                conv_affine_with(wide, &g, &x, &wt, &ast, &mut xp, &mut got, &mut max);
+                assert!(got.iter().zip(&want).all(|(a, b)| a == b), "case {case}: {g:?} act {act}");
+                for (b, img) in got.chunks_exact(g.oh * g.ow * cout).enumerate() {
+                    let m = img.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    assert_eq!(max[b], m, "case {case} image {b}");
+                }
             }
         }
     }

@@ -1905,6 +1905,9 @@ mod tests {
             (1, 5, 20, 37, 1, 1, 0, 1),
             (2, 7, 70, 70, 3, 2, 1, 70),
             (1, 5, 3, 40, 3, 1, 1, 1),
+            // 81 pixels: a full 64-pixel pass and a partial one of the AVX2 pointwise kernel
+            // (its per-channel maxima must skip the idle lanes).
+            (2, 9, 24, 20, 1, 1, 0, 1),
         ]
         .iter()
         .enumerate()
@@ -1922,6 +1925,9 @@ mod tests {
             bias[0] = -0.0;
             bias[1] = 0.0;
             let mut layouts = vec![Layout::Auto];
+            if avx2::available() && (groups > 1 || k == 1) {
+                layouts.push(Layout::Sign);
+            }
             if avx512::available() {
                 layouts.push(Layout::Bits);
                 if groups == 1 {
@@ -1960,6 +1966,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 pointwise kernel's last pass of an 81-pixel image has 17 real pixels: its
+    /// 47 idle lanes (zero inputs, output `bias`) must not enter the per-channel maxima.
+    /// Positive inputs and weights make every real output `0 < s * k * sum` away from the
+    /// bias of -5, so `|y| < 5` and an idle lane would raise the max to 5.
+    #[test]
+    fn avx2_pointwise_maxima_skip_idle_lanes() {
+        if !avx2::available() {
+            eprintln!("no AVX2 here (or a forced fallback): nothing to compare");
+            return;
+        }
+        let g = ConvGeom::new(1, 9, 9, 24, 20, 1, 1, 0, 1).unwrap();
+        let mut rng = sbdnet_kernels::rng::Rng::new(3);
+        let x: Vec<f32> = (0..g.in_len()).map(|_| 0.5 + 0.5 * rng.uniform()).collect();
+        let w = vec![1.0f32; g.weight_len()];
+        let (scale, bias) = (vec![0.01f32; 20], vec![-5.0f32; 20]);
+        let conv = A8Conv::with_layout(g, &w, Layout::Sign);
+        let mut s = QuantScratch::default();
+        s.reserve(&conv);
+        let mut y = vec![0.0f32; g.out_len()];
+        conv.forward_affine(1, &x, &mut y, &mut s, false, &scale, &bias, Act::None);
+        let mut m = vec![0.0f32; 20];
+        channel_abs_max(&y, &mut m);
+        assert!(m.iter().all(|&v| v < 5.0));
+        assert_eq!(&s.known_ch[..20], &m[..]);
     }
 
     #[test]
