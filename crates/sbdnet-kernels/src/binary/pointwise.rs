@@ -259,9 +259,14 @@ impl PackedPointwise {
         false
     }
 
-    /// Whether [`Self::forward_affine_gap`] runs here: AVX-512, more than 32 inputs.
+    /// Whether [`Self::forward_affine_gap`] runs here: AVX-512 with more than 32 inputs, or
+    /// AVX2.
     pub fn has_affine_gap(&self) -> bool {
-        PwImpl::current() == PwImpl::Avx512 && self.cin > 32
+        match PwImpl::current() {
+            PwImpl::Avx512 => self.cin > 32,
+            PwImpl::Avx2 => true,
+            _ => false,
+        }
     }
 
     /// The layer, a per-channel affine with activation, and global average pooling over
@@ -271,9 +276,14 @@ impl PackedPointwise {
     /// the affine stage followed by pooling, without writing the `rows x cout` activations.
     /// Requires [`Self::has_affine_gap`].
     pub fn forward_affine_gap(&self, x: &[u64], rows: usize, scale: &[f32], bias: &[f32], act: u8, out: &mut [f32]) {
-        assert!(self.has_affine_gap(), "forward_affine_gap needs AVX-512 and a dense layer with > 32 inputs");
+        assert!(self.has_affine_gap(), "forward_affine_gap needs AVX2, or AVX-512 with > 32 inputs");
         assert!(x.len() >= rows * words(self.cin) && rows > 0);
         assert!(scale.len() >= self.cout && bias.len() >= self.cout && out.len() >= self.cout);
+        #[cfg(target_arch = "x86_64")]
+        if PwImpl::current() == PwImpl::Avx2 {
+            // SAFETY: `has_affine_gap` checked the AVX2 implementation; slices checked above.
+            return unsafe { avx2::affine_gap(self, x, rows, scale, bias, act, out) };
+        }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `has_affine_gap` checked AVX-512 with VPOPCNTQ; slices checked above.
         unsafe {
@@ -439,6 +449,90 @@ mod avx2 {
             bits |= (_mm256_movemask_pd(_mm256_castsi256_pd(b)) as u64) << (4 * q);
         }
         bits
+    }
+
+    /// See [`PackedPointwise::forward_affine_gap`]: per block of 16 channels, the rows in
+    /// order, each row's `act(scale * s + bias)` (multiply, then add) added to two registers
+    /// of sums, then `* (1 / rows)`: the affine stage's and the pooling's operations in
+    /// their order.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn affine_gap(
+        p: &PackedPointwise,
+        x: &[u64],
+        rows: usize,
+        scale: &[f32],
+        bias: &[f32],
+        act: u8,
+        out: &mut [f32],
+    ) {
+        if p.masked() {
+            gap_run::<true>(p, x, rows, scale, bias, act, out)
+        } else {
+            gap_run::<false>(p, x, rows, scale, bias, act, out)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn gap_run<const MASKED: bool>(
+        p: &PackedPointwise,
+        x: &[u64],
+        rows: usize,
+        scale: &[f32],
+        bias: &[f32],
+        act: u8,
+        out: &mut [f32],
+    ) {
+        let wd = words(p.cin);
+        let inv = _mm256_set1_ps(1.0 / rows as f32);
+        // The even 32-bit halves (the low words of 64-bit lanes) first.
+        let even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        let mut c0 = 0;
+        while c0 < p.cout {
+            let live = if MASKED { &p.live[(c0 / WORD_BITS) * wd..][..wd] } else { &[][..] };
+            let n = (p.cout - c0).min(BLOCK);
+            // Padding lanes (channels past `cout`) read zeros and are not stored.
+            let mut sc = [0f32; BLOCK];
+            let mut bi = [0f32; BLOCK];
+            let mut kept = [0i32; BLOCK];
+            sc[..n].copy_from_slice(&scale[c0..c0 + n]);
+            bi[..n].copy_from_slice(&bias[c0..c0 + n]);
+            for (k, &v) in kept[..n].iter_mut().zip(&p.kept[c0..c0 + n]) {
+                *k = v as i32;
+            }
+            let ld = |v: &[f32; BLOCK], h: usize| _mm256_loadu_ps(v.as_ptr().add(8 * h));
+            let (s, b) = ([ld(&sc, 0), ld(&sc, 1)], [ld(&bi, 0), ld(&bi, 1)]);
+            let kv = [_mm256_loadu_si256(kept.as_ptr().cast()), _mm256_loadu_si256(kept.as_ptr().add(8).cast())];
+            let mut sum = [_mm256_setzero_ps(); 2];
+            let q4 = c0 + BLOCK <= p.cpad;
+            for r in 0..rows {
+                let xr = &x[r * wd..][..wd];
+                let a = if q4 {
+                    counts::<4, MASKED>(p, xr, c0, live)
+                } else {
+                    let a2 = counts::<2, MASKED>(p, xr, c0, live);
+                    [a2[0], a2[1], _mm256_setzero_si256(), _mm256_setzero_si256()]
+                };
+                for h in 0..2 {
+                    // Four 64-bit popcounts per register; their low halves as 8 i32.
+                    let lo = _mm256_permutevar8x32_epi32(a[2 * h], even);
+                    let hi = _mm256_permutevar8x32_epi32(a[2 * h + 1], even);
+                    let a32 = _mm256_permute2x128_si256::<0x20>(lo, hi);
+                    let sv = _mm256_sub_epi32(kv[h], _mm256_slli_epi32::<1>(a32));
+                    let t = _mm256_add_ps(_mm256_mul_ps(s[h], _mm256_cvtepi32_ps(sv)), b[h]);
+                    let t = match act {
+                        1 => _mm256_max_ps(t, _mm256_setzero_ps()),
+                        2 => _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0)),
+                        _ => t,
+                    };
+                    sum[h] = _mm256_add_ps(sum[h], t);
+                }
+            }
+            let mut o = [0f32; BLOCK];
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(sum[0], inv));
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), _mm256_mul_ps(sum[1], inv));
+            out[c0..c0 + n].copy_from_slice(&o[..n]);
+            c0 += BLOCK;
+        }
     }
 
     /// Dot products of `rows` pixels into `out` (`rows * cout`), or packed sign bits
