@@ -98,6 +98,10 @@ pub struct PackedPointwise {
     /// Masked only: `[pass of 64 channels][word]`, bit `i` set when channel block `i` of the
     /// pass keeps any channel of the word; a zero byte skips the word for the whole pass.
     live: Vec<u8>,
+    /// At most 32 inputs: `wt` (and `mt`) with the 32 low bits copied into the high half,
+    /// so the AVX2 kernel XORs two pixels' words (one in each half) with one instruction.
+    wt2: Vec<u64>,
+    mt2: Vec<u64>,
 }
 
 impl PackedPointwise {
@@ -127,7 +131,19 @@ impl PackedPointwise {
             mt: Vec::new(),
             kept: vec![cin as i64; cpad],
             live: Vec::new(),
+            wt2: Vec::new(),
+            mt2: Vec::new(),
         }
+        .with_halves()
+    }
+
+    /// Fill `wt2` / `mt2` for layers of at most 32 inputs.
+    fn with_halves(mut self) -> Self {
+        if self.cin <= 32 {
+            self.wt2 = self.wt.iter().map(|&w| w | w << 32).collect();
+            self.mt2 = self.mt.iter().map(|&m| m | m << 32).collect();
+        }
+        self
     }
 
     /// Group-sparse weights: packed OHWI weights `[cout][words(cin)]` and, per weight word,
@@ -158,7 +174,7 @@ impl PackedPointwise {
                 }
             }
         }
-        p
+        p.with_halves()
     }
 
     fn masked(&self) -> bool {
@@ -552,6 +568,69 @@ mod avx2 {
         }
     }
 
+    /// Packed output of a layer with at most 32 inputs, two pixels per 64-bit lane: pixel
+    /// `r` in the low half of each word, `r + 1` in the high half, XORed with the weights
+    /// copied into both halves (`wt2`); the byte counts of each half summed apart (`vpsadbw`
+    /// of the halves masked), then the same thresholds as [`block`].
+    #[inline(always)]
+    unsafe fn run_halves<const MASKED: bool>(p: &PackedPointwise, x: &[u64], rows: usize, bits: &mut [u64]) {
+        let od = words(p.cout);
+        let low = _mm256_set1_epi64x(0xFFFF_FFFF);
+        let zero = _mm256_setzero_si256();
+        let mut r = 0;
+        while r < rows {
+            let two = r + 1 < rows;
+            let x2 = x[r] | if two { x[r + 1] << 32 } else { 0 };
+            let xv = _mm256_set1_epi64x(x2 as i64);
+            let mut words2 = [0u64; 2];
+            let mut c0 = 0;
+            while c0 < p.cpad {
+                let q = if c0 + BLOCK <= p.cpad { 4 } else { 2 };
+                let live = if MASKED { u32::from(p.live[c0 / WORD_BITS]) } else { 0 };
+                let lb = ((1u32 << (q / 2)) - 1) << ((c0 / 8) % 8);
+                let skip = MASKED && live & lb == 0;
+                let mut b = [0u64; 2];
+                for qi in 0..q {
+                    let (lo, hi) = if skip {
+                        (zero, zero)
+                    } else {
+                        let mut v = _mm256_xor_si256(xv, _mm256_loadu_si256(p.wt2.as_ptr().add(c0 + 4 * qi).cast()));
+                        if MASKED {
+                            v = _mm256_and_si256(v, _mm256_loadu_si256(p.mt2.as_ptr().add(c0 + 4 * qi).cast()));
+                        }
+                        let c = popcnt_bytes(v);
+                        (
+                            _mm256_sad_epu8(_mm256_and_si256(c, low), zero),
+                            _mm256_sad_epu8(_mm256_andnot_si256(low, c), zero),
+                        )
+                    };
+                    let k = _mm256_loadu_si256(p.bound.as_ptr().add(c0 + 4 * qi) as *const __m256i);
+                    let n = _mm256_loadu_si256(p.negv.as_ptr().add(c0 + 4 * qi) as *const __m256i);
+                    for (h, a) in [lo, hi].into_iter().enumerate() {
+                        let t = _mm256_xor_si256(_mm256_cmpgt_epi64(a, k), n);
+                        b[h] |= (_mm256_movemask_pd(_mm256_castsi256_pd(t)) as u64) << (4 * qi);
+                    }
+                }
+                for h in 0..2 {
+                    words2[h] |= b[h] << (c0 % WORD_BITS);
+                }
+                c0 += 4 * q;
+                if c0 % WORD_BITS == 0 || c0 >= p.cpad {
+                    let i = (c0 - 1) / WORD_BITS;
+                    if i < od {
+                        let keep = if (i + 1) * WORD_BITS > p.cout { (1u64 << (p.cout % WORD_BITS)) - 1 } else { !0 };
+                        bits[r * od + i] = words2[0] & keep;
+                        if two {
+                            bits[(r + 1) * od + i] = words2[1] & keep;
+                        }
+                    }
+                    words2 = [0; 2];
+                }
+            }
+            r += 2;
+        }
+    }
+
     #[inline(always)]
     unsafe fn run<const MASKED: bool>(
         p: &PackedPointwise,
@@ -560,6 +639,11 @@ mod avx2 {
         mut out: Option<&mut [i32]>,
         mut bits: Option<&mut [u64]>,
     ) {
+        if p.cin <= 32 && out.is_none() {
+            if let Some(bw) = bits {
+                return run_halves::<MASKED>(p, x, rows, bw);
+            }
+        }
         let (wd, od) = (words(p.cin), words(p.cout));
         for r in 0..rows {
             let xr = &x[r * wd..][..wd];
