@@ -295,55 +295,126 @@ fn conv_sign_with(wide: bool, g: &ConvGeom, x: &[f32], f: &Folded, xp: &mut [f32
     }
 }
 
+/// A vector of `f32` lanes for [`tiles`]: the AVX2 (8 lanes) and AVX-512 (16 lanes)
+/// registers. The methods are inlined into the kernels, which enable the features.
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    /// Lanes per register.
+    const N: usize;
+    /// # Safety
+    /// The CPU has the register's instruction set (inlined into a function enabling it).
+    unsafe fn zero() -> Self;
+    /// # Safety
+    /// As [`Lanes::zero`]; `p` holds `N` values.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// As [`Lanes::zero`].
+    unsafe fn splat(v: f32) -> Self;
+    /// `a * b + c`, one rounding.
+    /// # Safety
+    /// As [`Lanes::zero`].
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m256 {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        std::arch::x86_64::_mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m512 {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        std::arch::x86_64::_mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
+    }
+}
+
+/// The shared loop of both kernel families: `NV` vectors of `V::N` output channels; `KT`
+/// taps when known at compile time (0: use `taps.len()`); `P` output pixels per pass; `xp`
+/// zero-padded; weights `[tap][co]`. `epi(pixel, sums)` gets each output pixel's sums
+/// (pixels numbered `(b * oh + oy) * ow + ox`).
+///
+/// # Safety
+/// The CPU has `V`'s instruction set and FMA (inline only into functions enabling them);
+/// `xp`, `taps` and `wt` hold what the geometry indexes (the callers assert it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tiles<V: Lanes, const NV: usize, const KT: usize, const P: usize>(
+    g: &ConvGeom,
+    xp: &[f32],
+    taps: &[usize],
+    wt: &[f32],
+    mut epi: impl FnMut(usize, &[V; NV]),
+) {
+    let kt = if KT == 0 { taps.len() } else { KT };
+    debug_assert_eq!(kt, taps.len());
+    let co = V::N * NV;
+    let (hp, wp, c) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin);
+    let wt = wt.as_ptr();
+    for b in 0..g.batch {
+        let xb = xp[b * hp * wp * c..][..hp * wp * c].as_ptr();
+        for oy in 0..g.oh {
+            let row = xb.add(oy * g.stride * wp * c);
+            let mut ox = 0;
+            while ox < g.ow {
+                let np = (g.ow - ox).min(P);
+                // Pixels past the row's end repeat the last one (computed, not stored).
+                let px: [*const f32; P] = std::array::from_fn(|p| row.add((ox + p.min(np - 1)) * g.stride * c));
+                let mut acc = [[V::zero(); NV]; P];
+                for (t, &off) in taps.iter().enumerate().take(kt) {
+                    let wv: [V; NV] = std::array::from_fn(|j| V::load(wt.add(t * co + V::N * j)));
+                    for p in 0..P {
+                        let xv = V::splat(*px[p].add(off));
+                        for j in 0..NV {
+                            acc[p][j] = V::fmadd(xv, wv[j], acc[p][j]);
+                        }
+                    }
+                }
+                for (p, a) in acc.iter().enumerate().take(np) {
+                    epi((b * g.oh + oy) * g.ow + ox + p, a);
+                }
+                ox += P;
+            }
+        }
+    }
+}
+
 /// The AVX2 + FMA form of [`avx512`]: `NV` vectors of 8 output channels, the same
 /// arithmetic in the same order.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{AffineStage, Folded};
+    use super::{tiles, AffineStage, Folded};
     use sbdnet_kernels::conv::ConvGeom;
     use std::arch::x86_64::*;
-
-    /// As `avx512::tiles` with 8-lane vectors (`NV * P` accumulators: 8 for dscnn's 32
-    /// channels and 2 pixels, the FMA latency times its throughput on the AMD Zen 3 here).
-    #[inline(always)]
-    unsafe fn tiles<const NV: usize, const KT: usize, const P: usize>(
-        g: &ConvGeom,
-        xp: &[f32],
-        taps: &[usize],
-        wt: &[f32],
-        mut epi: impl FnMut(usize, &[__m256; NV]),
-    ) {
-        let kt = if KT == 0 { taps.len() } else { KT };
-        debug_assert_eq!(kt, taps.len());
-        let co = 8 * NV;
-        let (hp, wp, c) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin);
-        let wt = wt.as_ptr();
-        for b in 0..g.batch {
-            let xb = xp[b * hp * wp * c..][..hp * wp * c].as_ptr();
-            for oy in 0..g.oh {
-                let row = xb.add(oy * g.stride * wp * c);
-                let mut ox = 0;
-                while ox < g.ow {
-                    let np = (g.ow - ox).min(P);
-                    let px: [*const f32; P] = std::array::from_fn(|p| row.add((ox + p.min(np - 1)) * g.stride * c));
-                    let mut acc = [[_mm256_setzero_ps(); NV]; P];
-                    for (t, &off) in taps.iter().enumerate().take(kt) {
-                        let wv: [__m256; NV] = std::array::from_fn(|j| _mm256_loadu_ps(wt.add(t * co + 8 * j)));
-                        for p in 0..P {
-                            let xv = _mm256_set1_ps(*px[p].add(off));
-                            for j in 0..NV {
-                                acc[p][j] = _mm256_fmadd_ps(xv, wv[j], acc[p][j]);
-                            }
-                        }
-                    }
-                    for (p, a) in acc.iter().enumerate().take(np) {
-                        epi((b * g.oh + oy) * g.ow + ox + p, a);
-                    }
-                    ox += P;
-                }
-            }
-        }
-    }
 
     /// Sign output: one word per pixel from the folded thresholds.
     #[target_feature(enable = "avx2,fma")]
@@ -355,7 +426,7 @@ mod avx2 {
         out: &mut [u64],
     ) {
         let thr: [__m256; NV] = std::array::from_fn(|j| _mm256_loadu_ps(f.thr.as_ptr().add(8 * j)));
-        tiles::<NV, KT, P>(g, xp, taps, &f.wt, |pix, a| {
+        tiles::<__m256, NV, KT, P>(g, xp, taps, &f.wt, |pix, a| {
             let mut word = 0u64;
             for j in 0..NV {
                 let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NGE_UQ>(a[j], thr[j])) as u64 & 0xff;
@@ -384,7 +455,7 @@ mod avx2 {
         let per_image = g.oh * g.ow;
         let mut m = _mm256_setzero_ps();
         let mut image = 0;
-        tiles::<NV, KT, P>(g, xp, taps, wt, |pix, a| {
+        tiles::<__m256, NV, KT, P>(g, xp, taps, wt, |pix, a| {
             if pix / per_image != image {
                 max[image] = horizontal_max(m);
                 m = _mm256_setzero_ps();
@@ -415,54 +486,9 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{AffineStage, Folded};
+    use super::{tiles, AffineStage, Folded};
     use sbdnet_kernels::conv::ConvGeom;
     use std::arch::x86_64::*;
-
-    /// The shared loop: `NV` vectors of 16 output channels; `KT` taps when known at compile
-    /// time (0: use `taps.len()`); `P` output pixels per pass; `xp` zero-padded; weights
-    /// `[tap][co]`. `epi(pixel, sums)` gets each output pixel's sums (pixels numbered
-    /// `(b * oh + oy) * ow + ox`).
-    #[inline(always)]
-    unsafe fn tiles<const NV: usize, const KT: usize, const P: usize>(
-        g: &ConvGeom,
-        xp: &[f32],
-        taps: &[usize],
-        wt: &[f32],
-        mut epi: impl FnMut(usize, &[__m512; NV]),
-    ) {
-        let kt = if KT == 0 { taps.len() } else { KT };
-        debug_assert_eq!(kt, taps.len());
-        let co = 16 * NV;
-        let (hp, wp, c) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin);
-        let wt = wt.as_ptr();
-        for b in 0..g.batch {
-            let xb = xp[b * hp * wp * c..][..hp * wp * c].as_ptr();
-            for oy in 0..g.oh {
-                let row = xb.add(oy * g.stride * wp * c);
-                let mut ox = 0;
-                while ox < g.ow {
-                    let np = (g.ow - ox).min(P);
-                    // Pixels past the row's end repeat the last one (computed, not stored).
-                    let px: [*const f32; P] = std::array::from_fn(|p| row.add((ox + p.min(np - 1)) * g.stride * c));
-                    let mut acc = [[_mm512_setzero_ps(); NV]; P];
-                    for (t, &off) in taps.iter().enumerate().take(kt) {
-                        let wv: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(wt.add(t * co + 16 * j)));
-                        for p in 0..P {
-                            let xv = _mm512_set1_ps(*px[p].add(off));
-                            for j in 0..NV {
-                                acc[p][j] = _mm512_fmadd_ps(xv, wv[j], acc[p][j]);
-                            }
-                        }
-                    }
-                    for (p, a) in acc.iter().enumerate().take(np) {
-                        epi((b * g.oh + oy) * g.ow + ox + p, a);
-                    }
-                    ox += P;
-                }
-            }
-        }
-    }
 
     /// Sign output: one word per pixel from the folded thresholds.
     #[target_feature(enable = "avx512f")]
@@ -474,7 +500,7 @@ mod avx512 {
         out: &mut [u64],
     ) {
         let thr: [__m512; NV] = std::array::from_fn(|j| _mm512_loadu_ps(f.thr.as_ptr().add(16 * j)));
-        tiles::<NV, KT, P>(g, xp, taps, &f.wt, |pix, a| {
+        tiles::<__m512, NV, KT, P>(g, xp, taps, &f.wt, |pix, a| {
             let mut word = 0u64;
             for j in 0..NV {
                 word |= u64::from(_mm512_cmp_ps_mask::<_CMP_NGE_UQ>(a[j], thr[j])) << (16 * j);
@@ -502,7 +528,7 @@ mod avx512 {
         let per_image = g.oh * g.ow;
         let mut m = _mm512_setzero_ps();
         let mut image = 0;
-        tiles::<NV, KT, P>(g, xp, taps, wt, |pix, a| {
+        tiles::<__m512, NV, KT, P>(g, xp, taps, wt, |pix, a| {
             if pix / per_image != image {
                 max[image] = horizontal_max(m);
                 m = _mm512_setzero_ps();
