@@ -481,8 +481,9 @@ pub(super) fn bdw_forward_packed(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     #![allow(unsafe_op_in_unsafe_fn)]
+    use super::super::conv::valid_taps;
     use super::super::{word_mask, words, DwThresholds};
-    use super::{agree, count9, full, ge, taps, Lanes};
+    use super::{count9, full, ge, Lanes};
     use crate::conv::ConvGeom;
     use std::arch::x86_64::*;
 
@@ -523,7 +524,10 @@ mod avx2 {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt")
     }
 
-    /// [`super::row_packed`] with the interior runs of four pixels in AVX2 registers.
+    /// [`super::row_packed`] with four pixels in AVX2 registers: interior runs read each
+    /// tap's four words with one load (stride 1, one word per pixel) or four, border runs
+    /// zero the taps that fall in the padding lane by lane and compare each lane with the
+    /// bound of its own tap count (the scalar kernel's arithmetic, lane for lane).
     #[target_feature(enable = "avx2,popcnt")]
     pub(super) unsafe fn row_packed(
         g: &ConvGeom,
@@ -536,12 +540,13 @@ mod avx2 {
         let (c, wd) = (g.cin, words(g.cin));
         let (b, oy) = (row / g.oh, row % g.oh);
         let xi = &x[b * g.h * g.w * wd..][..g.h * g.w * wd];
-        let (mut off, mut mask) = ([0usize; 9], [0u64; 9]);
         let row_full = full(oy, g.stride, g.pad, g.h);
+        let (ky0, ky1) = valid_taps(oy, g.stride, g.pad, 3, g.h);
         let (s, rw) = (g.stride, g.w);
         let mut ox = 0;
         while ox < g.ow {
-            if row_full && ox + 4 <= g.ow && full(ox, s, g.pad, g.w) && full(ox + 3, s, g.pad, g.w) {
+            let np = (g.ow - ox).min(4);
+            if row_full && np == 4 && full(ox, s, g.pad, g.w) && full(ox + 3, s, g.pad, g.w) {
                 let base = (oy * s - g.pad) * rw + ox * s - g.pad;
                 let bounds = &thr.planes[9 * wd..][..wd];
                 for wi in 0..wd {
@@ -567,24 +572,64 @@ mod avx2 {
                     }
                     let a = count9(&f);
                     let k = bounds[wi].map(|p| Y(_mm256_set1_epi64x(p as i64)));
-                    let m = Y(_mm256_set1_epi64x(thr.not_negative[wi] as i64));
-                    let bits = ge(&a, &k).xor(m).and(Y(_mm256_set1_epi64x(word_mask(c, wi) as i64)));
-                    let mut l = [0u64; 4];
-                    _mm256_storeu_si256(l.as_mut_ptr().cast(), bits.0);
-                    for (p, &v) in l.iter().enumerate() {
-                        out[(ox + p) * wd + wi] = v;
-                    }
+                    store(out, ox, 4, wd, wi, thr, c, &a, k);
                 }
-                ox += 4;
             } else {
-                let v = taps(g, oy, ox, &mut off, &mut mask);
-                let bounds = &thr.planes[v * wd..][..wd];
-                for (wi, o) in out[ox * wd..][..wd].iter_mut().enumerate() {
-                    let a = agree(xi, w, wd, wi, &off, &mask);
-                    *o = (ge(&a, &bounds[wi]) ^ thr.not_negative[wi]) & word_mask(c, wi);
+                // Lanes past the row's end repeat the last pixel (computed, not stored).
+                let oxs: [usize; 4] = std::array::from_fn(|p| ox + p.min(np - 1));
+                let kxs: [(usize, usize); 4] = std::array::from_fn(|p| valid_taps(oxs[p], s, g.pad, 3, g.w));
+                let v: [usize; 4] = std::array::from_fn(|p| (ky1 - ky0) * (kxs[p].1 - kxs[p].0));
+                for wi in 0..wd {
+                    let mut f = [Y::zero(); 9];
+                    for ky in ky0..ky1 {
+                        let iy = oy * s + ky - g.pad;
+                        for kx in 0..3 {
+                            let t = ky * 3 + kx;
+                            // A padded tap gives 0 (no agreement), as the scalar kernel's mask.
+                            let lane = |p: usize| -> i64 {
+                                let (k0, k1) = kxs[p];
+                                if (k0..k1).contains(&kx) {
+                                    let ix = oxs[p] * s + kx - g.pad;
+                                    !(xi[(iy * rw + ix) * wd + wi] ^ w[t * wd + wi]) as i64
+                                } else {
+                                    0
+                                }
+                            };
+                            f[t] = Y(_mm256_setr_epi64x(lane(0), lane(1), lane(2), lane(3)));
+                        }
+                    }
+                    let a = count9(&f);
+                    let k: [Y; 4] = std::array::from_fn(|q| {
+                        let pl = |p: usize| thr.planes[v[p] * wd + wi][q] as i64;
+                        Y(_mm256_setr_epi64x(pl(0), pl(1), pl(2), pl(3)))
+                    });
+                    store(out, ox, np, wd, wi, thr, c, &a, k);
                 }
-                ox += 1;
             }
+            ox += np;
+        }
+    }
+
+    /// Output word `wi` of pixels `ox..ox + np` from the agree planes `a` and the bounds `k`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store(
+        out: &mut [u64],
+        ox: usize,
+        np: usize,
+        wd: usize,
+        wi: usize,
+        thr: &DwThresholds,
+        c: usize,
+        a: &[Y; 4],
+        k: [Y; 4],
+    ) {
+        let m = Y(_mm256_set1_epi64x(thr.not_negative[wi] as i64));
+        let bits = ge(a, &k).xor(m).and(Y(_mm256_set1_epi64x(word_mask(c, wi) as i64)));
+        let mut l = [0u64; 4];
+        _mm256_storeu_si256(l.as_mut_ptr().cast(), bits.0);
+        for (p, &v) in l.iter().enumerate().take(np) {
+            out[(ox + p) * wd + wi] = v;
         }
     }
 }
