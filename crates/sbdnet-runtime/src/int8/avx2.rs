@@ -1,8 +1,11 @@
 //! The W1-A8 kernels for AVX2 machines without AVX-512 (the AMD Zen 3 this project's
-//! benchmarks now run on): sign-apply (`vpsignw`: `x`, `-x` or `0` per lane from the weight
-//! `+1`, `-1`, `0`) and 16-bit additions, the depthwise layer's affine applied as it stores,
-//! and the quantization passes written with explicit intrinsics (the compiler's vectorization
-//! of the portable loops left the per-channel maximum at one element per cycle).
+//! benchmarks now run on): a depthwise kernel with sign-apply (`vpsignw`: `x`, `-x` or `0`
+//! per lane from the weight `+1`, `-1`, `0`) and 16-bit additions, a pointwise kernel that
+//! adds, per output channel, a list of transposed input rows over 64 pixels at a time
+//! ([`Lists`], [`pw_rows`]), both with the layer's affine and per-channel maxima applied as
+//! they store, and the quantization passes written with explicit intrinsics (the
+//! compiler's vectorization of the portable loops left the per-channel maximum at one
+//! element per cycle).
 //!
 //! Every function here gives exactly the values of the portable path: the same integer sums,
 //! the same `f32` operations in the same order in the affine, the same rounding and clamping
@@ -17,8 +20,9 @@ use std::arch::x86_64::*;
 /// Output pixels per pass of the depthwise kernel (accumulator registers).
 const SEG: usize = 8;
 
-/// Whether these kernels run here: the AVX2 path (no forced fallback) on a CPU with AVX2 and
-/// FMA but without the AVX-512 kernels.
+/// Whether these kernels can run here: the AVX2 path (no forced fallback) on a CPU with AVX2
+/// and FMA. Plans choose them where the AVX-512 kernels cannot run; tests run them anywhere
+/// this holds.
 pub fn available() -> bool {
     sbdnet_kernels::kernel_path() == sbdnet_kernels::KernelPath::Avx2
         && is_x86_feature_detected!("avx2")
