@@ -59,6 +59,21 @@ pub unsafe fn act512(y: std::arch::x86_64::__m512, act: u8) -> std::arch::x86_64
     }
 }
 
+/// [`act512`] on 8 lanes (the same rule: `max` then `min`, NaN to 0 or -1).
+///
+/// # Safety
+/// AVX: inline only into functions that enable it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn act256(y: std::arch::x86_64::__m256, act: u8) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    match act {
+        1 => _mm256_max_ps(y, _mm256_setzero_ps()),
+        2 => _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0)),
+        _ => y,
+    }
+}
+
 /// The mask of the first `n` of 16 lanes (all of them for `n >= 16`): the partial-vector
 /// mask of the AVX-512 kernels here and in the runtime.
 #[inline(always)]

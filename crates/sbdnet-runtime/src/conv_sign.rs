@@ -462,13 +462,8 @@ mod avx2 {
                 image = pix / per_image;
             }
             for j in 0..NV {
-                let mut y = _mm256_add_ps(_mm256_mul_ps(scale[j], a[j]), bias[j]);
-                // `max_ps(y, c)` returns `c` for a NaN `y`: NaN -> 0 (ReLU), -1 (hardtanh).
-                if st.act == 1 {
-                    y = _mm256_max_ps(y, _mm256_setzero_ps());
-                } else if st.act == 2 {
-                    y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
-                }
+                // NaN -> 0 (ReLU), -1 (hardtanh), as `Act::apply` (see `act256`).
+                let y = sbdnet_kernels::act256(_mm256_add_ps(_mm256_mul_ps(scale[j], a[j]), bias[j]), st.act);
                 _mm256_storeu_ps(out.as_mut_ptr().add(pix * co + 8 * j), y);
                 m = _mm256_max_ps(_mm256_and_ps(y, abs), m);
             }

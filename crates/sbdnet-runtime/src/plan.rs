@@ -317,12 +317,7 @@ unsafe fn sign_word64_avx2(x: &[f32], scale: &[f32], bias: &[f32], t: &[f32], ac
         let xv = _mm256_loadu_ps(x.as_ptr().add(o));
         let sv = _mm256_loadu_ps(scale.as_ptr().add(o));
         let bv = _mm256_loadu_ps(bias.as_ptr().add(o));
-        let mut y = _mm256_add_ps(_mm256_mul_ps(sv, xv), bv);
-        if act == 1 {
-            y = _mm256_max_ps(y, _mm256_setzero_ps());
-        } else if act == 2 {
-            y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
-        }
+        let y = sbdnet_kernels::act256(_mm256_add_ps(_mm256_mul_ps(sv, xv), bv), act);
         let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(y, _mm256_loadu_ps(t.as_ptr().add(o)));
         let m = (!_mm256_movemask_ps(gt)) as u64 & 0xff;
         word |= m << o;

@@ -534,12 +534,7 @@ mod avx2 {
                     let hi = _mm256_permutevar8x32_epi32(a[2 * h + 1], even);
                     let a32 = _mm256_permute2x128_si256::<0x20>(lo, hi);
                     let sv = _mm256_sub_epi32(kv[h], _mm256_slli_epi32::<1>(a32));
-                    let t = _mm256_add_ps(_mm256_mul_ps(s[h], _mm256_cvtepi32_ps(sv)), b[h]);
-                    let t = match act {
-                        1 => _mm256_max_ps(t, _mm256_setzero_ps()),
-                        2 => _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0)),
-                        _ => t,
-                    };
+                    let t = crate::act256(_mm256_add_ps(_mm256_mul_ps(s[h], _mm256_cvtepi32_ps(sv)), b[h]), act);
                     sum[h] = _mm256_add_ps(sum[h], t);
                 }
             }

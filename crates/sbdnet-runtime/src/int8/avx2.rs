@@ -69,8 +69,7 @@ unsafe fn emit8(out: &mut Out, mx: &mut __m256, at: usize, sb: [__m256; 3], m: _
         None => v,
         Some(e) => {
             let [s, b, k] = sb;
-            let mut t = _mm256_add_ps(_mm256_mul_ps(s, _mm256_mul_ps(k, v)), b);
-            t = act8(t, e.act as u8);
+            let t = sbdnet_kernels::act256(_mm256_add_ps(_mm256_mul_ps(s, _mm256_mul_ps(k, v)), b), e.act as u8);
             let a = _mm256_and_ps(t, _mm256_castsi256_ps(_mm256_srli_epi32::<1>(m)));
             *mx = _mm256_max_ps(a, *mx);
             t
@@ -81,17 +80,6 @@ unsafe fn emit8(out: &mut Out, mx: &mut __m256, at: usize, sb: [__m256; 3], m: _
         _mm256_storeu_ps(p, v);
     } else {
         _mm256_maskstore_ps(p, m, v);
-    }
-}
-
-/// The activation on 8 lanes: `act` 0 none, 1 ReLU, 2 hardtanh (`max` then `min`; NaN
-/// becomes 0 or -1 as `f32::max` and the runtime's scalar rule).
-#[inline(always)]
-pub(crate) unsafe fn act8(y: __m256, act: u8) -> __m256 {
-    match act {
-        1 => _mm256_max_ps(y, _mm256_setzero_ps()),
-        2 => _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0)),
-        _ => y,
     }
 }
 
@@ -574,7 +562,10 @@ unsafe fn passes<const R: usize, const R2: usize, const W: usize>(
                     let mut mx = _mm256_setzero_ps();
                     for (j, &a) in a32.iter().enumerate() {
                         let v = _mm256_cvtepi32_ps(a);
-                        let y = act8(_mm256_add_ps(_mm256_mul_ps(s, _mm256_mul_ps(kk, v)), b), e.act as u8);
+                        let y = sbdnet_kernels::act256(
+                            _mm256_add_ps(_mm256_mul_ps(s, _mm256_mul_ps(kk, v)), b),
+                            e.act as u8,
+                        );
                         _mm256_storeu_ps(t.add(8 * j), y);
                         mx = _mm256_max_ps(_mm256_and_ps(y, _mm256_castsi256_ps(_mm256_srli_epi32::<1>(pm[j]))), mx);
                     }
